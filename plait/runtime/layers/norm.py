@@ -1,0 +1,30 @@
+"""RMSNorm, with the residual add fused into the same call (the pre-norm transformer pattern)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual).
+
+        The statistics are computed in float32 as the reference implementation does, so
+        half-precision runs match it to rounding.
+        """
+        if residual is not None:
+            x = x + residual
+            residual = x
+        orig_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * x32.to(orig_dtype)
+        return out if residual is None else (out, residual)

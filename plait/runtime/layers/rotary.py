@@ -1,0 +1,78 @@
+"""Rotary position embedding (the half-split layout of Hugging Face Llama), with RoPE scaling.
+
+Scaling kinds: none/default, `linear`, `llama3` (the frequency-dependent scaling of Llama 3.1+),
+`dynamic` is rejected with a clear error rather than silently computed wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+    # Built on the CPU explicitly: models may be constructed on the meta device.
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+        high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+        old_context_len = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band between blended.
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, blended, scaled)
+    raise NotImplementedError(f"RoPE scaling type {kind!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE at given positions; the cos/sin table grows on demand up to `max_position`."""
+
+    def __init__(self, head_dim: int, *, max_position: int, base: float, scaling: dict | None = None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.inv_freq = _inv_freq(head_dim, base, scaling)  # [head_dim / 2] float32, not a parameter
+        self._cos_sin: torch.Tensor | None = None  # [cached_len, head_dim] as [cos | sin] halves
+
+    def _table(self, needed: int, device: torch.device) -> torch.Tensor:
+        if self._cos_sin is None or self._cos_sin.shape[0] < needed or self._cos_sin.device != device:
+            length = min(max(needed, 4096), max(self.max_position, needed))
+            t = torch.arange(length, dtype=torch.float32, device=device)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # [length, head_dim / 2]
+            self._cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        return self._cos_sin
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions`, each [num_tokens, 1, head_dim / 2] float32; computed once per step."""
+        table = self._table(int(positions.max()) + 1 if positions.numel() else 1, positions.device)
+        cos, sin = table[positions].unsqueeze(1).chunk(2, dim=-1)
+        return cos, sin
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
+    cos, sin = cos_sin
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)

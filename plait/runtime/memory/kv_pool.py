@@ -1,0 +1,108 @@
+"""The three memory levels below the scheduler: the KV pool, the req_to_token table, the allocators.
+
+Slot 0 of the KV pool is a dummy that padded tokens write into; real slots are 1..num_slots.
+Row 0 of req_to_token is likewise reserved for padding. Prefix sharing copies nothing: two
+requests whose req_to_token rows hold the same slot ids share KV.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotAllocator:
+    """A free list of KV slot ids (page size 1).
+
+    `alloc(n)` returns `None` when fewer than n slots are free; the caller evicts from the prefix
+    cache and retries. Freed slots go to the back so recently freed KV is reused last.
+    """
+
+    def __init__(self, num_slots: int, device: torch.device | str = "cpu"):
+        assert num_slots > 0
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        self._free = torch.arange(1, num_slots + 1, dtype=torch.int64, device=self.device)
+
+    @property
+    def num_free_slots(self) -> int:
+        return int(self._free.numel())
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        assert n >= 0
+        if n > self._free.numel():
+            return None
+        slots, self._free = self._free[:n], self._free[n:]
+        return slots
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        self._free = torch.cat([self._free, slots.to(self.device, torch.int64)])
+
+    def reset(self) -> None:
+        self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64, device=self.device)
+
+    def free_slots(self) -> torch.Tensor:
+        """A copy of the free list, for integrity checks."""
+        return self._free.clone()
+
+
+class ReqToTokenPool:
+    """`req_to_token[req_pool_idx, pos] -> kv_slot`; rows are handed out from a free list."""
+
+    def __init__(self, num_rows: int, max_context_len: int, device: torch.device | str = "cpu"):
+        self.num_rows = num_rows
+        self.max_context_len = max_context_len
+        # +1: row 0 is the padding row.
+        self.req_to_token = torch.zeros((num_rows + 1, max_context_len), dtype=torch.int64, device=device)
+        self._free_rows = list(range(num_rows, 0, -1))
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, req_pool_idx: int) -> None:
+        assert 0 < req_pool_idx <= self.num_rows and req_pool_idx not in self._free_rows
+        self._free_rows.append(req_pool_idx)
+
+    def write(self, req_pool_idx: int, start: int, slots: torch.Tensor) -> None:
+        assert 0 <= start and start + slots.numel() <= self.max_context_len
+        self.req_to_token[req_pool_idx, start : start + slots.numel()] = slots
+
+    def reset(self) -> None:
+        self._free_rows = list(range(self.num_rows, 0, -1))
+
+
+class KVPool:
+    """One preallocated K and one V tensor per layer, `[num_slots + 1, num_kv_heads, head_dim]`."""
+
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.num_slots = num_slots
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def set_kv(self, layer_id: int, out_cache_loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [num_tokens, num_kv_heads, head_dim]; out_cache_loc: [num_tokens]
+        self.k_buffers[layer_id].index_copy_(0, out_cache_loc, k.to(self.dtype))
+        self.v_buffers[layer_id].index_copy_(0, out_cache_loc, v.to(self.dtype))

@@ -1,0 +1,241 @@
+"""The Llama family (Llama 2/3.x, SmolLM2, Mistral) and its close relatives Qwen2 (QKV bias) and
+Qwen3 (per-head q/k RMSNorm), as one decoder over shared layers.
+
+Q, K and V are one matrix product (`qkv_proj`) and gate/up another (`gate_up_proj`); the loader
+maps the checkpoint's separate tensors into their slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.layers.activation import SiluAndMul
+from plait.runtime.layers.attention import RadixAttention
+from plait.runtime.layers.norm import RMSNorm
+from plait.runtime.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """The shape of a decoder, read from a Hugging Face `config.json` dict."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, config: dict, *, qkv_bias: bool = False, qk_norm: bool = False) -> "DecoderArch":
+        num_heads = config["num_attention_heads"]
+        rope_params = config.get("rope_parameters") or {}
+        rope_scaling = config.get("rope_scaling") or None
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta") or rope_params.get("rope_theta", 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias or bool(config.get("attention_bias", False)),
+            qk_norm=qk_norm,
+        )
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, arch: DecoderArch, layer_id: int):
+        super().__init__()
+        self.arch = arch
+        self.q_size = arch.num_heads * arch.head_dim
+        self.kv_size = arch.num_kv_heads * arch.head_dim
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.attn = RadixAttention(
+            layer_id=layer_id,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            scaling=arch.head_dim**-0.5,
+        )
+
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # x: [num_tokens, hidden_size]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.arch.num_heads, self.arch.head_dim)
+        k = k.view(-1, self.arch.num_kv_heads, self.arch.head_dim)
+        v = v.view(-1, self.arch.num_kv_heads, self.arch.head_dim)
+        if self.arch.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, k, cos_sin)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, arch: DecoderArch):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: DecoderArch, layer_id: int):
+        super().__init__()
+        self.self_attn = DecoderAttention(arch, layer_id)
+        self.mlp = DecoderMLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(
+        self,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(cos_sin, x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, arch: DecoderArch):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.rotary = RotaryEmbedding(
+            arch.head_dim, max_position=arch.max_position_embeddings, base=arch.rope_theta, scaling=arch.rope_scaling
+        )
+        self.layers = nn.ModuleList([DecoderLayer(arch, i) for i in range(arch.num_layers)])
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        cos_sin = self.rotary.cos_sin(batch.positions)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(cos_sin, x, residual, batch)
+        x, _ = self.norm(x, residual)
+        return x  # [num_tokens, hidden_size]
+
+
+# checkpoint name fragment -> (our fused parameter, which slice)
+_STACKED = (
+    ("q_proj", "qkv_proj", "q"),
+    ("k_proj", "qkv_proj", "k"),
+    ("v_proj", "qkv_proj", "v"),
+    ("gate_proj", "gate_up_proj", 0),
+    ("up_proj", "gate_up_proj", 1),
+)
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.arch = DecoderArch.from_config(config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        self.model = DecoderModel(self.arch)
+        if not self.arch.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [n, hidden_size] -> [n, vocab_size] float32 (the product runs in the model's dtype, as the reference does)
+        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+
+    def _slice_for(self, param: torch.Tensor, shard: str | int) -> torch.Tensor:
+        arch = self.arch
+        if shard in ("q", "k", "v"):
+            q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+            start, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard]
+        else:
+            start, size = shard * arch.intermediate_size, arch.intermediate_size
+        return param.narrow(0, start, size)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters; every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            target_name, shard = name, None
+            for ckpt_part, fused_part, shard_id in _STACKED:
+                if f".{ckpt_part}." in name:
+                    target_name, shard = name.replace(ckpt_part, fused_part), shard_id
+                    break
+            if target_name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target_name]
+            dest = param if shard is None else self._slice_for(param, shard)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(f"{target_name}:{shard}")
+        expected = set()
+        for pname in params:
+            if "qkv_proj" in pname:
+                expected |= {f"{pname}:{s}" for s in ("q", "k", "v")}
+            elif "gate_up_proj" in pname:
+                expected |= {f"{pname}:{s}" for s in (0, 1)}
+            else:
+                expected.add(f"{pname}:None")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

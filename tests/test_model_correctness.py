@@ -1,0 +1,112 @@
+"""Our decoder against Hugging Face `transformers` on tiny random models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.runtime.config import MemoryConfig, ModelConfig
+from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
+from plait.runtime.executor.model_runner import ModelRunner
+from tests.tiny_models import FAMILIES, InMemorySource, tiny_hf_model
+
+TOL = 1e-4  # max |difference| relative to the logit scale
+
+
+def make_runner(hf_model, **memory) -> ModelRunner:
+    return ModelRunner(
+        ModelConfig(dtype="float32", device="cpu"),
+        MemoryConfig(max_total_tokens=memory.get("max_total_tokens", 2048), max_running_requests=8),
+        source=InMemorySource(hf_model),
+    )
+
+
+def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()  # [len, vocab]
+
+
+def extend(runner: ModelRunner, rows: list[int], prefix_lens: list[int], chunks: list[list[int]], **kw):
+    slots = runner.allocator.alloc(sum(len(c) for c in chunks))
+    batch = make_extend_batch(
+        req_pool_indices=rows, prefix_lens=prefix_lens, new_token_ids=chunks, out_cache_loc=slots,
+        req_to_token_pool=runner.req_to_token_pool, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend, **kw,
+    )
+    return runner.forward(batch)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= TOL * scale, f"max diff {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_pair(request):
+    hf = tiny_hf_model(request.param)
+    return hf, make_runner(hf)
+
+
+def test_prefill_logits_match_transformers(family_pair):
+    hf, runner = family_pair
+    ids = torch.randint(0, 320, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    row = runner.req_to_token_pool.alloc()
+    out = extend(runner, [row], [0], [ids], logits_start_lens=[0])
+    ref = hf_logits(hf, ids)
+    assert_close(out.input_token_logits[0], ref)
+    assert_close(out.next_token_logits[0], ref[-1])
+    runner.req_to_token_pool.free(row)
+
+
+def test_extend_over_cached_prefix_and_decode_equal_full_prefill(family_pair):
+    hf, runner = family_pair
+    ids = torch.randint(0, 320, (50,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = hf_logits(hf, ids)
+    row = runner.req_to_token_pool.alloc()
+    extend(runner, [row], [0], [ids[:20]])
+    out = extend(runner, [row], [20], [ids[20:45]], logits_start_lens=[0])
+    assert_close(out.input_token_logits[0], ref[20:45])
+    # Then decode the rest one token at a time.
+    for pos in range(45, 50):
+        slot = runner.allocator.alloc(1)
+        batch = make_decode_batch(
+            req_pool_indices=[row], seq_lens=[pos + 1], last_token_ids=[ids[pos]], out_cache_loc=slot,
+            req_to_token_pool=runner.req_to_token_pool, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend,
+        )
+        assert_close(runner.forward(batch).next_token_logits[0], ref[pos])
+    runner.req_to_token_pool.free(row)
+
+
+def test_batch_equals_requests_alone(family_pair):
+    hf, runner = family_pair
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (5, 31, 12)]
+    rows = [runner.req_to_token_pool.alloc() for _ in prompts]
+    # Request 1 has a cached prefix of 10 tokens already; the others start empty.
+    extend(runner, [rows[1]], [0], [prompts[1][:10]])
+    out = extend(runner, rows, [0, 10, 0], [prompts[0], prompts[1][10:], prompts[2]], logits_start_lens=[0, 0, None])
+    refs = [hf_logits(hf, p) for p in prompts]
+    assert_close(out.input_token_logits[0], refs[0])
+    assert_close(out.input_token_logits[1], refs[1][10:])
+    assert out.input_token_logits[2] is None
+    for i in range(3):
+        assert_close(out.next_token_logits[i], refs[i][-1])
+    # A decode step over the three requests of different lengths, with one more token each.
+    nxt = [7, 8, 9]
+    slots = runner.allocator.alloc(3)
+    batch = make_decode_batch(
+        req_pool_indices=rows, seq_lens=[len(p) + 1 for p in prompts], last_token_ids=nxt, out_cache_loc=slots,
+        req_to_token_pool=runner.req_to_token_pool, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend,
+    )
+    dec = runner.forward(batch).next_token_logits
+    for i, p in enumerate(prompts):
+        assert_close(dec[i], hf_logits(hf, p + [nxt[i]])[-1])
+    for row in rows:
+        runner.req_to_token_pool.free(row)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    from plait.runtime.models.registry import UnsupportedArchitectureError, get_model_class
+
+    with pytest.raises(UnsupportedArchitectureError, match="GPTNeoXForCausalLM"):
+        get_model_class({"architectures": ["GPTNeoXForCausalLM"]})
