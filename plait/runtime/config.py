@@ -35,16 +35,34 @@ class MemoryConfig:
 class RuntimeConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    scheduler: "SchedulerConfig" = dataclasses.field(default_factory=lambda: SchedulerConfig())
 
     @classmethod
     def from_options(cls, **options: Any) -> "RuntimeConfig":
         """Route flat keyword options (as `Engine(**options)` and the CLI take them) to their section."""
         sections: dict[str, dict[str, Any]] = {}
         unknown = dict(options)
-        for section in dataclasses.fields(cls):
-            names = {f.name for f in dataclasses.fields(section.default_factory)}  # type: ignore[arg-type]
-            sections[section.name] = {k: unknown.pop(k) for k in list(unknown) if k in names}
+        for section_name, section_cls in cls.sections().items():
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            sections[section_name] = {k: unknown.pop(k) for k in list(unknown) if k in names}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        return cls(**{name: f.default_factory(**sections[name]) for name, f in  # type: ignore[misc]
-                      ((f.name, f) for f in dataclasses.fields(cls))})
+        return cls(**{name: section_cls(**sections[name]) for name, section_cls in cls.sections().items()})
+
+    @staticmethod
+    def sections() -> dict[str, type]:
+        return {"model": ModelConfig, "memory": MemoryConfig, "scheduler": SchedulerConfig}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    schedule_policy: str = "lpm"  # lpm | dfs-weight | fcfs | lof | random
+    disable_radix_cache: bool = False  # the paper's "no cache" ablation
+    prefix_cache: str = "radix"  # radix | flat (exact-prefix table, the "no tree" ablation) | none
+    chunked_prefill_size: int | None = None  # tokens per prefill chunk; default 512 on CPU, 8192 on GPU; -1: off
+    max_prefill_tokens: int | None = None  # token budget of one extend batch; default 2 x chunk size
+    schedule_aging_rounds: int = 16  # a request passed over this many admission rounds goes first
+    init_new_token_ratio: float = 0.7  # share of max_new_tokens reserved for running requests ...
+    min_new_token_ratio: float = 0.15  # ... decaying to this while no retraction happens
+    new_token_ratio_decay: float = 0.002
+    debug_check_integrity: bool = False  # check the cache invariant after every step (tests)

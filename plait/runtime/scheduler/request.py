@@ -1,0 +1,106 @@
+"""A request as the scheduler sees it: token ids, counters over the KV it holds, and its output so far."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from plait.runtime.scheduler.io import GenerateRequest
+
+if TYPE_CHECKING:
+    from plait.runtime.cache.base import TreeNode
+    from plait.runtime.detokenizer import IncrementalDetokenizer
+
+
+class Req:
+    """Counters (all in tokens):
+
+    - `fill_ids = prompt + output`; `kv_committed_len` of them have KV in the pool, through
+      `req_to_token[req_pool_idx, :kv_committed_len]`. Between steps, a decoding request has
+      `kv_committed_len == len(fill_ids) - 1`: its last sampled token has not run yet.
+    - `prefix_len`: what the cache gave at admission (reported as `cached_tokens`).
+    - `cache_protected_len`: the first slots of the row that belong to the cache (locked through
+      `last_node`); the rest are the request's own.
+    """
+
+    def __init__(self, msg: GenerateRequest, *, eos_token_ids: list[int]):
+        self.msg = msg
+        self.rid = msg.rid
+        self.params = msg.sampling_params
+        self.prompt_ids: list[int] = list(msg.input_ids)
+        self.output_ids: list[int] = []
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        # KV bookkeeping
+        self.req_pool_idx: int | None = None
+        self.kv_committed_len = 0
+        self.prefix_len = 0
+        self.cached_tokens = 0  # reported prefix hit of the first admission
+        self.cache_protected_len = 0
+        self.last_node: TreeNode | None = None
+        # scheduling
+        self.times_passed_over = 0  # admission rounds in which others were admitted but not this one
+        self.num_retractions = 0
+        self.admitted_once = False
+        # outputs
+        self.finish_reason: dict[str, Any] | None = None
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.pending = _PendingOutput()
+        self.input_logprobs_done = msg.logprob_start_len < 0 or not msg.return_logprob
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens if self.params.max_new_tokens is not None else 1 << 30
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.max_new_tokens - len(self.output_ids))
+
+    def match_limit(self) -> int:
+        """How many leading tokens may come from the cache: at least one token must be computed
+        (for logits), and prompt logprobs need the logits of every position from logprob_start_len - 1."""
+        limit = self.seq_len - 1
+        if not self.input_logprobs_done:
+            limit = min(limit, max(self.msg.logprob_start_len - 1, 0))
+        return max(limit, 0)
+
+    def reset_kv(self) -> None:
+        """Forget all KV state (after retraction: the request will be prefilled again)."""
+        self.req_pool_idx = None
+        self.kv_committed_len = 0
+        self.prefix_len = 0
+        self.cache_protected_len = 0
+        self.last_node = None
+
+    def __repr__(self) -> str:
+        return f"Req({self.rid}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, kv={self.kv_committed_len})"
+
+
+class _PendingOutput:
+    """Output produced since the last message to the front end."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.text = ""
+        self.output_ids: list[int] = []
+        self.input_token_logprobs: list = []
+        self.input_top_logprobs: list = []
+        self.input_token_ids_logprobs: list = []
+        self.output_token_logprobs: list = []
+        self.output_top_logprobs: list = []
+        self.output_token_ids_logprobs: list = []
