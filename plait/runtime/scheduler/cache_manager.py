@@ -48,12 +48,21 @@ class CacheManager:
         req.kv_committed_len = req.prefix_len
         if req.prefix_len:
             self.req_to_token_pool.write(row, 0, match.slot_ids.to(self.allocator.device))
+        del req._match  # type: ignore[attr-defined]
+        return True
+
+    def commit_admission(self, req: Req) -> None:
+        """The request is in the batch for good: its first admission sets the reported cache hit."""
         if not req.admitted_once:
             req.cached_tokens = req.prefix_len
             self.cache.stats.record_prefill(input_len=len(req.prompt_ids), prefix_len=min(req.prefix_len, len(req.prompt_ids)))
         req.admitted_once = True
-        del req._match  # type: ignore[attr-defined]
-        return True
+
+    def unadmit(self, req: Req) -> None:
+        """Undo `admit` before anything was computed (admission found too little memory after locking)."""
+        self.cache.unlock(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.reset_kv()
 
     def alloc_slots(self, num_tokens: int) -> torch.Tensor | None:
         """New slots, evicting from the cache as needed; None if even that is not enough."""

@@ -48,6 +48,7 @@ def plan_prefill(
         reqs.append(chunked)
         take_lens.append(take)
         budget -= take
+        reserved_tokens += take
     admitted_prompts: list[list[int]] = []
     passed_over: list[Req] = []
     ordered = policy.order(waiting, cache) if waiting else []
@@ -65,29 +66,28 @@ def plan_prefill(
         take = extend_len
         if chunk_size is not None and take > min(budget, chunk_size):
             take = min(budget, chunk_size)
-            if any(r is not chunked and r.seq_len - r.kv_committed_len > t for r, t in zip(reqs, take_lens)):
+            if any(r.seq_len - r.kv_committed_len > t for r, t in zip(reqs, take_lens)):
                 take = 0  # one chunked request at a time
         elif take > budget:
             take = 0
         future = int(min(req.remaining_new_tokens, 1 << 20) * new_token_ratio)
-        # Locking the prefix takes it out of `evictable`, so the need is extend + future tokens.
         need = extend_len + future if take == extend_len else take
+        if take == 0 or not cache.admit(req):
+            passed_over.append(req)
+            continue
+        # Checked after locking: the lock takes the matched prefix out of `evictable`.
         nothing_else_runs = num_running == 0 and not reqs
-        fits = need + reserved_tokens <= cache.available_tokens
-        if take == 0 or not (fits or (nothing_else_runs and take <= cache.available_tokens)):
-            passed_over.append(req)
-            if take and not fits:
-                # Memory is the limit: later requests would be admitted out of order, so stop here.
-                passed_over.extend(r for r in ordered[ordered.index(req) + 1 :])
-                break
-            continue
-        if not cache.admit(req):
-            passed_over.append(req)
-            continue
+        available = cache.available_tokens - reserved_tokens
+        if not (need <= available or (nothing_else_runs and take <= available)):
+            cache.unadmit(req)
+            # Memory is the limit: admitting later requests would reorder the queue, so stop here.
+            passed_over.extend(ordered[ordered.index(req) :])
+            break
+        cache.commit_admission(req)
         reqs.append(req)
         take_lens.append(take)
         budget -= take
-        reserved_tokens += future
+        reserved_tokens += take + future
         admitted_prompts.append(fill)
     for req in ordered:
         if hasattr(req, "_match") and req not in reqs:

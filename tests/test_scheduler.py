@@ -1,0 +1,229 @@
+"""The scheduler and Engine on a tiny random model: identical greedy outputs under every cache mode,
+chunking, policy and memory pressure; no slot leaked; starvation bounded by aging; request options."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from plait.runtime.engine import Engine
+from plait.runtime.scheduler.io import GenerateRequest
+from plait.runtime.scheduler.scheduler import Scheduler
+from plait.sampling_params import SamplingParams
+from tests.tiny_models import InMemorySource, tiny_hf_model
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return tiny_hf_model("llama", seed=5)
+
+
+def make_engine(hf_model, **options) -> Engine:
+    defaults = dict(dtype="float32", device="cpu", max_total_tokens=4096, debug_check_integrity=True)
+    defaults.update(options)
+    return Engine(source=InMemorySource(hf_model), **defaults)
+
+
+def workload(seed: int = 0) -> list[list[int]]:
+    """Prompts in groups sharing long prefixes, plus unrelated ones, of mixed lengths."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(3):
+        shared = [rng.randrange(VOCAB) for _ in range(rng.randrange(30, 60))]
+        for _ in range(3):
+            prompts.append(shared + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 20))])
+    prompts += [[rng.randrange(VOCAB) for _ in range(rng.randrange(5, 70))] for _ in range(4)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def run_all(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+    return [r["output_ids"] for r in results]
+
+
+def assert_drained(engine: Engine) -> None:
+    sched = engine.scheduler
+    assert not sched.has_work
+    sched.check_integrity()  # free + evictable + protected == total with nothing private
+    cache = sched.cache.cache
+    assert cache.protected_size == 0
+    assert engine.runner.allocator.num_free_slots + cache.total_size == engine.runner.kv_pool.num_slots
+    assert engine.runner.req_to_token_pool.num_free_rows == engine.runner.req_to_token_pool.num_rows
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model):
+    """Greedy outputs from Hugging Face forward passes (full recompute each step), one prompt at a time."""
+    outs = []
+    for p in workload():
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(GREEDY["max_new_tokens"]):
+                ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+        outs.append(ids[len(p):])
+    return outs
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"disable_radix_cache": True},
+        {"prefix_cache": "flat"},
+        {"chunked_prefill_size": 16},
+        {"chunked_prefill_size": 7, "max_prefill_tokens": 20},
+        {"schedule_policy": "fcfs"},
+        {"schedule_policy": "dfs-weight"},
+        {"schedule_policy": "lof"},
+        {"schedule_policy": "random"},
+        {"max_running_requests": 2},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+def test_greedy_outputs_identical_to_reference(hf_model, reference, options):
+    with make_engine(hf_model, **options) as engine:
+        assert run_all(engine, workload()) == reference
+        # A second pass hits the cache (when there is one) and must not change anything.
+        assert run_all(engine, workload()) == reference
+        assert_drained(engine)
+
+
+def test_memory_pressure_evicts_and_retracts_without_changing_outputs(hf_model, reference):
+    # A pool far smaller than the workload: admission must wait, decode must retract.
+    with make_engine(hf_model, max_total_tokens=160, chunked_prefill_size=32) as engine:
+        assert run_all(engine, workload()) == reference
+        info = engine.get_server_info()
+        assert info["retractions"] > 0 or info["evicted_tokens"] > 0
+        assert_drained(engine)
+
+
+def test_retraction_happens_under_a_tiny_pool(hf_model):
+    prompts = [[i + 1] * 20 for i in range(6)]
+    with make_engine(hf_model, max_total_tokens=120, init_new_token_ratio=0.0, min_new_token_ratio=0.0) as engine:
+        results = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 30, "temperature": 0, "ignore_eos": True})
+        assert all(r["meta_info"]["completion_tokens"] == 30 for r in results)
+        assert engine.get_server_info()["retractions"] > 0
+        assert_drained(engine)
+        # The retracted requests resumed where they were: same output as each alone.
+        for p, r in zip(prompts, results):
+            alone = engine.generate(input_ids=p, sampling_params={"max_new_tokens": 30, "temperature": 0, "ignore_eos": True})
+            assert alone["output_ids"] == r["output_ids"]
+
+
+def test_cached_tokens_reported(hf_model):
+    prompt = list(range(10, 60))
+    with make_engine(hf_model) as engine:
+        first = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 4, "temperature": 0})
+        assert first["meta_info"]["cached_tokens"] == 0
+        again = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 4, "temperature": 0})
+        assert again["meta_info"]["cached_tokens"] == len(prompt) - 1  # one token is always computed
+        assert again["output_ids"] == first["output_ids"]
+        longer = engine.generate(input_ids=prompt + [7, 8, 9], sampling_params={"max_new_tokens": 1})
+        assert longer["meta_info"]["cached_tokens"] >= len(prompt)
+        assert engine.get_server_info()["cache_hit_rate"] > 0
+
+
+def test_prefill_only_warms_the_cache(hf_model):
+    prompt = list(range(100, 140))
+    with make_engine(hf_model) as engine:
+        warm = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0})
+        assert warm["output_ids"] == [] and warm["meta_info"]["finish_reason"]["type"] == "length"
+        hit = engine.generate(input_ids=prompt + [1], sampling_params={"max_new_tokens": 2})
+        assert hit["meta_info"]["cached_tokens"] == len(prompt)
+
+
+def test_n_samples_share_the_prompt_kv(hf_model):
+    prompt = list(range(1, 80))
+    with make_engine(hf_model) as engine:
+        results = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 5, "n": 4, "temperature": 1.0})
+        assert len(results) == 4
+        cached = sorted(r["meta_info"]["cached_tokens"] for r in results)
+        assert cached[0] == 0 and all(c == len(prompt) - 1 for c in cached[1:])
+        assert engine.get_server_info()["extend_steps"] <= 3
+
+
+def test_stop_token_ids_and_min_new_tokens(hf_model):
+    prompt = [5, 6, 7]
+    with make_engine(hf_model) as engine:
+        free = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 10, "temperature": 0})
+        stop_at = free["output_ids"][3]
+        first_index = free["output_ids"].index(stop_at)
+        stopped = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 10, "temperature": 0, "stop_token_ids": [stop_at]})
+        assert stopped["output_ids"] == free["output_ids"][: first_index + 1]
+        assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_at}
+        held = engine.generate(
+            input_ids=prompt,
+            sampling_params={"max_new_tokens": 10, "temperature": 0, "stop_token_ids": [stop_at], "min_new_tokens": 6},
+        )
+        assert len(held["output_ids"]) >= 6
+        assert stop_at not in held["output_ids"][:6]
+
+
+def test_abort_frees_everything(hf_model):
+    with make_engine(hf_model) as engine:
+        stream = engine.generate(input_ids=list(range(1, 30)), sampling_params={"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+        first = next(stream)
+        assert first["meta_info"]["finish_reason"] is None
+        stream.close()  # closing the stream aborts the request
+        # wait for the scheduler to process the abort
+        for _ in range(200):
+            if not engine.scheduler.has_work:
+                break
+            import time
+            time.sleep(0.01)
+        assert_drained(engine)
+
+
+def test_bad_requests_are_rejected_clearly(hf_model):
+    with make_engine(hf_model) as engine:
+        r = engine.generate(input_ids=list(range(1, 600)), sampling_params={"max_new_tokens": 1})
+        assert r["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "context length" in r["meta_info"]["finish_reason"]["message"]
+        from plait.runtime.tokenizer_manager import InvalidRequestError
+
+        with pytest.raises(InvalidRequestError, match="empty"):
+            engine.generate(input_ids=[], sampling_params={})
+        with pytest.raises(InvalidRequestError, match="temperature"):
+            engine.generate(input_ids=[1], sampling_params={"temperature": -1})
+        with pytest.raises(InvalidRequestError, match="unknown sampling parameter"):
+            engine.generate(input_ids=[1], sampling_params={"temprature": 1})
+
+
+def _drive_starvation(hf_model, aging_rounds: int, rounds: int) -> tuple[bool, int]:
+    """A stream of requests sharing a cached prefix keeps arriving; one unrelated request waits.
+    Under lpm without aging the unrelated one never gets a turn while the stream lasts."""
+    engine = make_engine(hf_model, schedule_aging_rounds=aging_rounds, max_running_requests=2, schedule_policy="lpm")
+    engine.shutdown()  # drive the scheduler by hand, deterministically
+    outputs = []
+    sched = Scheduler(engine.runner, engine.config.scheduler, on_output=outputs.extend)
+    hot = list(range(1, 65))
+    params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    sched.submit(GenerateRequest(rid="warm", input_ids=hot + [1], sampling_params=params))
+    while sched.has_work or not sched.inbox.empty():
+        sched.step()
+    sched.submit(GenerateRequest(rid="victim", input_ids=[300, 301, 302, 303], sampling_params=params))
+    victim_admitted_at = None
+    for i in range(rounds):
+        sched.submit(GenerateRequest(rid=f"hot{i}a", input_ids=hot + [i % VOCAB, 7], sampling_params=params))
+        sched.submit(GenerateRequest(rid=f"hot{i}b", input_ids=hot + [i % VOCAB, 8], sampling_params=params))
+        sched.step()
+        victim = next((r for r in sched.running + ([sched.chunked] if sched.chunked else []) if r.rid == "victim"), None)
+        if victim_admitted_at is None and (victim is not None or any(o.rid == "victim" for o in outputs)):
+            victim_admitted_at = i
+    return victim_admitted_at is not None, victim_admitted_at
+
+
+def test_lpm_starves_without_aging_and_not_with_it(hf_model):
+    admitted, _ = _drive_starvation(hf_model, aging_rounds=0, rounds=60)
+    assert not admitted, "without aging, lpm should keep preferring the cached stream"
+    admitted, at = _drive_starvation(hf_model, aging_rounds=8, rounds=60)
+    # The bound: passed over at most `aging_rounds` admission rounds, each at most 2 steps here.
+    assert admitted and at <= 2 * 8 + 2, at
