@@ -72,8 +72,9 @@ class TorchNativeBackend(AttentionBackend):
             meta.q_starts, batch.extend_lens_cpu, meta.kv_indices, meta.masks
         ):
             q_i = q[q_start : q_start + extend_len].transpose(0, 1).unsqueeze(0)  # [1, num_heads, extend_len, head_dim]
-            k_i = k_buf[kv_idx].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, num_kv_heads, seq_len, head_dim]
-            v_i = v_buf[kv_idx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            # index_select: several times faster than advanced indexing on CPU
+            k_i = k_buf.index_select(0, kv_idx).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, num_kv_heads, seq_len, head_dim]
+            v_i = v_buf.index_select(0, kv_idx).transpose(0, 1).unsqueeze(0).to(q.dtype)
             o_i = F.scaled_dot_product_attention(
                 q_i, k_i, v_i, attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
                 enable_gqa=layer.num_heads != layer.num_kv_heads,
@@ -83,8 +84,12 @@ class TorchNativeBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", batch: ForwardBatch) -> torch.Tensor:
         meta: _DecodeMetadata = batch.attn_metadata
-        k = batch.kv_pool.k_buffers[layer.layer_id][meta.kv_indices]  # [batch_size, max_len, num_kv_heads, head_dim]
-        v = batch.kv_pool.v_buffers[layer.layer_id][meta.kv_indices]
+        k_buf = batch.kv_pool.k_buffers[layer.layer_id]
+        v_buf = batch.kv_pool.v_buffers[layer.layer_id]
+        shape = (*meta.kv_indices.shape, *k_buf.shape[1:])
+        flat = meta.kv_indices.reshape(-1)
+        k = k_buf.index_select(0, flat).view(shape)  # [batch_size, max_len, num_kv_heads, head_dim]
+        v = v_buf.index_select(0, flat).view(shape)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [batch_size, num_heads, 1, head_dim]
             k.transpose(1, 2).to(q.dtype),

@@ -80,7 +80,10 @@ class ModelRunner:
             from plait.runtime.model_loader import resolve_model
 
             source = resolve_model(
-            model_config.model_path, load_format=model_config.load_format, tokenizer_path=model_config.tokenizer_path
+            model_config.model_path,
+                load_format=model_config.load_format,
+                tokenizer_path=model_config.tokenizer_path,
+                chat_template=model_config.chat_template,
             )
         self.source = source
         self.config = self.source.config

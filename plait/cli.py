@@ -1,0 +1,58 @@
+"""The `plait` command: `plait generate PROMPT` (later: `plait serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from plait.runtime.cli_args import runtime_options
+    from plait.runtime.engine import Engine
+
+    with Engine(**runtime_options(args)) as engine:
+        prompt = args.prompt
+        if not args.raw and engine.tokenizer is not None and engine.tokenizer.chat_template:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+        if args.seed is not None:
+            params["seed"] = args.seed
+        printed = ""
+        for chunk in engine.generate(prompt, params, stream=True):
+            sys.stdout.write(chunk["text"][len(printed):])
+            sys.stdout.flush()
+            printed = chunk["text"]
+        sys.stdout.write("\n")
+        if args.verbose:
+            print(chunk["meta_info"], file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from plait.runtime.cli_args import add_runtime_args
+
+    parser = argparse.ArgumentParser(prog="plait", description="Structured LLM programs and their runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate an answer to one prompt (chat template applied)")
+    gen.add_argument("prompt")
+    gen.add_argument("--system", default=None, help="a system message")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--verbose", action="store_true", help="print meta_info to stderr")
+    add_runtime_args(gen)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "generate":
+        return _generate(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Command-line flags generated from the configuration dataclasses (one source of truth).
+
+A field `max_total_tokens` becomes `--max-total-tokens`; booleans become store-true switches;
+fields whose values come from a registry get `choices` from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from plait.runtime.config import RuntimeConfig
+
+
+def _choices() -> dict[str, list[str]]:
+    from plait.runtime.attention.base import ATTENTION_BACKENDS
+    from plait.runtime.cache import PREFIX_CACHES
+    from plait.runtime.scheduler.policy import SCHEDULE_POLICIES
+
+    return {
+        "schedule_policy": list(SCHEDULE_POLICIES),
+        "prefix_cache": list(PREFIX_CACHES),
+        "attention_backend": list(ATTENTION_BACKENDS),
+        "dtype": ["auto", "bfloat16", "float16", "float32"],
+        "load_format": ["auto", "safetensors", "gguf", "dummy"],
+    }
+
+
+def _base_type(annotation: Any) -> type:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    if isinstance(annotation, str):
+        parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
+        return hints.get(parts[0], str)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or args:
+        return args[0]
+    return annotation
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    choices = _choices()
+    for section, cls in RuntimeConfig.sections().items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _base_type(f.type)
+            if kind is bool:
+                group.add_argument(flag, action="store_true", default=f.default, dest=f.name)
+            else:
+                group.add_argument(flag, type=kind, default=f.default, dest=f.name, choices=choices.get(f.name),
+                                   help=f"default: {f.default}")
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags that belong to the runtime configuration, as Engine options."""
+    names = {f.name for cls in RuntimeConfig.sections().values() for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
