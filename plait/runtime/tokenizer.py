@@ -1,0 +1,146 @@
+"""The tokenizer wrapper: one object for encoding, decoding, chat templates and stop tokens.
+
+It wraps a Hugging Face fast tokenizer (`.hf`, used directly by the detokenizer) and adds the two
+things the runtime needs that HF spreads over several files: the full list of end-of-sequence ids
+and the chat template, either of which a user may override.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from plait.runtime.model_loader.source import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Tokens that end an assistant turn in common chat formats (ChatML, Llama 3, Phi-3, Gemma).
+# A model emits these, not its pretraining EOS, when it finishes a reply; GGUF files converted
+# from a base tokenizer often name `<|endoftext|>` as EOS, so without this generation would run
+# on past the end of the turn. We add one only when the chat template actually writes it.
+_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+class Tokenizer:
+    """Encoding/decoding plus the model's stop ids and chat template.
+
+    `eos_token_ids` = the tokenizer's EOS, then `extra_eos_token_ids` (e.g. generation_config's),
+    then any turn-end token the chat template uses; no duplicates, order kept.
+    """
+
+    def __init__(
+        self,
+        hf: PreTrainedTokenizerBase,
+        *,
+        extra_eos_token_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+    ):
+        self.hf = hf
+        if chat_template is not None:
+            self.hf.chat_template = load_chat_template(chat_template)
+        eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
+        eos += list(extra_eos_token_ids)
+        eos += self._turn_end_token_ids()
+        self.eos_token_ids: list[int] = list(dict.fromkeys(int(i) for i in eos))
+
+    @classmethod
+    def from_folder(
+        cls, path: str, *, chat_template: str | None = None, extra_eos_token_ids: Iterable[int] = ()
+    ) -> Tokenizer:
+        """Load `tokenizer.json`/`tokenizer_config.json` (and `chat_template.jinja`) from a local folder."""
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises many types here; all mean "cannot read it"
+            raise ModelLoadError(f"{path}: cannot load tokenizer: {e}") from e
+        # Older transformers do not read chat_template.jinja on their own.
+        jinja_path = os.path.join(path, "chat_template.jinja")
+        if not hf.chat_template and os.path.isfile(jinja_path):
+            hf.chat_template = load_chat_template(jinja_path)
+        return cls(hf, extra_eos_token_ids=extra_eos_token_ids, chat_template=chat_template)
+
+    @classmethod
+    def from_gguf(
+        cls, path: str, *, chat_template: str | None = None, extra_eos_token_ids: Iterable[int] = ()
+    ) -> Tokenizer:
+        """Build the tokenizer described by a GGUF file's metadata (vocab, merges, specials, template)."""
+        from transformers import PreTrainedTokenizerFast
+
+        folder, name = os.path.split(os.path.abspath(path))
+        try:
+            # The concrete fast class, not AutoTokenizer: Auto would first parse the whole file
+            # again just to build a model config it does not need.
+            hf = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot build a tokenizer from the GGUF metadata: {e}") from e
+        return cls(hf, extra_eos_token_ids=extra_eos_token_ids, chat_template=chat_template)
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        template = self.hf.chat_template
+        if isinstance(template, dict):  # named templates (older tokenizer_config.json)
+            template = template.get("default") or next(iter(template.values()), None)
+        return template or None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.hf.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (may be below the model's padded vocab_size)."""
+        return len(self.hf)
+
+    # ---- text <-> ids -----------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(
+        self, ids: list[int], *, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
+    ) -> str:
+        return self.hf.decode(
+            ids, skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=spaces_between_special_tokens
+        )
+
+    def id_to_token_text(self, token_id: int) -> str:
+        """The decoded text of one token (a partial UTF-8 byte decodes to U+FFFD)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: Any = None, **kw: Any
+    ) -> str:
+        """Render messages to the prompt string (not ids: the caller encodes with add_special_tokens=False)."""
+        if self.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass one with --chat-template")
+        return self.hf.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kw
+        )
+
+    def _turn_end_token_ids(self) -> list[int]:
+        template = self.chat_template or ""
+        ids = []
+        for token in _TURN_END_TOKENS:
+            if token not in template:
+                continue
+            token_id = self.hf.convert_tokens_to_ids(token)
+            if token_id is not None and self.hf.convert_ids_to_tokens(token_id) == token:
+                ids.append(token_id)
+        return ids
+
+
+def load_chat_template(template_or_path: str) -> str:
+    """A chat template given inline (a jinja string) or as a path to a file holding one."""
+    if os.path.isfile(template_or_path):
+        with open(template_or_path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in template_or_path:
+        raise ModelLoadError(f"chat template {template_or_path!r} is neither a file nor a jinja template")
+    return template_or_path
