@@ -49,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     add_runtime_args(gen)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "generate":
-        return _generate(args)
+    from plait.runtime.model_loader import ModelLoadError
+    from plait.runtime.tokenizer_manager import InvalidRequestError
+
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ModelLoadError, InvalidRequestError, ValueError) as e:
+        print(f"plait: error: {e}", file=sys.stderr)
+        return 2
     return 2
 
 

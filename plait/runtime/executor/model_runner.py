@@ -93,6 +93,11 @@ class ModelRunner:
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         self.context_length = model_config.context_length or self.arch.max_position_embeddings
+        if self.context_length > self.arch.max_position_embeddings:
+            raise ValueError(
+                f"context_length {self.context_length} exceeds the model's max_position_embeddings "
+                f"({self.arch.max_position_embeddings})"
+            )
 
         num_slots = self._num_kv_slots(memory_config)
         max_running = memory_config.max_running_requests or max(1, min(4096, num_slots // 16, 512))

@@ -40,7 +40,7 @@ def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE at given positions; the cos/sin table grows on demand up to `max_position`."""
+    """Applies RoPE at given positions from a cos/sin table over positions [0, max_position)."""
 
     def __init__(self, head_dim: int, *, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
@@ -49,18 +49,18 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = _inv_freq(head_dim, base, scaling)  # [head_dim / 2] float32, not a parameter
         self._cos_sin: torch.Tensor | None = None  # [cached_len, head_dim] as [cos | sin] halves
 
-    def _table(self, needed: int, device: torch.device) -> torch.Tensor:
-        if self._cos_sin is None or self._cos_sin.shape[0] < needed or self._cos_sin.device != device:
-            length = min(max(needed, 4096), max(self.max_position, needed))
-            t = torch.arange(length, dtype=torch.float32, device=device)
-            freqs = torch.outer(t, self.inv_freq.to(device))  # [length, head_dim / 2]
+    def _table(self, device: torch.device) -> torch.Tensor:
+        # The whole table at once (max_position x head_dim floats): lookups then never read a
+        # position back from the device, which would sync the GPU and break graph capture.
+        if self._cos_sin is None or self._cos_sin.device != device:
+            t = torch.arange(self.max_position, dtype=torch.float32, device=device)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # [max_position, head_dim / 2]
             self._cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
         return self._cos_sin
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at `positions`, each [num_tokens, 1, head_dim / 2] float32; computed once per step."""
-        table = self._table(int(positions.max()) + 1 if positions.numel() else 1, positions.device)
-        cos, sin = table[positions].unsqueeze(1).chunk(2, dim=-1)
+        cos, sin = self._table(positions.device)[positions].unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
 
 
