@@ -1,0 +1,1 @@
+"""Backends of the frontend language: one interface (`base.BaseBackend`), several transports."""

@@ -1,0 +1,119 @@
+"""`RuntimeEndpoint`: the frontend over HTTP to a running Plait (or SGLang) server.
+
+Speaks the native protocol: `POST /generate` (JSON; `"stream": true` answers server-sent events
+`data: {...}` ending with `data: [DONE]`), `GET /get_model_info`, `POST /flush_cache`,
+`GET /get_server_info`. Uses only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+
+from plait.lang.backend.srt import GenerateProtocolBackend
+from plait.lang.chat_template import (
+    chat_template_from_jinja,
+    get_chat_template,
+    get_chat_template_by_model_path,
+    jinja_renderer,
+)
+
+
+class RuntimeEndpoint(GenerateProtocolBackend):
+    def __init__(self, base_url: str, api_key: str | None = None, verify: Any = None,
+                 chat_template_name: str | None = None, *, timeout: float | None = None,
+                 incremental_streaming_output: bool | None = None):
+        super().__init__()
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.incremental_streaming_output = incremental_streaming_output
+        self._ssl = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else None
+        if verify is False:
+            self._ssl = ssl._create_unverified_context()
+        self.model_info = self._json("GET", "/get_model_info")
+        self.chat_template = self._choose_chat_template(chat_template_name)
+
+    def _choose_chat_template(self, name: str | None) -> Any:
+        if name:
+            return get_chat_template(name)
+        jinja = self.model_info.get("chat_template")
+        if isinstance(jinja, str) and jinja:
+            try:
+                derived = chat_template_from_jinja(jinja_renderer(jinja), name=f"derived:{self.get_model_name()}")
+            except Exception:  # a template jinja2 cannot compile: fall back to the path rules
+                derived = None
+            if derived is not None:
+                return derived
+        return get_chat_template_by_model_path(self.model_info.get("model_path"))
+
+    # ---- transport ----------------------------------------------------------------------------
+    def _open(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl)
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")
+            raise RuntimeError(f"{method} {path} failed with HTTP {e.code}: {detail}") from None
+
+    def _json(self, method: str, path: str, body: Any = None) -> Any:
+        with self._open(method, path, body) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def _generate(self, body: dict[str, Any]) -> Any:
+        return self._json("POST", "/generate", body)
+
+    def _generate_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        with self._open("POST", "/generate", body) as resp:
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[len("data:"):].strip()
+                if payload == "[DONE]":
+                    return
+                event = json.loads(payload)
+                if isinstance(event, dict) and "error" in event:
+                    raise RuntimeError(f"generation failed: {event['error']}")
+                yield event
+
+    # ---- administration -----------------------------------------------------------------------
+    def get_model_name(self) -> str:
+        return str(self.model_info.get("model_path"))
+
+    def flush_cache(self) -> bool:
+        """Whether the server flushed its prefix cache (it refuses while requests are running)."""
+        try:
+            with self._open("POST", "/flush_cache") as resp:
+                return resp.status == 200
+        except RuntimeError:
+            return False
+
+    def get_server_info(self) -> Any:
+        return self._json("GET", "/get_server_info")
+
+    def start_profile(self) -> None:
+        self._open("POST", "/start_profile").close()
+
+    def stop_profile(self) -> None:
+        self._open("POST", "/stop_profile").close()
+
+    def concatenate_and_append(self, src_rids: list[str], dst_rid: str) -> None:
+        self._json("POST", "/concate_and_append_request", {"src_rids": src_rids, "dst_rid": dst_rid})
+
+
+def __getattr__(name: str) -> Any:
+    # SGLang users import Runtime from this module; it lives in runtime.py.
+    if name == "Runtime":
+        from plait.lang.backend.runtime import Runtime
+
+        return Runtime
+    raise AttributeError(name)

@@ -1,0 +1,124 @@
+"""Frontend operations in terms of SGLang's `/generate` request shape, shared by the HTTP
+endpoint and the in-process engine; a subclass supplies only the transport (`_generate`,
+`_generate_stream`)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from plait.lang.backend.base import BaseBackend
+from plait.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+from plait.lang.params import GenParams, srt_sampling_dict
+
+PREFILL_ONLY = {"max_new_tokens": 0}
+
+
+class GenerateProtocolBackend(BaseBackend):
+    # True/False: the server sends streamed text incrementally / cumulatively; None: detect.
+    incremental_streaming_output: bool | None = None
+
+    def _generate(self, body: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _generate_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    # ---- request bodies -----------------------------------------------------------------------
+    @staticmethod
+    def _image_fields(s: Any, batch: int | None = None) -> dict[str, Any]:
+        if not s.images_:
+            return {}
+        images = [b64 for _, b64 in s.images_]
+        one = images[0] if len(images) == 1 else images
+        return {"image_data": one if batch is None else [one] * batch}
+
+    def _body(self, s: Any, params: GenParams) -> dict[str, Any]:
+        params = params.with_dtype_as_regex()
+        return {"text": s.text_, "sampling_params": srt_sampling_dict(params.sampling),
+                **params.logprob.request_fields(), **self._image_fields(s)}
+
+    # ---- the backend interface ----------------------------------------------------------------
+    def cache_prefix(self, prefix_str: str) -> None:
+        self._generate({"text": prefix_str, "sampling_params": dict(PREFILL_ONLY)})
+
+    def commit_lazy_operations(self, s: Any) -> None:
+        if s.text_:
+            self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s)})
+
+    def generate(self, s: Any, sampling_params: GenParams) -> tuple[Any, Any]:
+        res = self._generate(self._body(s, sampling_params))
+        if isinstance(res, list):  # n > 1
+            return [r["text"] for r in res], [r["meta_info"] for r in res]
+        return res["text"], res["meta_info"]
+
+    def generate_stream(self, s: Any, sampling_params: GenParams) -> Iterator[tuple[str, dict]]:
+        body = self._body(s, sampling_params)
+        body["stream"] = True
+        received = ""
+        incremental = self.incremental_streaming_output
+        for chunk in self._generate_stream(body):
+            text, meta = chunk.get("text", ""), chunk.get("meta_info", {})
+            if incremental is None:
+                ids, count = chunk.get("output_ids"), meta.get("completion_tokens")
+                if ids is not None and count is not None and len(ids) < count:
+                    incremental = True  # fewer ids than tokens so far: each event is only the new piece
+                elif received and not text.startswith(received):
+                    incremental = True
+            delta = text if incremental else text[len(received):]
+            received = received + delta
+            yield delta, meta
+
+    def select(self, s: Any, choices: list[str], temperature: float,
+               choices_method: ChoicesSamplingMethod) -> ChoicesDecision:
+        """Score every choice in one batched prefill-only request (after prefilling the prompt, so
+        the batch shares its KV) and let `choices_method` decide."""
+        if temperature > 1e-5:
+            raise ValueError("select scores the choices; it needs temperature 0")
+        prompt_len = 0
+        if s.text_:
+            res = self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s)})
+            prompt_len = res["meta_info"]["prompt_tokens"]
+        # Two tokens early: the prompt's last token may merge with the choice's first ("token healing").
+        start = max(prompt_len - 2, 0)
+        results = self._generate({
+            "text": [s.text_ + c for c in choices], "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True, "return_text_in_logprobs": True, "logprob_start_len": start,
+            **self._image_fields(s, batch=len(choices)),
+        })
+        input_lps = [choice_token_logprobs(r["meta_info"]["input_token_logprobs"], c, prompt_len - start)
+                     for r, c in zip(results, choices)]
+        output_lps = [r["meta_info"].get("output_token_logprobs", []) for r in results]
+        normalized = [_mean(lps) for lps in input_lps]
+        unconditional = None
+        if choices_method.requires_unconditional_logprobs:
+            ures = self._generate({
+                "input_ids": [[e[1] for e in lps] for lps in input_lps], "sampling_params": dict(PREFILL_ONLY),
+                "return_logprob": True, "return_text_in_logprobs": True, "logprob_start_len": 0,
+            })
+            unconditional = [r["meta_info"]["input_token_logprobs"] for r in ures]
+        return choices_method(choices=choices, normalized_prompt_logprobs=normalized, input_token_logprobs=input_lps,
+                              output_token_logprobs=output_lps, unconditional_token_logprobs=unconditional)
+
+
+def choice_token_logprobs(entries: list[list[Any]], choice: str, num_prompt_entries: int) -> list[list[Any]]:
+    """The `[logprob, id, text]` entries of a choice's own tokens, from the end of `entries`.
+
+    With token texts: the shortest suffix of tokens whose text covers the choice (a token that
+    straddles the prompt/choice boundary counts as the choice's). Without: the entries past the
+    prompt's own token count.
+    """
+    if entries and all(e[2] is not None for e in entries):
+        covered, count = 0, 0
+        for e in reversed(entries):
+            if covered >= len(choice):
+                break
+            covered += len(e[2])
+            count += 1
+        if count and covered >= len(choice):
+            return entries[-count:]
+    return entries[num_prompt_entries:] or entries[-1:]
+
+
+def _mean(entries: list[list[Any]]) -> float:
+    values = [e[0] for e in entries if e[0] is not None]
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,23 @@
+"""Process-wide settings of the frontend language (SGLang's `global_config`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GlobalConfig:
+    def __init__(self) -> None:
+        self.verbosity = 0  # >= 2: print each program's final text
+        self.default_backend: Any = None
+        # Forwarded in every generation request's sampling_params.
+        self.skip_special_tokens_in_output = True
+        self.spaces_between_special_tokens_in_out = True
+        # run_batch of more than one program first sends the program's constant prefix.
+        self.enable_precache_with_tracing = True
+        # join("concate_and_append") may ask the backend to splice KV caches (else: text).
+        self.enable_parallel_encoding = True
+        # A traced constant prefix shorter than this is not worth a separate request.
+        self.precache_min_chars = 64
+
+
+global_config = GlobalConfig()
