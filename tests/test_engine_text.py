@@ -101,3 +101,15 @@ def test_seeded_sampling_reproduces(engine):
     a = engine.generate(PROMPT, params)
     b = engine.generate([PROMPT, "unrelated other prompt"], [params, {"max_new_tokens": 5}])[0]
     assert a["output_ids"] == b["output_ids"]
+
+
+def test_min_new_tokens_keeps_early_stop_strings(engine):
+    free = engine.generate(PROMPT, FREE)
+    ids = free["output_ids"]
+    early = engine.tokenizer.decode(ids[:2])
+    stop = early[-2:] if len(early.strip()) >= 2 else early
+    assert stop and stop in free["text"]
+    out = engine.generate(PROMPT, {**FREE, "stop": [stop], "min_new_tokens": 10})
+    assert out["meta_info"]["completion_tokens"] >= 10
+    # The stop string inside the first 10 tokens does not end or trim the request.
+    assert out["text"].startswith(free["text"][: len(engine.tokenizer.decode(ids[:10]))])

@@ -100,11 +100,18 @@ def append_token(req: Req, token_id: int, *, context_length: int) -> None:
     if req.detokenizer is not None and req.detokenizer.matched_stop is not None:
         req.finish_reason = {"type": "stop", "matched": req.detokenizer.matched_stop}
         return
-    if p.min_new_tokens and p.stop and out_len >= p.min_new_tokens and req.detokenizer is not None:
-        match = find_stop(req.detokenizer.text, p.stop, 0)
-        if match is not None:
-            req.finish_reason = {"type": "stop", "matched": match[1]}
-            return
+    if p.min_new_tokens and p.stop and req.detokenizer is not None:
+        # These requests match stop strings here, never inside the text of their first
+        # min_new_tokens tokens (the detokenizer would have cut it).
+        text = req.detokenizer.text
+        if out_len < p.min_new_tokens:
+            req.min_text_len = len(text)
+        else:
+            match = find_stop(text, p.stop, getattr(req, "min_text_len", 0))
+            if match is not None:
+                req.stop_cut = match.start + (len(match.stop) if p.no_stop_trim else 0)
+                req.finish_reason = {"type": "stop", "matched": match.stop}
+                return
     if out_len >= req.max_new_tokens or req.seq_len >= context_length:
         req.finish_reason = {"type": "length", "length": req.params.max_new_tokens or out_len}
         _detok(req, [], finished=True)
@@ -119,10 +126,11 @@ def take_output(req: Req) -> RequestOutput:
     """Package and clear what the request produced since its last message."""
     p = req.pending
     text = p.text
-    if req.finished and req.params.min_new_tokens and req.finish_reason.get("type") == "stop":
-        matched = req.finish_reason.get("matched")
-        if isinstance(matched, str) and not req.params.no_stop_trim and matched in text:
-            text = text[: text.index(matched)]  # the min_new_tokens path matched the stop after the fact
+    emitted = getattr(req, "emitted_text_len", 0)
+    stop_cut = getattr(req, "stop_cut", None)
+    if stop_cut is not None:  # a stop string found after the fact (min_new_tokens path)
+        text = text[: max(0, stop_cut - emitted)]
+    req.emitted_text_len = emitted + len(text)
     out = RequestOutput(
         rid=req.rid,
         new_text=text,
