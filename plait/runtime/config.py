@@ -65,4 +65,6 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7  # share of max_new_tokens reserved for running requests ...
     min_new_token_ratio: float = 0.15  # ... decaying to this while no retraction happens
     new_token_ratio_decay: float = 0.002
+    grammar_backend: str = "llguidance"  # llguidance | xgrammar (docs/constrained.md)
+    disable_jump_forward: bool = False  # the compressed-FSM ablation: decode forced text token by token
     debug_check_integrity: bool = False  # check the cache invariant after every step (tests)

@@ -221,12 +221,14 @@ class Engine:
             "evicted_tokens": stats.evicted_tokens,
             "free_slots": self.runner.allocator.num_free_slots,
             **self.scheduler.stats,
+            **{f"grammar_{k}": v for k, v in self.scheduler.constraints.stats.items()},
         }
 
     def shutdown(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self.scheduler.constraints.shutdown()
 
     def __enter__(self) -> "Engine":
         return self

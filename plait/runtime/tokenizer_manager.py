@@ -135,6 +135,8 @@ class RequestState:
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
         self.last_delta = out.new_text
+        if out.num_dropped_ids:  # jump-forward retokenized the tail
+            del self.output_ids[-out.num_dropped_ids :]
         self.output_ids.extend(out.new_output_ids)
         self.finished = out.finished
         self.meta = {

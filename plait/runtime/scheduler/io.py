@@ -43,6 +43,7 @@ class RequestOutput:
     new_text: str
     new_output_ids: list[int]
     finished: bool
+    num_dropped_ids: int = 0  # drop this many previously sent output ids before adding the new ones
     finish_reason: dict[str, Any] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -13,14 +13,15 @@ from plait.runtime.scheduler.io import RequestOutput
 from plait.runtime.scheduler.request import Req
 
 
-def new_detokenizer(req: Req, tokenizer) -> IncrementalDetokenizer | None:
+def new_detokenizer(req: Req, tokenizer, *, context_ids: list[int] | None = None) -> IncrementalDetokenizer | None:
+    """`context_ids`: text before the output (default: the prompt); jump-forward restarts with more."""
     if tokenizer is None:
         return None
     p = req.params
     # Under min_new_tokens a stop string must not end the request; those requests check stops themselves.
     return IncrementalDetokenizer(
         tokenizer.hf,
-        prompt_ids=req.prompt_ids,
+        prompt_ids=req.prompt_ids if context_ids is None else context_ids,
         skip_special_tokens=p.skip_special_tokens,
         spaces_between_special_tokens=p.spaces_between_special_tokens,
         stop=[] if p.min_new_tokens else p.stop,
@@ -135,6 +136,7 @@ def take_output(req: Req) -> RequestOutput:
         rid=req.rid,
         new_text=text,
         new_output_ids=p.output_ids,
+        num_dropped_ids=p.num_dropped_ids,
         finished=req.finished,
         finish_reason=req.finish_reason,
         prompt_tokens=len(req.prompt_ids),

@@ -98,6 +98,7 @@ class _PendingOutput:
     def clear(self) -> None:
         self.text = ""
         self.output_ids: list[int] = []
+        self.num_dropped_ids = 0  # jump-forward retokenized this many already-sent output ids
         self.input_token_logprobs: list = []
         self.input_top_logprobs: list = []
         self.input_token_ids_logprobs: list = []

@@ -20,6 +20,7 @@ from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.sampling.sampler import Sampler, SamplingBatchInfo
 from plait.runtime.scheduler.cache_manager import CacheManager
+from plait.runtime.scheduler.constraints import ConstraintTracker
 from plait.runtime.scheduler.io import AbortRequest, FlushCacheRequest, GenerateRequest, RequestOutput
 from plait.runtime.scheduler.output import (
     append_token,
@@ -61,6 +62,14 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # decoding
         self.chunked: Req | None = None  # a prompt in the middle of a chunked prefill
+        self.constraints = ConstraintTracker(
+            backend_name=config.grammar_backend,
+            tokenizer=runner.tokenizer,
+            vocab_size=runner.vocab_size,
+            stop_token_ids=self.eos_token_ids,
+            jump_forward=not config.disable_jump_forward,
+            wake=lambda: self.inbox.put(_WAKE),
+        )
         self.stats = {"steps": 0, "extend_steps": 0, "decode_steps": 0, "retractions": 0, "generated_tokens": 0}
 
     # ---- input, from any thread -------------------------------------------------------------
@@ -69,12 +78,12 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.constraints.pending)
 
     # ---- the loop -------------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            if not self.has_work:
+            if not (self.waiting or self.running or self.chunked):  # idle, or only grammars compiling
                 try:
                     self.inbox.put(self.inbox.get(timeout=0.05))  # sleep until something arrives
                 except queue.Empty:
@@ -97,7 +106,7 @@ class Scheduler:
             try:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(msg, GenerateRequest):
                 self._add_request(msg)
             elif isinstance(msg, AbortRequest):
@@ -107,16 +116,31 @@ class Scheduler:
                     logger.warning("flush_cache ignored: requests are running")
                 else:
                     self.cache.flush()
+                    self.constraints.clear()
+        ready, failed = self.constraints.poll()
+        self.waiting.extend(ready)
+        for req, message, status in failed:
+            self._reject(req, message, status)
 
     def _add_request(self, msg: GenerateRequest) -> None:
         req = Req(msg, eos_token_ids=self.eos_token_ids)
         error = self._validate(req)
         if error:
-            req.finish_reason = {"type": "abort", "message": error, "status_code": 400, "err_type": "BadRequest"}
-            self.on_output([take_output(req)])
+            self._reject(req, error, 400)
             return
         req.detokenizer = new_detokenizer(req, self.runner.tokenizer)
+        if self.constraints.needs_grammar(req):
+            error = self.constraints.submit(req)  # joins `waiting` once its grammar is compiled
+            if error:
+                self._reject(req, error, 400)
+            return
         self.waiting.append(req)
+
+    def _reject(self, req: Req, message: str, status: int) -> None:
+        err_type = "BadRequest" if status < 500 else "InternalServerError"
+        req.finish_reason = {"type": "abort", "message": message, "status_code": status, "err_type": err_type}
+        self.cache.release(req)
+        self.on_output([take_output(req)])
 
     def _validate(self, req: Req) -> str | None:
         prompt_len = len(req.prompt_ids)
@@ -242,9 +266,16 @@ class Scheduler:
         for req in reqs:
             req.kv_committed_len += 1
         self._sample_and_process(reqs, out.next_token_logits)
-        self.running = [r for r in reqs if not r.finished]
+        self.running = [r for r in reqs if not r.finished and not self._jump_forward(r)]
         self._finish_and_emit(reqs)
         self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
+
+    def _jump_forward(self, req: Req) -> bool:
+        """Compressed FSM: a forced continuation is appended at once and computed as one extend."""
+        if not self.constraints.try_jump(req, release_kv=self.cache.release):
+            return False
+        self.waiting.insert(0, req)
+        return True
 
     def _retract_one(self) -> None:
         """Memory ran out: send the least advanced request back to the queue (its KV goes to the cache)."""
@@ -268,15 +299,24 @@ class Scheduler:
             output_ids=[r.output_ids for r in reqs],
             prompt_ids=[r.prompt_ids for r in reqs],
             stop_token_ids_for_min=[
-                ([] if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids for r in reqs
+                # A grammar's mask may allow only a stop token; min_new_tokens must not forbid it.
+                [] if getattr(r, "matcher", None) is not None
+                else ([] if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids
+                for r in reqs
             ],
         )
-        sampled = self.sampler(logits, info)
+        sampled = self.sampler(logits, info, vocab_mask=self.constraints.mask(reqs, logits.device))
         token_ids = sampled.next_token_ids.tolist()
         logprobs = sampled.logprobs.tolist()
         record_output_logprobs(reqs, logits, token_ids, logprobs)
         for req, token_id in zip(reqs, token_ids):
+            error = self.constraints.accept(req, token_id)
+            if error:
+                req.finish_reason = {"type": "abort", "message": error, "status_code": 500}
+                continue
             append_token(req, token_id, context_length=self.runner.context_length)
+            if not req.finished and self.constraints.terminated(req):
+                req.finish_reason = {"type": "stop", "matched": token_id}
         self.stats["generated_tokens"] += len(reqs)
 
     def _finish_and_emit(self, reqs: list[Req]) -> None:
@@ -296,6 +336,7 @@ class Scheduler:
             return rid == "" or r.rid == rid
 
         victims = [r for r in self.waiting if match(r)] + [r for r in self.running if match(r)]
+        victims += self.constraints.remove(match)
         if self.chunked is not None and match(self.chunked):
             victims.append(self.chunked)
             self.chunked = None
@@ -313,6 +354,9 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.cache.check_integrity(self.active_requests())
+
+
+_WAKE = object()  # put into the inbox to wake a sleeping loop (a grammar finished compiling)
 
 
 def _eos_ids(runner: ModelRunner) -> list[int]:
