@@ -9,6 +9,7 @@ the tokens its matcher has accepted, across retraction and jump-forward.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
@@ -36,7 +37,7 @@ class ConstraintTracker:
         self.wake = wake
         self._manager: GrammarManager | None = None
         self.pending: list[Req] = []
-        self.stats = {"jumps": 0, "jump_forced_tokens": 0, "mask_rows": 0}
+        self.stats = {"jumps": 0, "jump_forced_tokens": 0, "mask_rows": 0, "mask_seconds": 0.0}
 
     @property
     def manager(self) -> "GrammarManager":
@@ -92,8 +93,11 @@ class ConstraintTracker:
         matchers = [getattr(r, "matcher", None) for r in reqs]
         if all(m is None for m in matchers):
             return None
+        start = time.perf_counter()
+        mask = self.manager.batch_mask(matchers, device=device)
         self.stats["mask_rows"] += sum(m is not None for m in matchers)
-        return self.manager.batch_mask(matchers, device=device)
+        self.stats["mask_seconds"] += time.perf_counter() - start
+        return mask
 
     def accept(self, req: Req, token_id: int) -> str | None:
         """Advance the matcher by the sampled token; an error message if the grammar refuses it."""
