@@ -1,4 +1,4 @@
-"""The `plait` command: `plait generate PROMPT` (later: `plait serve`)."""
+"""The `plait` command: `plait generate PROMPT`, `plait serve [--model-path PATH] ...`."""
 
 from __future__ import annotations
 
@@ -47,7 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--verbose", action="store_true", help="print meta_info to stderr")
     add_runtime_args(gen)
+    from plait.runtime.server.config import add_server_args
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP (SGLang's native API and the OpenAI API)")
+    add_server_args(serve)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from plait.runtime.server.launch import serve_from_args
+
+        return serve_from_args(args, serve)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from plait.runtime.model_loader import ModelLoadError
     from plait.runtime.tokenizer_manager import InvalidRequestError

@@ -43,15 +43,23 @@ def _base_type(annotation: Any) -> type:
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     choices = _choices()
     for section, cls in RuntimeConfig.sections().items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            kind = _base_type(f.type)
-            if kind is bool:
-                group.add_argument(flag, action="store_true", default=f.default, dest=f.name)
-            else:
-                group.add_argument(flag, type=kind, default=f.default, dest=f.name, choices=choices.get(f.name),
-                                   help=f"default: {f.default}")
+        add_section_args(parser, section, cls, choices=choices)
+
+
+def add_section_args(
+    parser: argparse.ArgumentParser, title: str, cls: type, *, choices: dict[str, list[str]] | None = None
+) -> None:
+    """One flag per field of the config dataclass `cls`, in an argument group named `title`."""
+    choices = choices or {}
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(f.type)
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=f.default, dest=f.name)
+        else:
+            group.add_argument(flag, type=kind, default=f.default, dest=f.name, choices=choices.get(f.name),
+                               help=f"default: {f.default}")
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""The server's own configuration section, and the command line of `launch_server` / `plait serve`.
+
+The flags are generated from the runtime configuration dataclasses (`plait.runtime.config`) and
+`ServerConfig` below, with SGLang's names (`--model-path`, `--port`, `--tp-size`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp_size: int = 1  # tensor parallelism: only 1 for now
+    dp_size: int = 1  # data parallelism: only 1 for now
+    api_key: str | None = None  # when set, every request but health and metrics needs `Authorization: Bearer KEY`
+    served_model_name: str | None = None  # the model id clients see; default: --model-path
+    log_level: str = "info"
+    log_requests: bool = False  # log every request and its result
+    enable_metrics: bool = False  # serve Prometheus metrics at /metrics
+    stats_log_interval: float = 5.0  # seconds between stats lines while busy; 0: none
+    shutdown_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long to finish, then are aborted
+    health_check_timeout: float = 20.0  # /health_generate gives up after this many seconds
+
+    def __post_init__(self) -> None:
+        for name in ("tp_size", "dp_size"):
+            value = getattr(self, name)
+            if value != 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {value} is not supported yet: Plait serves with {flag} 1")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+    def model_name(self, model_path: str | None) -> str:
+        """The id of the served model: --served-model-name, else --model-path, else the default model's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if model_path:
+            return model_path
+        from plait.runtime.model_loader.default_model import DEFAULT_MODEL_FILE
+
+        return DEFAULT_MODEL_FILE.split(".")[0]
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """All flags: the runtime sections (model, memory, scheduler) and the server section."""
+    from plait.runtime.cli_args import add_runtime_args, add_section_args
+
+    add_section_args(parser, "server", ServerConfig, choices={"log_level": LOG_LEVELS})
+    add_runtime_args(parser)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], ServerConfig]:
+    """(runtime options for `RuntimeConfig.from_options`, server config); raises ValueError on bad values."""
+    from plait.runtime.cli_args import runtime_options
+
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    server = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    options = runtime_options(args)
+    if options.get("model_path"):
+        options["model_path"] = os.path.expanduser(options["model_path"])
+    return options, server

@@ -1,0 +1,229 @@
+"""Start the server: the scheduler process, then uvicorn serving the app in this process.
+
+    python -m plait.launch_server --model-path PATH [--host 127.0.0.1] [--port 30000] ...
+    plait serve --model-path PATH ...
+
+Health endpoints answer 503 until the model is loaded and a warm-up generation went through;
+then a "ready" line with the URL is printed. SIGTERM (or Ctrl-C) stops accepting connections,
+gives in-flight requests --shutdown-timeout seconds, aborts the rest, stops the scheduler
+process and exits 0. If the scheduler process dies, pending requests fail with a 5xx error and
+the server exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import uvicorn
+
+logger = logging.getLogger("plait.server")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from plait.runtime.server.config import add_server_args
+
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Serve a model over SGLang's native API and the OpenAI API.")
+    add_server_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    return serve_from_args(parser.parse_args(argv), parser)
+
+
+def serve_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Serve with flags parsed by a parser that has `add_server_args` (this module's, or `plait serve`)."""
+    from plait.runtime.config import RuntimeConfig
+    from plait.runtime.server.config import configs_from_args
+
+    try:
+        options, config = configs_from_args(args)
+        RuntimeConfig.from_options(**options)  # fail on bad values before anything starts
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    return serve(options, config)
+
+
+def serve(options: dict[str, Any], config: Any) -> int:
+    """Run until SIGTERM/SIGINT (exit code 0) or the scheduler's death (1)."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    try:
+        sock = _bind(config.host, config.port)
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
+        return 1
+    port = sock.getsockname()[1]
+    ipc_dir = tempfile.mkdtemp(prefix="plait-ipc-")
+    try:
+        return _run(options, config, sock, port, ipc_dir)
+    finally:
+        sock.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, ipc_dir: str) -> int:
+    from plait.runtime.server.app import ServerState, create_app
+    from plait.runtime.server.metrics import ServerMetrics
+    from plait.runtime.server.scheduler_client import SchedulerClient
+    from plait.runtime.server.scheduler_process import SchedulerProcessArgs, run_scheduler_process
+
+    requests_address, outputs_address = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
+    # Idle OpenMP workers of the scheduler process would spin on the cores the HTTP process needs for
+    # every token; sleeping instead made decoding 5-10x faster on a busy 2-core machine (and no slower
+    # on an idle one). An explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_scheduler_process, name="plait-scheduler", daemon=True,
+        args=(SchedulerProcessArgs(
+            runtime_options=options, requests_address=requests_address, outputs_address=outputs_address,
+            log_level=config.log_level, stats_log_interval=config.stats_log_interval, parent_pid=os.getpid(),
+        ),),
+    )
+    process.start()
+    # The tokenizer arrives pickled with the scheduler's ready message; importing transformers now,
+    # while the model loads, keeps that import off the event loop.
+    threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
+    logger.info("server config: %s; runtime options: %s", _public(config), options)
+
+    exit_code = {"value": 0}
+    server: _Server | None = None
+
+    def on_dead(message: str) -> None:
+        exit_code["value"] = 1
+        if server is not None:
+            server.should_exit = True
+
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    url = f"http://{host}:{port}"
+    client = SchedulerClient(requests_address, outputs_address, process=process, on_dead=on_dead)
+    state = ServerState(client, config, options, ServerMetrics(config.model_name(options.get("model_path"))))
+    client.metrics = state.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        client.start()
+        announcer = asyncio.create_task(_announce_when_ready(state, url))
+        try:
+            yield
+        finally:
+            announcer.cancel()
+            await client.close()
+
+    app = create_app(state, lifespan=lifespan)
+    uv_config = uvicorn.Config(app, log_config=None, log_level=config.log_level, access_log=config.log_requests,
+                               timeout_graceful_shutdown=int(config.shutdown_timeout) + 5, timeout_keep_alive=5)
+    server = _Server(uv_config, on_exit_signal=lambda: _drain(state, server))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+    if exit_code["value"]:
+        logger.error("exiting: %s", client.dead)
+    return exit_code["value"]
+
+
+async def _announce_when_ready(state: Any, url: str) -> None:
+    client = state.client
+    await client.ready_event.wait()
+    if client.dead is not None:
+        return
+    start = time.monotonic()
+    if not await client.health_generate(timeout=max(state.config.health_check_timeout, 60.0)):
+        if client.dead is None:
+            client.fail("the warm-up generation failed")
+        return
+    state.serving = True
+    logger.debug("warm-up generation took %.2f s", time.monotonic() - start)
+    print(f"The server is ready at {url} (model {state.model_name})", flush=True)
+
+
+def _drain(state: Any, server: Any) -> None:
+    """On SIGTERM/SIGINT: in-flight requests get --shutdown-timeout seconds, then are aborted."""
+    client = state.client
+    loop = server.loop
+    if loop is None:
+        return
+
+    async def drain() -> None:
+        deadline = time.monotonic() + state.config.shutdown_timeout
+        if client.num_in_flight:
+            logger.info("shutting down: waiting for %d in-flight requests", client.num_in_flight)
+        while client.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if client.num_in_flight:
+            logger.warning("shutting down: aborting %d requests still running", client.num_in_flight)
+            client.abort("")
+
+    loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
+
+
+def _public(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: ("***" if k == "api_key" and v else v) for k, v in dataclasses.asdict(config).items()}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server with two changes: a first SIGTERM/SIGINT also starts the drain of in-flight
+    requests, and the signal is not re-raised after shutdown (uvicorn does that, which would make a
+    cleanly stopped server die by the signal instead of exiting 0)."""
+
+    def __init__(self, config: uvicorn.Config, *, on_exit_signal: Callable[[], None]):
+        super().__init__(config)
+        self.on_exit_signal = on_exit_signal
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first:
+            self.on_exit_signal()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
