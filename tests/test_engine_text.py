@@ -113,3 +113,12 @@ def test_min_new_tokens_keeps_early_stop_strings(engine):
     assert out["meta_info"]["completion_tokens"] >= 10
     # The stop string inside the first 10 tokens does not end or trim the request.
     assert out["text"].startswith(free["text"][: len(engine.tokenizer.decode(ids[:10]))])
+
+
+def test_streaming_with_min_new_tokens_never_leaks_the_stop_string(engine):
+    free = engine.generate(PROMPT, FREE)
+    stop = _stop_inside(engine, free["text"], free["output_ids"])
+    cut = free["text"].index(stop)
+    chunks = list(engine.generate(PROMPT, {**FREE, "stop": [stop], "min_new_tokens": 1}, stream=True))
+    assert chunks[-1]["text"] == free["text"][:cut]
+    assert all(len(c["text"]) <= cut for c in chunks)  # no piece of the stop, ever

@@ -115,6 +115,10 @@ class IncrementalDetokenizer:
         if isinstance(stop, str):
             stop = [stop]
         self._stops = [s for s in stop if s]
+        # Stop strings may be switched off for a while (min_new_tokens) and then only count from a
+        # text offset on: `activate_stops(start)`.
+        self._stops_active = True
+        self._stop_search_start = 0
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
         self._no_stop_trim = no_stop_trim
 
@@ -162,12 +166,13 @@ class IncrementalDetokenizer:
         self._window.extend(new_ids)
         prev_len = len(self._decoded)
         self._commit(force=finished)
-        if self._stops:
+        if self._stops and self._stops_active:
             self._match_stops(prev_len)
 
         safe_end = len(self._decoded)
-        if self._matched_stop is None and not finished and self._stops:
-            safe_end -= stop_prefix_len(self._decoded, self._stops)
+        if self._matched_stop is None and not finished and self._stops and self._stops_active:
+            tail = self._decoded[self._stop_search_start :]
+            safe_end -= min(stop_prefix_len(tail, self._stops), len(self._decoded) - self._sent_len)
         # Held-back tails only ever grow into a stop or get released, so we never take text back.
         assert self._sent_len <= safe_end <= len(self._decoded)
         delta = self._decoded[self._sent_len : safe_end]
@@ -198,9 +203,20 @@ class IncrementalDetokenizer:
             return False
         return not self._is_byte_piece(last_id)
 
+    def deactivate_stops(self) -> None:
+        """Stop strings neither match nor hold text back until `activate_stops`."""
+        self._stops_active = False
+
+    def activate_stops(self) -> None:
+        """From now on stop strings count, but only ones starting in text not yet decoded."""
+        if not self._stops_active:
+            self._stops_active = True
+            self._stop_search_start = len(self._decoded)
+
     def _match_stops(self, prev_len: int) -> None:
         # Text before prev_len held no complete stop, so a match must end after it.
-        match = find_stop(self._decoded, self._stops, prev_len - self._max_stop_len + 1)
+        start = max(prev_len - self._max_stop_len + 1, self._stop_search_start)
+        match = find_stop(self._decoded, self._stops, start)
         if match is None:
             return
         end = match.start + (len(match.stop) if self._no_stop_trim else 0)

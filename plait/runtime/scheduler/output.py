@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from plait.runtime.detokenizer import IncrementalDetokenizer, find_stop
+from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.sampling.logprobs import ids_logprobs, token_logprobs, top_logprobs
 from plait.runtime.scheduler.io import RequestOutput
 from plait.runtime.scheduler.request import Req
@@ -18,15 +18,17 @@ def new_detokenizer(req: Req, tokenizer, *, context_ids: list[int] | None = None
     if tokenizer is None:
         return None
     p = req.params
-    # Under min_new_tokens a stop string must not end the request; those requests check stops themselves.
-    return IncrementalDetokenizer(
+    detok = IncrementalDetokenizer(
         tokenizer.hf,
         prompt_ids=req.prompt_ids if context_ids is None else context_ids,
         skip_special_tokens=p.skip_special_tokens,
         spaces_between_special_tokens=p.spaces_between_special_tokens,
-        stop=[] if p.min_new_tokens else p.stop,
+        stop=p.stop,
         no_stop_trim=p.no_stop_trim,
     )
+    if len(req.output_ids) < p.min_new_tokens:
+        detok.deactivate_stops()  # under min_new_tokens a stop string must not end the request
+    return detok
 
 
 def record_input_logprobs(req: Req, logits: torch.Tensor, first_pos: int) -> None:
@@ -97,22 +99,12 @@ def append_token(req: Req, token_id: int, *, context_length: int) -> None:
                 _detok(req, [token_id])
             _detok(req, [], finished=True)
             return
+    if req.detokenizer is not None and out_len >= p.min_new_tokens:
+        req.detokenizer.activate_stops()  # stops count from this token's text on
     _detok(req, [token_id])
     if req.detokenizer is not None and req.detokenizer.matched_stop is not None:
         req.finish_reason = {"type": "stop", "matched": req.detokenizer.matched_stop}
         return
-    if p.min_new_tokens and p.stop and req.detokenizer is not None:
-        # These requests match stop strings here, never inside the text of their first
-        # min_new_tokens tokens (the detokenizer would have cut it).
-        text = req.detokenizer.text
-        if out_len < p.min_new_tokens:
-            req.min_text_len = len(text)
-        else:
-            match = find_stop(text, p.stop, getattr(req, "min_text_len", 0))
-            if match is not None:
-                req.stop_cut = match.start + (len(match.stop) if p.no_stop_trim else 0)
-                req.finish_reason = {"type": "stop", "matched": match.stop}
-                return
     if out_len >= req.max_new_tokens or req.seq_len >= context_length:
         req.finish_reason = {"type": "length", "length": req.params.max_new_tokens or out_len}
         _detok(req, [], finished=True)
@@ -127,11 +119,6 @@ def take_output(req: Req) -> RequestOutput:
     """Package and clear what the request produced since its last message."""
     p = req.pending
     text = p.text
-    emitted = getattr(req, "emitted_text_len", 0)
-    stop_cut = getattr(req, "stop_cut", None)
-    if stop_cut is not None:  # a stop string found after the fact (min_new_tokens path)
-        text = text[: max(0, stop_cut - emitted)]
-    req.emitted_text_len = emitted + len(text)
     out = RequestOutput(
         rid=req.rid,
         new_text=text,
