@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from plait.runtime.constrained.base import validate_constraint
 from plait.runtime.scheduler.io import GenerateRequest, RequestOutput
 from plait.sampling_params import SamplingParams
 
@@ -82,7 +83,8 @@ def normalize(inp: GenerateInput, tokenizer, *, default_sampling: dict | None = 
             raise InvalidRequestError("sampling_params must be an object")
         try:
             params = SamplingParams.from_dict(raw_params, defaults=default_sampling)
-        except (TypeError, ValueError) as e:
+            validate_constraint(params)  # a syntax check here; the scheduler compiles off its loop
+        except (TypeError, ValueError) as e:  # GrammarError is a ValueError
             raise InvalidRequestError(str(e)) from None
         if isinstance(inp.rid, list):
             base_rid = inp.rid[i]
