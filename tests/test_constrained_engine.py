@@ -148,3 +148,29 @@ def test_default_model_json_and_jump_forward(default_tokenizer):
             check_output(r, max_new_tokens=80, validate=lambda text: jsonschema.validate(json.loads(text), schema))
         r = engine.generate(prompt, {"max_new_tokens": 40, "temperature": 1.0, "regex": r"[A-Z][a-z]{2,8} is [0-9]{1,2}"})
         check_output(r, max_new_tokens=40, validate=lambda t: re.fullmatch(r"[A-Z][a-z]{2,8} is [0-9]{1,2}", t) or pytest.fail(t))
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    with Engine(dtype="bfloat16", max_total_tokens=8192) as engine:
+        yield engine
+
+
+DEFAULT_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.slow
+@DEFAULT_SETTINGS
+@given(regex=regexes, seed=st.integers(0, 1000))
+def test_default_model_regex_property(default_engine, regex, seed):
+    r = default_engine.generate("Write it:", {"max_new_tokens": 32, "temperature": 1.0, "seed": seed, "regex": regex})
+    check_output(r, max_new_tokens=32, validate=lambda text: re.fullmatch(regex, text) or pytest.fail(f"{regex!r} {text!r}"))
+
+
+@pytest.mark.slow
+@DEFAULT_SETTINGS
+@given(schema=json_schemas, seed=st.integers(0, 1000))
+def test_default_model_json_schema_property(default_engine, schema, seed):
+    params = {"max_new_tokens": 64, "temperature": 1.0, "seed": seed, "json_schema": json.dumps(schema)}
+    r = default_engine.generate("JSON:", params)
+    check_output(r, max_new_tokens=64, validate=lambda text: jsonschema.validate(json.loads(text), schema))
