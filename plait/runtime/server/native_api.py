@@ -72,6 +72,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             "weight_version": "default",
             "served_model_name": state.model_name,
             "context_length": ready.context_length,
+            # The frontend's RuntimeEndpoint builds its role template from this.
+            "chat_template": ready.tokenizer.chat_template if ready.tokenizer is not None else None,
         })
 
     @app.get("/get_server_info")
