@@ -1,0 +1,201 @@
+"""Smoke tests of the benchmark programs on tiny models: they run and write the fields we report.
+
+No timing is asserted here; the figures come from running the programs (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from plait.bench import datasets, hf_baseline, offline_throughput, one_batch
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+    "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+}
+ONE_BATCH_FIELDS = {
+    "bench", "engine", "dtype", "batch_size", "input_len", "output_len", "prefill_latency_s",
+    "prefill_throughput_tok_s", "median_decode_latency_s", "median_decode_throughput_tok_s", "decode_steps",
+    "total_latency_s", "overall_throughput_tok_s", "env",
+}
+OFFLINE_FIELDS = {
+    "bench", "backend", "dataset_name", "num_requests", "duration_s", "total_input_tokens", "total_output_tokens",
+    "request_throughput", "input_throughput", "output_throughput", "total_throughput", "cache_hit_rate",
+    "ideal_hit_rate", "num_wrong_output_len", "env",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny") / "config.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+def test_text_token_ids_skip_special_and_added_tokens():
+    class FakeHF:
+        all_special_ids = [0, 1, 2]
+        added_tokens_decoder = {0: "<s>", 1: "</s>", 2: "<pad>", 3: "<|im_start|>"}
+
+        def __len__(self):
+            return 10
+
+    assert datasets.text_token_ids(FakeHF(), 10) == [4, 5, 6, 7, 8, 9]
+    assert datasets.text_token_ids(None, 5) == [0, 1, 2, 3, 4]
+
+
+def test_generated_shared_prefix_shape_and_ideal_hit_rate():
+    g, p, s, q = 3, 4, 20, 5
+    reqs = datasets.generated_shared_prefix(range(100, 200), num_groups=g, prompts_per_group=p,
+                                            system_prompt_len=s, question_len=q, output_len=7, seed=1)
+    assert len(reqs) == g * p and all(len(r.prompt_ids) == s + q and r.output_len == 7 for r in reqs)
+    for group in range(g):
+        prefixes = {tuple(r.prompt_ids[:s]) for r in reqs if r.group == group}
+        assert len(prefixes) == 1
+    assert [r.group for r in reqs] != sorted(r.group for r in reqs)  # shuffled across groups
+    summary = datasets.summarize(reqs)
+    # Random questions may share a first token or two with a sibling's; the prefix dominates.
+    assert summary.ideal_hit_rate == pytest.approx(g * (p - 1) * s / (g * p * (s + q)), abs=0.02)
+    assert datasets.generated_shared_prefix(range(100, 200), num_groups=g, prompts_per_group=p, system_prompt_len=s,
+                                            question_len=q, output_len=7, seed=1) == reqs
+
+
+def test_random_dataset_lengths_follow_range_ratio():
+    reqs = datasets.random_dataset(range(50), num_prompts=50, input_len=40, output_len=10, range_ratio=0.5, seed=0)
+    assert all(20 <= len(r.prompt_ids) <= 40 and 5 <= r.output_len <= 10 for r in reqs)
+    exact = datasets.random_dataset(range(50), num_prompts=5, input_len=40, output_len=10, seed=0)
+    assert {len(r.prompt_ids) for r in exact} == {40} and {r.output_len for r in exact} == {10}
+
+
+def test_config_flags_pass_only_what_was_given():
+    parser = offline_throughput.build_parser()
+    args = parser.parse_args(["--disable-radix-cache", "--schedule-policy", "fcfs", "--max-total-tokens", "4096"])
+    opts = one_batch.config_options(args, *offline_throughput.RuntimeConfig.sections().values())
+    assert opts == {"disable_radix_cache": True, "schedule_policy": "fcfs", "max_total_tokens": 4096}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--schedule-policy", "no-such-policy"])
+
+
+# ---- the programs ---------------------------------------------------------------------------------
+def test_one_batch_writes_json(tiny_config, tmp_path):
+    out = tmp_path / "one_batch.jsonl"
+    one_batch.main(["--model-path", tiny_config, "--load-format", "dummy", "--dtype", "float32",
+                    "--batch-size", "1", "3", "--input-len", "16", "--output-len", "5", "--warmup", "2",
+                    "--profile-steps", "2", "--result-file", str(out)])
+    lines = read_lines(out)
+    assert [r["batch_size"] for r in lines] == [1, 3]
+    for r in lines:
+        assert ONE_BATCH_FIELDS <= r.keys()
+        assert r["engine"] == "plait" and r["dtype"] == "float32" and r["decode_steps"] == 4
+        assert r["prefill_latency_s"] > 0 and r["median_decode_latency_s"] > 0
+
+
+def test_hf_baseline_writes_json(tmp_path):
+    from tests.tiny_models import tiny_hf_model
+
+    folder = tmp_path / "hf"
+    tiny_hf_model("llama").save_pretrained(folder)
+    out = tmp_path / "hf.jsonl"
+    hf_baseline.main(["--model-path", str(folder), "--dtype", "float32", "--batch-size", "2", "--input-len", "12",
+                      "--output-len", "4", "--warmup", "1", "--result-file", str(out)])
+    (r,) = read_lines(out)
+    assert ONE_BATCH_FIELDS <= r.keys()
+    assert r["engine"] == "hf" and r["batch_size"] == 2 and r["decode_steps"] == 3 and "transformers" in r["env"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--disable-radix-cache", "--schedule-policy", "fcfs"]])
+def test_offline_throughput_shared_prefix(tiny_config, tmp_path, extra):
+    out = tmp_path / "offline.jsonl"
+    offline_throughput.main([
+        "--model-path", tiny_config, "--load-format", "dummy", "--dtype", "float32", "--max-total-tokens", "4096",
+        "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "3",
+        "--gsp-system-prompt-len", "48", "--gsp-question-len", "8", "--gsp-output-len", "4",
+        "--warmup-requests", "2", "--result-file", str(out), *extra,
+    ])
+    (r,) = read_lines(out)
+    assert OFFLINE_FIELDS <= r.keys()
+    assert r["num_requests"] == 6 and r["total_input_tokens"] == 6 * 56 and r["total_output_tokens"] == 6 * 4
+    assert r["num_wrong_output_len"] == 0
+    if extra:
+        assert r["cache_hit_rate"] == 0 and r["info"]["schedule_policy"] == "fcfs"
+    else:
+        assert r["cache_hit_rate"] > 0.5  # the warm-up's requests were flushed, the groups' prefixes hit
+
+
+def test_offline_throughput_random(tiny_config, tmp_path):
+    out = tmp_path / "random.jsonl"
+    offline_throughput.main([
+        "--model-path", tiny_config, "--load-format", "dummy", "--max-total-tokens", "4096", "--num-prompts", "5",
+        "--random-input-len", "20", "--random-output-len", "6", "--random-range-ratio", "0.5",
+        "--warmup-requests", "0", "--result-file", str(out),
+    ])
+    (r,) = read_lines(out)
+    assert r["dataset_name"] == "random" and r["num_requests"] == 5 and r["num_wrong_output_len"] == 0
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """/v1/models, /v1/completions (echoing exact usage) and vLLM-style prefix-cache counters."""
+
+    bodies: list[dict] = []
+    hits = 0
+
+    def _send(self, obj, content_type="application/json"):
+        data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send({"data": [{"id": "fake"}]})
+        else:
+            cls = type(self)
+            self._send(f"vllm:prefix_cache_queries_total{{model_name=\"fake\"}} {10 * len(cls.bodies)}.0\n"
+                       f"vllm:prefix_cache_hits_total{{model_name=\"fake\"}} {cls.hits}.0\n", "text/plain")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        type(self).hits += 5
+        n = len(body["prompt"])
+        self._send({"choices": [{"text": "x"}],
+                    "usage": {"prompt_tokens": n, "completion_tokens": body["max_tokens"]}})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_offline_throughput_openai_backend(tiny_config, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "openai.jsonl"
+        offline_throughput.main([
+            "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.server_port}", "--max-concurrency", "2",
+            "--model-path", tiny_config, "--load-format", "dummy", "--num-prompts", "4", "--random-input-len", "10",
+            "--random-output-len", "3", "--warmup-requests", "1", "--result-file", str(out),
+        ])
+    finally:
+        server.shutdown()
+        thread.join()
+    (r,) = read_lines(out)
+    assert OFFLINE_FIELDS <= r.keys()
+    assert r["backend"] == "openai" and r["total_input_tokens"] == 40 and r["total_output_tokens"] == 12
+    assert r["info"]["model"] == "fake" and r["info"]["cache_counter_source"] == "vllm /metrics"
+    assert r["cached_tokens"] == 20  # 4 measured requests x 5 hits, the warm-up's excluded
+    sent = _FakeOpenAI.bodies[-1]
+    assert sent["temperature"] == 0.0 and sent["ignore_eos"] is True and sent["min_tokens"] == sent["max_tokens"] == 3
