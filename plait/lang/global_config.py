@@ -12,6 +12,8 @@ class GlobalConfig:
         # Forwarded in every generation request's sampling_params.
         self.skip_special_tokens_in_output = True
         self.spaces_between_special_tokens_in_out = True
+        # fork(n > 1) first commits the shared prefix (max_new_tokens=0) so every branch hits the cache.
+        self.enable_fork_hint = True
         # run_batch of more than one program first sends the program's constant prefix.
         self.enable_precache_with_tracing = True
         # join("concate_and_append") may ask the backend to splice KV caches (else: text).

@@ -245,7 +245,7 @@ class StreamExecutor:
         if size < 1:
             raise ValueError("fork size must be >= 1")
         self.sync()
-        if size > 1 and self.text_:
+        if size > 1 and self.text_ and global_config.enable_fork_hint:
             self.submit(ir.SglCommitLazy())
             self.sync()
         self.raise_if_failed()
