@@ -174,3 +174,13 @@ def test_default_model_json_schema_property(default_engine, schema, seed):
     params = {"max_new_tokens": 64, "temperature": 1.0, "seed": seed, "json_schema": json.dumps(schema)}
     r = default_engine.generate("JSON:", params)
     check_output(r, max_new_tokens=64, validate=lambda text: jsonschema.validate(json.loads(text), schema))
+
+
+def test_stop_string_ends_a_constrained_request(tiny_engine):
+    """Stop conditions apply to constrained requests too: a stop string ends the request (and is
+    trimmed) even where the grammar would go on; the text before it still follows the grammar."""
+    free = tiny_engine.generate("x", {"max_new_tokens": 24, "temperature": 0, "regex": "[a-c]{6}-[a-c]{6}"})
+    assert re.fullmatch("[a-c]{6}-[a-c]{6}", free["text"])
+    out = tiny_engine.generate("x", {"max_new_tokens": 24, "temperature": 0, "regex": "[a-c]{6}-[a-c]{6}", "stop": ["-"]})
+    assert out["text"] == free["text"].split("-")[0]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": "-"}
