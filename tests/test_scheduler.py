@@ -227,3 +227,19 @@ def test_lpm_starves_without_aging_and_not_with_it(hf_model):
     admitted, at = _drive_starvation(hf_model, aging_rounds=8, rounds=60)
     # The bound: passed over at most `aging_rounds` admission rounds, each at most 2 steps here.
     assert admitted and at <= 2 * 8 + 2, at
+
+
+def test_dfs_weight_puts_cached_subtrees_before_unmatched_requests(hf_model):
+    from plait.runtime.scheduler.policy import SchedulePolicy
+    from plait.runtime.scheduler.request import Req
+
+    with make_engine(hf_model) as engine:
+        hot = list(range(1, 40))
+        engine.generate(input_ids=hot + [1], sampling_params={"max_new_tokens": 1})
+        cache = engine.scheduler.cache
+        params = SamplingParams(max_new_tokens=1)
+        cold = Req(GenerateRequest(rid="cold", input_ids=[300, 301, 302], sampling_params=params), eos_token_ids=[])
+        warm = [Req(GenerateRequest(rid=f"w{i}", input_ids=hot + [i, 9], sampling_params=params), eos_token_ids=[])
+                for i in range(2)]
+        order = SchedulePolicy("dfs-weight", aging_rounds=0).order([cold, *warm], cache)
+        assert order[-1].rid == "cold" and {r.rid for r in order[:2]} == {"w0", "w1"}

@@ -57,12 +57,17 @@ def _dfs_weight(queue: list[Req], cache: CacheManager) -> list[Req]:
             nodes[id(node)] = node
             node = node.parent
     order: list[Req] = []
-    stack = [cache.cache.root]
+    # Depth first, heavier subtrees first, a node's own requests after its children's: requests that
+    # extend a shared prefix further run while that prefix is hot; the unmatched (root) ones come last.
+    stack: list[tuple[object, bool]] = [(cache.cache.root, False)]
     while stack:
-        node = stack.pop()
-        order.extend(sorted(by_node.get(id(node), []), key=lambda r: r.arrival_time))
+        node, children_done = stack.pop()
+        if children_done:
+            order.extend(sorted(by_node.get(id(node), []), key=lambda r: r.arrival_time))
+            continue
+        stack.append((node, True))
         children = [c for c in node.children.values() if weight.get(id(c))]
-        stack.extend(sorted(children, key=lambda c: weight[id(c)]))  # heaviest popped first
+        stack.extend((c, False) for c in sorted(children, key=lambda c: weight[id(c)]))  # heaviest popped first
     if len(order) != len(queue):  # requests matched onto nodes outside the walk (flat/none caches)
         seen = {id(r) for r in order}
         order.extend(r for r in _fcfs(queue, cache) if id(r) not in seen)
