@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -45,8 +46,8 @@ def read_lines(path) -> list[dict]:
 # ---- datasets -------------------------------------------------------------------------------------
 def test_text_token_ids_skip_special_and_added_tokens():
     class FakeHF:
-        all_special_ids = [0, 1, 2]
-        added_tokens_decoder = {0: "<s>", 1: "</s>", 2: "<pad>", 3: "<|im_start|>"}
+        all_special_ids: ClassVar = [0, 1, 2]
+        added_tokens_decoder: ClassVar = {0: "<s>", 1: "</s>", 2: "<pad>", 3: "<|im_start|>"}
 
         def __len__(self):
             return 10
@@ -147,7 +148,7 @@ def test_offline_throughput_random(tiny_config, tmp_path):
 class _FakeOpenAI(BaseHTTPRequestHandler):
     """/v1/models, /v1/completions (echoing exact usage) and vLLM-style prefix-cache counters."""
 
-    bodies: list[dict] = []
+    bodies: ClassVar[list[dict]] = []
     hits = 0
 
     def _send(self, obj, content_type="application/json"):

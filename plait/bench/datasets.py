@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import random
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 DATASETS = ("random", "generated-shared-prefix")
 
@@ -43,7 +44,7 @@ def text_token_ids(tokenizer: Any | None, vocab_size: int) -> list[int]:
     if tokenizer is None:
         return list(range(vocab_size))
     hf = getattr(tokenizer, "hf", tokenizer)
-    excluded = set(int(i) for i in getattr(hf, "all_special_ids", []) or [])
+    excluded = {int(i) for i in getattr(hf, "all_special_ids", []) or []}
     excluded |= {int(i) for i in (getattr(hf, "added_tokens_decoder", None) or {})}
     ids = [i for i in range(min(vocab_size, len(hf))) if i not in excluded]
     assert ids, "the vocabulary has no ordinary tokens"

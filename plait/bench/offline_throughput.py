@@ -24,8 +24,9 @@ import json
 import random
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 from plait.bench.datasets import (

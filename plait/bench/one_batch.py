@@ -28,7 +28,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,7 +85,7 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                                 cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
@@ -137,7 +138,8 @@ def run_static_batch(
     rows = [runner.req_to_token_pool.alloc() for _ in prompts]
     assert None not in rows, "more prompts than request rows"
     seq_lens = [len(p) for p in prompts]
-    common = dict(req_to_token_pool=runner.req_to_token_pool, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend)
+    common = {"req_to_token_pool": runner.req_to_token_pool, "kv_pool": runner.kv_pool,
+              "attn_backend": runner.attn_backend}
 
     synchronize(runner.device)
     start = time.perf_counter()
