@@ -18,12 +18,14 @@ from plait.runtime.config import RuntimeConfig
 def _choices() -> dict[str, list[str]]:
     from plait.runtime.attention.base import ATTENTION_BACKENDS
     from plait.runtime.cache import PREFIX_CACHES
+    from plait.runtime.constrained.base import GRAMMAR_BACKENDS
     from plait.runtime.scheduler.policy import SCHEDULE_POLICIES
 
     return {
         "schedule_policy": list(SCHEDULE_POLICIES),
         "prefix_cache": list(PREFIX_CACHES),
         "attention_backend": list(ATTENTION_BACKENDS),
+        "grammar_backend": list(GRAMMAR_BACKENDS),
         "dtype": ["auto", "bfloat16", "float16", "float32"],
         "load_format": ["auto", "safetensors", "gguf", "dummy"],
     }
