@@ -32,8 +32,8 @@ def workload(seed: int = 0) -> list[list[int]]:
     """Prompts in groups sharing long prefixes, plus unrelated ones, of mixed lengths."""
     rng = random.Random(seed)
     prompts = []
-    for _ in range(3):
-        shared = [rng.randrange(VOCAB) for _ in range(rng.randrange(30, 60))]
+    for length in (40, 70, 100):  # the longer shared prefixes take the cascade decode path
+        shared = [rng.randrange(VOCAB) for _ in range(length + rng.randrange(10))]
         for _ in range(3):
             prompts.append(shared + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 20))])
     prompts += [[rng.randrange(VOCAB) for _ in range(rng.randrange(5, 70))] for _ in range(4)]
@@ -94,6 +94,22 @@ def test_greedy_outputs_identical_to_reference(hf_model, reference, options):
         # A second pass hits the cache (when there is one) and must not change anything.
         assert run_all(engine, workload()) == reference
         assert_drained(engine)
+
+
+def test_shared_prefixes_decode_through_the_cascade_path(hf_model, reference, monkeypatch):
+    from plait.runtime.attention import torch_native
+
+    calls = []
+    attend = torch_native._attend_shared_prefixes
+
+    def counting(q, k_buf, v_buf, shared, layer):
+        calls.append(shared.slots.shape[0])
+        return attend(q, k_buf, v_buf, shared, layer)
+
+    monkeypatch.setattr(torch_native, "_attend_shared_prefixes", counting)
+    with make_engine(hf_model) as engine:
+        assert run_all(engine, workload()) == reference
+    assert calls and max(calls) >= 2  # steps where two groups shared their prefixes in one product
 
 
 def test_memory_pressure_evicts_and_retracts_without_changing_outputs(hf_model, reference):

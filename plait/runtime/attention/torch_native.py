@@ -1,6 +1,13 @@
 """The reference attention backend: gather KV through `req_to_token`, then PyTorch SDPA.
 
 Works on CPU and any GPU. Every other backend is tested against this one.
+
+Decode has one refinement that matters on the CPU, where gathering each request's whole KV every
+layer is most of a decode step: requests whose `req_to_token` rows start with the same slots share
+that prefix in the radix cache, so their prefix is gathered once per group and attended by all the
+group's queries in one matrix product (cascade attention). Each request then attends its own
+suffix, and the two partial results are merged through their log-sum-exp. The result is the same
+softmax over the same keys, in a different summation order.
 """
 
 from __future__ import annotations
@@ -25,10 +32,33 @@ class _ExtendMetadata:
     masks: list[torch.Tensor | None]  # per request: [extend_len, seq_len] bool, None = plain causal
 
 
+# A group of decoding requests shares its prefix through the cascade path only when the prefix is
+# at least this long: below it, one more padded gather costs less than a separate product per group.
+CASCADE_MIN_PREFIX = 64
+
+
+@dataclass
+class _PaddedKV:
+    rows: torch.Tensor | None  # positions in the batch these requests take; None = the whole batch in order
+    kv_indices: torch.Tensor  # [n, max_len] slots, padded with the dummy slot 0
+    mask: torch.Tensor | None  # [n, max_len] bool; None when no padding
+
+
+@dataclass
+class _SharedPrefixes:
+    """The groups of the cascade path, padded to one shape so that all are attended in one product."""
+
+    slots: torch.Tensor  # [groups, max_prefix] the slots each group's members start with (dummy-padded)
+    mask: torch.Tensor | None  # [groups, max_prefix] bool; None when every prefix has the same length
+    queries: torch.Tensor  # [groups, max_members] positions in the suffix batch (padded with position 0)
+    members: torch.Tensor  # [num_cascade] flat index into [groups * max_members]: each member's row
+
+
 @dataclass
 class _DecodeMetadata:
-    kv_indices: torch.Tensor  # [batch_size, max_len] slots, padded with the dummy slot 0
-    mask: torch.Tensor | None  # [batch_size, 1, 1, max_len] bool; None when no padding
+    plain: _PaddedKV | None  # requests attended over their whole KV
+    suffix: _PaddedKV | None  # cascade requests: their KV after their group's shared prefix
+    shared: _SharedPrefixes | None
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -38,14 +68,7 @@ class TorchNativeBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         req_to_token = batch.req_to_token_pool.req_to_token
         if batch.mode is ForwardMode.DECODE:
-            max_len = max(batch.seq_lens_cpu)
-            kv_indices = req_to_token[batch.req_pool_indices, :max_len]
-            mask = None
-            if min(batch.seq_lens_cpu) != max_len:
-                valid = torch.arange(max_len, device=kv_indices.device)[None, :] < batch.seq_lens[:, None]
-                kv_indices = torch.where(valid, kv_indices, torch.zeros_like(kv_indices))
-                mask = valid[:, None, None, :]
-            batch.attn_metadata = _DecodeMetadata(kv_indices, mask)
+            batch.attn_metadata = self._decode_metadata(batch)
             return
         q_starts, kv_indices, masks = [], [], []
         q_start = 0
@@ -62,6 +85,66 @@ class TorchNativeBackend(AttentionBackend):
                 masks.append(torch.arange(seq_len, device=req_to_token.device)[None, :] <= q_pos)
             q_start += extend_len
         batch.attn_metadata = _ExtendMetadata(q_starts, kv_indices, masks)
+
+    def _decode_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
+        req_to_token = batch.req_to_token_pool.req_to_token
+        seq_lens = batch.seq_lens_cpu
+        max_len = max(seq_lens)
+        kv_rows = req_to_token[batch.req_pool_indices, :max_len]
+        groups = self._shared_prefix_groups(kv_rows, seq_lens) if len(seq_lens) > 1 else []
+        if not groups:
+            return _DecodeMetadata(_padded(kv_rows, batch.seq_lens, None), None, None)
+        device = kv_rows.device
+        members, prefix_lens = [], []
+        max_prefix = max(prefix_len for _, prefix_len in groups)
+        max_members = max(len(group) for group, _ in groups)
+        queries = torch.zeros((len(groups), max_members), dtype=torch.int64, device=device)
+        member_rows = []
+        for g, (group, prefix_len) in enumerate(groups):
+            queries[g, : len(group)] = torch.arange(len(members), len(members) + len(group), device=device)
+            member_rows.extend(range(g * max_members, g * max_members + len(group)))
+            members.extend(group)
+            prefix_lens.extend([prefix_len] * len(group))
+        prefix_len_t = torch.tensor([prefix_len for _, prefix_len in groups], device=device)
+        firsts = torch.tensor([group[0] for group, _ in groups], device=device)
+        prefixes = _padded(kv_rows[firsts, :max_prefix], prefix_len_t, None)
+        shared = _SharedPrefixes(
+            prefixes.kv_indices, prefixes.mask, queries, torch.tensor(member_rows, device=device)
+        )
+        in_cascade = set(members)
+        others = [i for i in range(len(seq_lens)) if i not in in_cascade]
+        plain = None
+        if others:
+            rows = torch.tensor(others, device=device)
+            plain = _padded(kv_rows[rows, : max(seq_lens[i] for i in others)], batch.seq_lens[rows], rows)
+        rows = torch.tensor(members, device=device)
+        starts = torch.tensor(prefix_lens, device=device)
+        suffix_lens = batch.seq_lens[rows] - starts
+        width = max(seq_lens[i] - p for i, p in zip(members, prefix_lens))
+        cols = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp_(max=max_len - 1)
+        suffix = _padded(kv_rows[rows].gather(1, cols), suffix_lens, rows)
+        return _DecodeMetadata(plain, suffix, shared)
+
+    @staticmethod
+    def _shared_prefix_groups(kv_rows: torch.Tensor, seq_lens: list[int]) -> list[tuple[list[int], int]]:
+        """Requests whose KV starts with the same slots, and how long the part all of them share is."""
+        by_first: dict[int, list[int]] = {}
+        for i, slot in enumerate(kv_rows[:, 0].tolist()):
+            by_first.setdefault(slot, []).append(i)
+        groups = []
+        for group in by_first.values():
+            if len(group) < 2:
+                continue
+            # Each request's newest slot is its own, so the shared part ends before the shortest's end.
+            width = min(seq_lens[i] for i in group)
+            if width <= CASCADE_MIN_PREFIX:
+                continue
+            block = kv_rows[group, :width]
+            differs = (block != block[0]).any(0)
+            prefix_len = int(differs.int().argmax()) if bool(differs.any()) else width - 1
+            if prefix_len >= CASCADE_MIN_PREFIX:
+                groups.append((group, prefix_len))
+        return groups
 
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", batch: ForwardBatch) -> torch.Tensor:
         meta: _ExtendMetadata = batch.attn_metadata
@@ -86,16 +169,109 @@ class TorchNativeBackend(AttentionBackend):
         meta: _DecodeMetadata = batch.attn_metadata
         k_buf = batch.kv_pool.k_buffers[layer.layer_id]
         v_buf = batch.kv_pool.v_buffers[layer.layer_id]
-        shape = (*meta.kv_indices.shape, *k_buf.shape[1:])
-        flat = meta.kv_indices.reshape(-1)
-        k = k_buf.index_select(0, flat).view(shape)  # [batch_size, max_len, num_kv_heads, head_dim]
+        if meta.suffix is None:
+            return self._decode_padded(q, k_buf, v_buf, meta.plain, layer)
+        out = torch.empty_like(q)
+        if meta.plain is not None:
+            out[meta.plain.rows] = self._decode_padded(q[meta.plain.rows], k_buf, v_buf, meta.plain, layer)
+        q_c = q[meta.suffix.rows]
+        o_s, lse_s = _attend_with_lse(q_c, k_buf, v_buf, meta.suffix, layer)
+        o_p, lse_p = _attend_shared_prefixes(q_c, k_buf, v_buf, meta.shared, layer)
+        # Merge two softmaxes over disjoint key sets by their log-sum-exps.
+        lse = torch.maximum(lse_p, lse_s)
+        w_p = torch.exp(lse_p - lse).unsqueeze(-1)
+        w_s = torch.exp(lse_s - lse).unsqueeze(-1)
+        out[meta.suffix.rows] = ((o_p * w_p + o_s * w_s) / (w_p + w_s)).to(q.dtype)
+        return out
+
+    @staticmethod
+    def _decode_padded(
+        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kv: _PaddedKV, layer: RadixAttention
+    ) -> torch.Tensor:
+        shape = (*kv.kv_indices.shape, *k_buf.shape[1:])
+        flat = kv.kv_indices.reshape(-1)
+        k = k_buf.index_select(0, flat).view(shape)  # [n, max_len, num_kv_heads, head_dim]
         v = v_buf.index_select(0, flat).view(shape)
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [batch_size, num_heads, 1, head_dim]
+            q.unsqueeze(2),  # [n, num_heads, 1, head_dim]
             k.transpose(1, 2).to(q.dtype),
             v.transpose(1, 2).to(q.dtype),
-            attn_mask=meta.mask,
+            attn_mask=None if kv.mask is None else kv.mask[:, None, None, :],
             scale=layer.scaling,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
         )
-        return o.squeeze(2)  # [batch_size, num_heads, head_dim]
+        return o.squeeze(2)  # [n, num_heads, head_dim]
+
+
+def _padded(kv_rows: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor | None) -> _PaddedKV:
+    """Rows of slots cut at each request's length; the tail is pointed at the dummy slot and masked."""
+    width = kv_rows.shape[1]
+    valid = torch.arange(width, device=kv_rows.device)[None, :] < seq_lens[:, None]
+    if bool(valid.all()):
+        return _PaddedKV(rows, kv_rows, None)
+    return _PaddedKV(rows, torch.where(valid, kv_rows, torch.zeros_like(kv_rows)), valid)
+
+
+def _attend_with_lse(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kv: _PaddedKV, layer: RadixAttention
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per request over its padded KV: output [n, H, D] and log-sum-exp [n, H], in float32."""
+    n, width = kv.kv_indices.shape
+    kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
+    flat = kv.kv_indices.reshape(-1)
+    k = k_buf.index_select(0, flat).view(n, width, kv_heads, -1).transpose(1, 2)  # [n, KV, W, D]
+    v = v_buf.index_select(0, flat).view(n, width, kv_heads, -1).transpose(1, 2)
+    qg = q.view(n, kv_heads, group, -1).to(k.dtype)  # query head h reads KV head h // group
+    mask = None if kv.mask is None else kv.mask[:, None, None, :]
+    out, lse = _attention_with_lse(qg, k, v, mask, layer.scaling)  # [n, KV, G, D], [n, KV, G]
+    return out.reshape(n, layer.num_heads, -1), lse.reshape(n, layer.num_heads)
+
+
+def _attend_shared_prefixes(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, shared: _SharedPrefixes, layer: RadixAttention
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's queries over the prefix the group shares: one product per (group, KV head)."""
+    groups, width = shared.slots.shape
+    members = shared.queries.shape[1]
+    kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
+    head_dim = q.shape[-1]
+    flat = shared.slots.reshape(-1)
+    k = k_buf.index_select(0, flat).view(groups, width, kv_heads, head_dim).transpose(1, 2)  # [P, KV, L, D]
+    v = v_buf.index_select(0, flat).view(groups, width, kv_heads, head_dim).transpose(1, 2)
+    # [P, M, KV, G, D] -> [P, KV, M*G, D]: the rows of one product are all queries reading one KV head.
+    qg = q[shared.queries].view(groups, members, kv_heads, group, head_dim).transpose(1, 2)
+    qg = qg.reshape(groups, kv_heads, members * group, head_dim).to(k.dtype)
+    mask = None if shared.mask is None else shared.mask[:, None, None, :]
+    out, lse = _attention_with_lse(qg, k, v, mask, layer.scaling)
+    out = out.view(groups, kv_heads, members, group, head_dim).transpose(1, 2).reshape(groups * members, -1, head_dim)
+    lse = lse.view(groups, kv_heads, members, group).transpose(1, 2).reshape(groups * members, -1)
+    return out[shared.members], lse[shared.members]
+
+
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale * q k^T) v and the log-sum-exp of the scaled scores, both float32.
+
+    q: [..., Lq, D]; k, v: [..., Lk, D]; mask: bool, broadcastable to [..., Lq, Lk], True = attend.
+    On the CPU this is PyTorch's flash-attention kernel, which returns the log-sum-exp; elsewhere
+    the same in plain operations.
+    """
+    if q.device.type == "cpu" and _CPU_FLASH is not None and q.dim() == 4:
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = _CPU_FLASH(q, k, v, attn_mask=bias, scale=scale)
+        return out.float(), lse
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(top).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights.to(v.dtype), v).float().div_(total)
+    return out, (top + total.log()).squeeze(-1)
+
+
+# PyTorch's CPU flash attention, which also returns the log-sum-exp the cascade merge needs.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
