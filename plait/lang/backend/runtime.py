@@ -4,6 +4,7 @@
 --port ...` (no path: the default model), with every keyword turned into its flag
 (`chunked_prefill_size=256` -> `--chunked-prefill-size 256`, `True` -> a bare flag), waits until
 `/health_generate` answers, and shuts the server down on `shutdown()` or at interpreter exit.
+The server's output goes to a temporary log file, removed when the server exits cleanly.
 """
 
 from __future__ import annotations
@@ -115,6 +116,14 @@ class Runtime:
             except ProcessLookupError:
                 pass
         atexit.unregister(self.shutdown)
+        log = getattr(self, "_log", None)
+        if log is not None and process is not None and process.returncode == 0:
+            # A clean exit leaves nothing to read; a failed server's log stays for the post-mortem.
+            log.close()
+            try:
+                os.unlink(log.name)
+            except FileNotFoundError:
+                pass
 
     # ---- conveniences SGLang's Runtime offers ---------------------------------------------------
     def cache_prefix(self, prefix: str) -> None:

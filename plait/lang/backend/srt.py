@@ -79,14 +79,18 @@ class GenerateProtocolBackend(BaseBackend):
             res = self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s)})
             prompt_len = res["meta_info"]["prompt_tokens"]
         # Two tokens early: the prompt's last token may merge with the choice's first ("token healing").
+        # The prompt itself rides along (all cached, so nearly free): its last tokens' ids show
+        # where each choice's own tokens begin.
         start = max(prompt_len - 2, 0)
+        texts = ([s.text_] if prompt_len else []) + [s.text_ + c for c in choices]
         results = self._generate({
-            "text": [s.text_ + c for c in choices], "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "text": texts, "sampling_params": {"max_new_tokens": 0, "temperature": 0},
             "return_logprob": True, "return_text_in_logprobs": True, "logprob_start_len": start,
-            **self._image_fields(s, batch=len(choices)),
+            **self._image_fields(s, batch=len(texts)),
         })
-        input_lps = [choice_token_logprobs(r["meta_info"]["input_token_logprobs"], c, prompt_len - start)
-                     for r, c in zip(results, choices)]
+        prompt_tail = results[0]["meta_info"]["input_token_logprobs"] if prompt_len else []
+        results = results[1:] if prompt_len else results
+        input_lps = [choice_token_logprobs(r["meta_info"]["input_token_logprobs"], prompt_tail) for r in results]
         output_lps = [r["meta_info"].get("output_token_logprobs", []) for r in results]
         normalized = [_mean(lps) for lps in input_lps]
         unconditional = None
@@ -100,23 +104,20 @@ class GenerateProtocolBackend(BaseBackend):
                               output_token_logprobs=output_lps, unconditional_token_logprobs=unconditional)
 
 
-def choice_token_logprobs(entries: list[list[Any]], choice: str, num_prompt_entries: int) -> list[list[Any]]:
-    """The `[logprob, id, text]` entries of a choice's own tokens, from the end of `entries`.
+def choice_token_logprobs(entries: list[list[Any]], prompt_tail: list[list[Any]]) -> list[list[Any]]:
+    """The `[logprob, id, text]` entries of a choice's own tokens.
 
-    With token texts: the shortest suffix of tokens whose text covers the choice (a token that
-    straddles the prompt/choice boundary counts as the choice's). Without: the entries past the
-    prompt's own token count.
+    `entries` score prompt+choice from the position where `prompt_tail` (the prompt alone, from
+    the same position) starts. The two agree, token id for token id, up to where the choice
+    begins; from the first difference on every token is the choice's (a prompt token merged with
+    the choice's first counts as the choice's). Ids, not token texts: a token holding part of a
+    multi-byte character has no text of its own, so texts cannot say how much of the choice it
+    covers.
     """
-    if entries and all(e[2] is not None for e in entries):
-        covered, count = 0, 0
-        for e in reversed(entries):
-            if covered >= len(choice):
-                break
-            covered += len(e[2])
-            count += 1
-        if count and covered >= len(choice):
-            return entries[-count:]
-    return entries[num_prompt_entries:] or entries[-1:]
+    shared = 0
+    while shared < min(len(entries), len(prompt_tail)) and entries[shared][1] == prompt_tail[shared][1]:
+        shared += 1
+    return entries[shared:] or entries[-1:]
 
 
 def _mean(entries: list[list[Any]]) -> float:
