@@ -63,3 +63,25 @@ def test_generate_batch_with_logprobs(server):
         meta = out["meta_info"]
         assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]
         assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
+
+
+def test_required_tool_call(client):
+    """tool_choice "required": the output is constrained to a call, and the model fills it in sensibly
+    (its chat template has no tools, so it sees the server's fallback preamble)."""
+    import json
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                             "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}},
+             {"type": "function", "function": {"name": "get_time", "description": "Get the time in a time zone",
+              "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
+                             "required": ["timezone"]}}}]
+    out = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
+        tools=tools, tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=60)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert "Paris" in arguments["city"] and arguments["unit"] in ("celsius", "fahrenheit")

@@ -13,14 +13,14 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from plait.runtime.server.config import ServerConfig
 from plait.runtime.server.messages import SchedulerReady
@@ -147,7 +147,7 @@ class ServerState:
     async def wait(self, request: Request, group: RequestGroup) -> None:
         """Wait for every request of the group; abort them if the client goes away first."""
         waiter = asyncio.ensure_future(group.wait())
-        watcher = asyncio.ensure_future(_disconnected(request))
+        watcher = asyncio.ensure_future(_disconnected(request.receive))
         try:
             done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:
@@ -162,7 +162,10 @@ class ServerState:
             self.finish(group)
 
     def finish(self, group: RequestGroup) -> None:
-        """Abort what is unfinished (a client gone, an error) and log what finished."""
+        """Abort what is unfinished (a client gone, an error) and log what finished. Once per group."""
+        if group.closed:
+            return
+        group.closed = True
         for s in group.states:
             if not s.finished:
                 self.client.abort(s.request.rid)
@@ -197,9 +200,30 @@ def _changed_params(params: Any) -> dict[str, Any]:
             if getattr(params, f.name) != getattr(default, f.name)}
 
 
-async def _disconnected(request: Request) -> None:
+class EventStream(StreamingResponse):
+    """The SSE response of one request group. The client leaving aborts the group's requests at
+    once, watched from the start rather than noticed at the next write (which for a request still
+    queued or in a long prefill may be far off; Starlette listens for it only under ASGI < 2.4);
+    whatever ends the response (done, an error, the client) finishes the group."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], state: ServerState, group: RequestGroup):
+        super().__init__(chunks, media_type="text/event-stream")
+        self.server_state = state
+        self.group = group
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(lambda w: w.cancelled() or self.server_state.finish(self.group))
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            watcher.cancel()
+            self.server_state.finish(self.group)
+
+
+async def _disconnected(receive: Any) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 

@@ -29,6 +29,8 @@ class ServerConfig:
     stats_log_interval: float = 5.0  # seconds between stats lines while busy; 0: none
     shutdown_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long to finish, then are aborted
     health_check_timeout: float = 20.0  # /health_generate gives up after this many seconds
+    # How the model writes tool calls (OpenAI chat `tools`); default: the format its chat template uses
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp_size", "dp_size"):
@@ -38,6 +40,9 @@ class ServerConfig:
                 raise ValueError(f"{flag} {value} is not supported yet: Plait serves with {flag} 1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in _tool_call_parsers():
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(_tool_call_parsers())},"
+                             f" got {self.tool_call_parser!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
@@ -56,8 +61,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     """All flags: the runtime sections (model, memory, scheduler) and the server section."""
     from plait.runtime.cli_args import add_runtime_args, add_section_args
 
-    add_section_args(parser, "server", ServerConfig, choices={"log_level": LOG_LEVELS})
+    add_section_args(parser, "server", ServerConfig,
+                     choices={"log_level": LOG_LEVELS, "tool_call_parser": _tool_call_parsers()})
     add_runtime_args(parser)
+
+
+def _tool_call_parsers() -> list[str]:
+    from plait.runtime.server.tool_parser import TOOL_CALL_PARSERS
+
+    return list(TOOL_CALL_PARSERS)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], ServerConfig]:

@@ -7,11 +7,12 @@ import dataclasses
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
 
 from plait.runtime.server.app import (
     JSON,
     SSE_DONE,
+    EventStream,
     ServerState,
     check_errors,
     parse,
@@ -41,7 +42,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         states, is_batch = state.prepare(inp)
         group = state.submit(states)
         if inp.stream:
-            return StreamingResponse(_stream(state, group, is_batch), media_type="text/event-stream")
+            return EventStream(_stream(state, group, is_batch), state, group)
         await state.wait(request, group)
         check_errors(states)
         results = [s.result() for s in states]

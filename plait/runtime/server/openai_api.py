@@ -13,11 +13,12 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from plait.runtime.server.app import (
     JSON,
     SSE_DONE,
+    EventStream,
     ServerState,
     check_errors,
     parse,
@@ -27,6 +28,8 @@ from plait.runtime.server.app import (
 )
 from plait.runtime.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from plait.runtime.server.scheduler_client import RequestGroup, SchedulerUnavailable
+from plait.runtime.server.tool_parser import ToolCallStream, merge_tool_deltas
+from plait.runtime.server.tools import ToolPlan, plan_tools
 from plait.runtime.tokenizer_manager import GenerateInput, RequestState
 
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -76,11 +79,9 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request) -> Response:
         req = parse(ChatCompletionRequest, await read_json(request))
         _check_common(state, req)
-        if req.tools and req.tool_choice != "none":
-            raise ApiError(400, "tools (function calling) are not supported yet", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = _chat_prompt(state, req)
+        tools, ids = _chat_prompt(state, req)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is None:  # OpenAI's default: until the context is full
             max_new = max(1, state.ready.context_length - len(ids))
@@ -92,13 +93,22 @@ def register(app: FastAPI, state: ServerState) -> None:
                                param="response_format")
             schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
             params["json_schema"] = schema if schema is not None else {"type": "object"}
+        if tools.json_schema is not None:
+            given = next((k for k in ("json_schema", "regex", "ebnf") if k in params), None)
+            if given is not None:
+                given = "response_format" if fmt is not None and fmt.type != "text" else given
+                raise ApiError(400, f"tool_choice {req.tool_choice!r} constrains the output to tool calls; it cannot"
+                                    f" be combined with {given}", param="tool_choice")
+            params["json_schema"] = tools.json_schema
         inp = GenerateInput(
             input_ids=ids, sampling_params=params, rid=req.rid or uuid.uuid4().hex, return_logprob=req.logprobs,
             top_logprobs_num=req.top_logprobs or 0, stream=req.stream,
         )
         states, _ = state.prepare(inp)
         tokens = _TokenStrings(state.ready.tokenizer)
-        choices = [_Choice(i, s, tokens, chat=True) for i, s in enumerate(states)]
+        choices = [_Choice(i, s, tokens, chat=True,
+                           tools=ToolCallStream(tools.parser, max_calls=tools.max_calls) if tools.parser else None)
+                   for i, s in enumerate(states)]
         return await _respond(state, request, req, states, choices, "chat.completion", "chatcmpl-" + inp.rid)
 
 
@@ -140,7 +150,7 @@ def _completion_prompt(prompt: Any) -> tuple[Any, Any]:
     return None, prompt  # token ids, or a list of token-id lists
 
 
-def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[ToolPlan, list[int]]:
     tokenizer = state.tokenizer
     messages = []
     for i, m in enumerate(req.messages):
@@ -158,16 +168,19 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         if message["role"] == "developer":  # OpenAI's newer name for system; templates know "system"
             message["role"] = "system"
         messages.append(message)
-    if tokenizer.chat_template is None:
+    template = tokenizer.chat_template
+    if template is None:
         raise ApiError(400, "this model has no chat template: start the server with --chat-template,"
                             " or use /v1/completions")
+    tools = plan_tools(req, messages, chat_template=template, parser_name=state.config.tool_call_parser,
+                       grammar_backend=state.runtime_options.get("grammar_backend"))
     try:
         prompt = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=not req.continue_final_message,
+            tools.messages, tools=tools.template_tools, add_generation_prompt=not req.continue_final_message,
             continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
     except Exception as e:  # jinja's TemplateError (raise_exception in templates), bad kwargs
         raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
-    return tokenizer.encode(prompt, add_special_tokens=False)
+    return tools, tokenizer.encode(prompt, add_special_tokens=False)
 
 
 # ---- responses ---------------------------------------------------------------------------------------
@@ -176,7 +189,7 @@ async def _respond(state: ServerState, request: Request, req: Any, states: list[
     group = state.submit(states)
     header = {"id": response_id, "object": kind, "created": int(time.time()), "model": state.model_name}
     if req.stream:
-        return StreamingResponse(_stream(state, req, group, choices, header), media_type="text/event-stream")
+        return EventStream(_stream(state, req, group, choices, header), state, group)
     await state.wait(request, group)
     check_errors(states)
     body = [c.full() for c in choices]
@@ -228,12 +241,13 @@ class _Choice:
     """One generated sequence; hands out what is new since the previous call."""
 
     def __init__(self, index: int, state: RequestState, tokens: "_TokenStrings", *, chat: bool,
-                 echo: str | None = None):
+                 echo: str | None = None, tools: ToolCallStream | None = None):
         self.index = index
         self.state = state
         self.tokens = tokens
         self.chat = chat
         self.echo = echo
+        self.tools = tools  # reads tool calls out of the text (chat with tools)
         self.sent_text = 0
         self.sent_logprobs = 0
         self.started = False  # chat: the role delta; completions: the echoed prompt
@@ -247,7 +261,9 @@ class _Choice:
         logprobs = self._merge_logprobs([p.get("logprobs") for p in pieces])
         out: dict[str, Any] = {"index": self.index}
         if self.chat:
-            out["message"] = {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None}
+            calls = merge_tool_deltas([c for p in pieces for c in p["delta"].get("tool_calls", ())])
+            out["message"] = {"role": "assistant", "content": text if text or not calls else None,
+                              "reasoning_content": None, "tool_calls": calls or None}
         else:
             out["text"] = text
         out.update(logprobs=logprobs, finish_reason=last.get("finish_reason"), matched_stop=last.get("matched_stop"))
@@ -271,7 +287,10 @@ class _Choice:
                     lp = s.logprobs
                     prompt_entries = [(v, t, _at(lp["input_top_logprobs"], j))
                                       for j, (v, t) in enumerate(lp["input_token_logprobs"])]
-        text = prefix + s.text[self.sent_text:]
+        if self.tools is not None:
+            text, calls = self.tools.update(s.text, final=s.finished)
+        else:
+            text, calls = prefix + s.text[self.sent_text:], []
         self.sent_text = len(s.text)
         entries = prompt_entries
         if s.request.return_logprob:
@@ -286,10 +305,16 @@ class _Choice:
             fr = s.meta.get("finish_reason") or {}
             reason = _FINISH_REASONS.get(fr.get("type"), fr.get("type"))
             matched = fr.get("matched") if fr.get("type") == "stop" else None
+            if reason == "stop" and self.tools is not None and self.tools.num_calls:
+                reason = "tool_calls"
         logprobs = self._logprobs(entries) if s.request.return_logprob else None
         if self.chat:
-            if text or entries:
-                pieces.append(self._piece({"content": text}, logprobs))
+            if text or (entries and not calls):
+                pieces.append(self._piece({"content": text} if text or self.tools is None else {}, logprobs))
+                logprobs = None
+            for call in calls:  # one chunk per call, as OpenAI streams them
+                pieces.append(self._piece({"tool_calls": [call]}, logprobs))
+                logprobs = None
             if reason is not None:
                 pieces.append(self._piece({}, None, reason, matched))
         elif text or entries or reason is not None:

@@ -3,7 +3,7 @@
 Models are strict (no "5" for 5, no 1 for true) and forbid unknown fields, so a typo is a 400
 that names it instead of a silently ignored option. Fields that OpenAI defines but that change
 nothing here (`user`, `store`, `metadata`, ...) are accepted; fields whose feature is missing
-(`tools`, `suffix`, images) are accepted by the model and refused with a clear message later.
+(`suffix`, images) are accepted by the model and refused with a clear message later.
 """
 
 from __future__ import annotations
@@ -135,10 +135,40 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string; some clients send the object
+
+
+class MessageToolCall(BaseModel):
+    """A call in an earlier assistant message of the conversation."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_calls, tool_call_id, refusal, ...
+    model_config = ConfigDict(extra="allow", strict=True)  # refusal, audio, ...
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object; none: no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class JsonSchemaFormat(BaseModel):
@@ -160,8 +190,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked in tools.py, with messages that say what is wrong
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     continue_final_message: bool = False

@@ -47,6 +47,7 @@ class RequestGroup:
     def __init__(self, states: list[RequestState]):
         self.states = states
         self.error: str | None = None
+        self.closed = False  # ServerState.finish ran: unfinished requests were aborted
         self._changed: set[int] = set()
         self._event = asyncio.Event()
 
