@@ -98,3 +98,67 @@ def test_cascade_matches_the_padded_path_in_bfloat16(monkeypatch):
     for out in (cascade, padded):
         err = (out.double() - ref).norm() / ref.norm()
         assert err < 1e-2
+
+
+def _extend_reference(q, k_buf, v_buf, slot_rows, prefix_lens, layer):
+    """Each request's new tokens over its prefix and themselves, causally, in float64."""
+    out, start = [], 0
+    group = layer.num_heads // layer.num_kv_heads
+    for slots, prefix_len in zip(slot_rows, prefix_lens):
+        n = len(slots) - prefix_len
+        k = k_buf[slots].double().repeat_interleave(group, dim=1)
+        v = v_buf[slots].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[start : start + n].double(), k) * layer.scaling
+        visible = torch.arange(len(slots))[None, :] <= (torch.arange(n)[:, None] + prefix_len)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out.append(torch.einsum("hql,lhd->qhd", scores.softmax(-1), v))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
+def test_extend_over_a_shared_cached_prefix_equals_reference(seed, num_heads, num_kv_heads):
+    """Requests extending over one cached prefix (some with more cached tokens of their own) attend
+    the shared part in one product; a request without a prefix and a short-prefix pair do not."""
+    from plait.runtime.executor.forward_batch import make_extend_batch
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    head_dim = 16
+    pool = KVPool(num_slots=6000, num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=torch.float32)
+    pool.k_buffers[0].normal_()
+    pool.v_buffers[0].normal_()
+    req_pool = ReqToTokenPool(32, 1024)
+    free = list(range(1, 6001))
+    rng.shuffle(free)
+
+    def take(n):
+        return [free.pop() for _ in range(n)]
+
+    rows, prefix_lens, slot_rows, new_ids = [], [], [], []
+    for shared_len, members in [(rng.randint(70, 200), 3), (rng.randint(70, 200), 2), (0, 1), (20, 2)]:
+        shared = take(shared_len)
+        for _ in range(members):
+            cached = shared + (take(rng.randint(0, 30)) if shared_len else [])
+            new = take(rng.randint(1, 40))
+            row = req_pool.alloc()
+            req_pool.req_to_token[row, : len(cached)] = torch.tensor(cached, dtype=torch.int64)
+            rows.append(row)
+            prefix_lens.append(len(cached))
+            slot_rows.append(cached + new)
+            new_ids.append([0] * len(new))
+    backend = TorchNativeBackend()
+    out_loc = torch.tensor([s for slots, p in zip(slot_rows, prefix_lens) for s in slots[p:]])
+    batch = make_extend_batch(
+        req_pool_indices=rows, prefix_lens=prefix_lens, new_token_ids=new_ids, out_cache_loc=out_loc,
+        req_to_token_pool=req_pool, kv_pool=pool, attn_backend=backend,
+    )
+    layer = RadixAttention(layer_id=0, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           scaling=head_dim**-0.5)
+    q = torch.randn(batch.num_tokens, num_heads, head_dim)
+    backend.init_forward_metadata(batch)
+    assert [len(g.members) for g in batch.attn_metadata.groups] == [3, 2]
+    out = backend.forward_extend(q, layer, batch)
+    ref = _extend_reference(q, pool.k_buffers[0], pool.v_buffers[0], slot_rows, prefix_lens, layer)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-4)

@@ -28,8 +28,19 @@ if TYPE_CHECKING:
 @dataclass
 class _ExtendMetadata:
     q_starts: list[int]  # offset of each request's new tokens in the flat batch
-    kv_indices: list[torch.Tensor]  # per request: [seq_len] slots, prefix then new tokens
-    masks: list[torch.Tensor | None]  # per request: [extend_len, seq_len] bool, None = plain causal
+    # Per request: the slots it attends itself (after its group's shared prefix, if it is in one),
+    # and an additive mask [extend_len, keys] (0 or -inf) in the pool's dtype; None = plain causal.
+    kv_indices: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
+    groups: list[_ExtendGroup]  # requests whose new tokens all attend one shared cached prefix
+    group_of: list[int | None]  # per request: its index in `groups`, or None
+
+
+@dataclass
+class _ExtendGroup:
+    members: list[int]
+    rows: torch.Tensor  # the members' new tokens' rows in the flat batch, members in order
+    prefix_slots: torch.Tensor  # [prefix_len]
 
 
 # A group of decoding requests shares its prefix through the cascade path only when the prefix is
@@ -42,6 +53,7 @@ class _PaddedKV:
     rows: torch.Tensor | None  # positions in the batch these requests take; None = the whole batch in order
     kv_indices: torch.Tensor  # [n, max_len] slots, padded with the dummy slot 0
     mask: torch.Tensor | None  # [n, max_len] bool; None when no padding
+    bias: torch.Tensor | None = None  # the mask as [n, 1, 1, max_len] additive 0 / -inf, for the cascade path
 
 
 @dataclass
@@ -70,21 +82,40 @@ class TorchNativeBackend(AttentionBackend):
         if batch.mode is ForwardMode.DECODE:
             batch.attn_metadata = self._decode_metadata(batch)
             return
-        q_starts, kv_indices, masks = [], [], []
-        q_start = 0
+        batch.attn_metadata = self._extend_metadata(batch, req_to_token)
+
+    def _extend_metadata(self, batch: ForwardBatch, req_to_token: torch.Tensor) -> _ExtendMetadata:
+        device = req_to_token.device
+        seq_lens = batch.seq_lens_cpu
+        shared = []
+        if batch.batch_size > 1 and max(batch.prefix_lens_cpu) >= CASCADE_MIN_PREFIX:
+            kv_rows = req_to_token[batch.req_pool_indices, : max(seq_lens)]
+            shared = self._shared_prefix_groups(kv_rows, seq_lens)
+        starts = [0] * batch.batch_size
+        group_of: list[int | None] = [None] * batch.batch_size
+        q_starts = [0]
+        for n in batch.extend_lens_cpu[:-1]:
+            q_starts.append(q_starts[-1] + n)
+        groups = []
+        for g, (members, prefix_len) in enumerate(shared):
+            rows = [torch.arange(q_starts[i], q_starts[i] + batch.extend_lens_cpu[i]) for i in members]
+            slots = req_to_token[int(batch.req_pool_indices[members[0]]), :prefix_len]
+            groups.append(_ExtendGroup(members, torch.cat(rows).to(device), slots))
+            for i in members:
+                starts[i], group_of[i] = prefix_len, g
+        kv_indices, masks = [], []
         rows = batch.req_pool_indices.tolist()
-        for row, prefix_len, extend_len in zip(rows, batch.prefix_lens_cpu, batch.extend_lens_cpu):
-            seq_len = prefix_len + extend_len
-            q_starts.append(q_start)
-            kv_indices.append(req_to_token[row, :seq_len])
-            if prefix_len == 0:
+        for row, start, prefix_len, seq_len in zip(rows, starts, batch.prefix_lens_cpu, seq_lens):
+            kv_indices.append(req_to_token[row, start:seq_len])
+            if prefix_len == start:
                 masks.append(None)
             else:
-                # The queries sit at the end of the key range: query i sees keys [0, prefix_len + i].
-                q_pos = torch.arange(extend_len, device=req_to_token.device)[:, None] + prefix_len
-                masks.append(torch.arange(seq_len, device=req_to_token.device)[None, :] <= q_pos)
-            q_start += extend_len
-        batch.attn_metadata = _ExtendMetadata(q_starts, kv_indices, masks)
+                # The queries sit at the end of the key range: query i sees keys up to prefix_len + i.
+                q_pos = torch.arange(seq_len - prefix_len, device=device)[:, None] + prefix_len
+                visible = torch.arange(start, seq_len, device=device)[None, :] <= q_pos
+                bias = torch.zeros(visible.shape, dtype=batch.kv_pool.dtype, device=device)
+                masks.append(bias.masked_fill_(~visible, float("-inf")))
+        return _ExtendMetadata(q_starts, kv_indices, masks, groups, group_of)
 
     def _decode_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
         req_to_token = batch.req_to_token_pool.req_to_token
@@ -122,7 +153,7 @@ class TorchNativeBackend(AttentionBackend):
         suffix_lens = batch.seq_lens[rows] - starts
         width = max(seq_lens[i] - p for i, p in zip(members, prefix_lens))
         cols = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp_(max=max_len - 1)
-        suffix = _padded(kv_rows[rows].gather(1, cols), suffix_lens, rows)
+        suffix = _padded(kv_rows[rows].gather(1, cols), suffix_lens, rows, bias_dtype=batch.kv_pool.dtype)
         return _DecodeMetadata(plain, suffix, shared)
 
     @staticmethod
@@ -151,18 +182,33 @@ class TorchNativeBackend(AttentionBackend):
         k_buf = batch.kv_pool.k_buffers[layer.layer_id]
         v_buf = batch.kv_pool.v_buffers[layer.layer_id]
         out = torch.empty_like(q)
-        for q_start, extend_len, kv_idx, mask in zip(
-            meta.q_starts, batch.extend_lens_cpu, meta.kv_indices, meta.masks
+        own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group members: output and lse, float32
+        for i, (q_start, extend_len, kv_idx, mask) in enumerate(
+            zip(meta.q_starts, batch.extend_lens_cpu, meta.kv_indices, meta.masks)
         ):
             q_i = q[q_start : q_start + extend_len].transpose(0, 1).unsqueeze(0)  # [1, num_heads, extend_len, head_dim]
             # index_select: several times faster than advanced indexing on CPU
-            k_i = k_buf.index_select(0, kv_idx).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, num_kv_heads, seq_len, head_dim]
+            k_i = k_buf.index_select(0, kv_idx).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, num_kv_heads, keys, head_dim]
             v_i = v_buf.index_select(0, kv_idx).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            if mask is not None and mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)
+            if meta.group_of[i] is not None:
+                group = layer.num_heads // layer.num_kv_heads
+                if group > 1:
+                    k_i, v_i = k_i.repeat_interleave(group, dim=1), v_i.repeat_interleave(group, dim=1)
+                o_i, lse_i = _attention_with_lse(q_i, k_i, v_i, None, layer.scaling, bias=mask, causal=mask is None)
+                own[i] = (o_i.squeeze(0).transpose(0, 1), lse_i.squeeze(0).transpose(0, 1))
+                continue
             o_i = F.scaled_dot_product_attention(
                 q_i, k_i, v_i, attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
                 enable_gqa=layer.num_heads != layer.num_kv_heads,
             )
             out[q_start : q_start + extend_len] = o_i.squeeze(0).transpose(0, 1)
+        for group in meta.groups:
+            o_p, lse_p = _attend_prefix_rows(q[group.rows], k_buf, v_buf, group.prefix_slots, layer)
+            o_s = torch.cat([own[i][0] for i in group.members])
+            lse_s = torch.cat([own[i][1] for i in group.members])
+            out[group.rows] = _merge(o_p, lse_p, o_s, lse_s).to(q.dtype)
         return out
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", batch: ForwardBatch) -> torch.Tensor:
@@ -177,11 +223,7 @@ class TorchNativeBackend(AttentionBackend):
         q_c = q[meta.suffix.rows]
         o_s, lse_s = _attend_with_lse(q_c, k_buf, v_buf, meta.suffix, layer)
         o_p, lse_p = _attend_shared_prefixes(q_c, k_buf, v_buf, meta.shared, layer)
-        # Merge two softmaxes over disjoint key sets by their log-sum-exps.
-        lse = torch.maximum(lse_p, lse_s)
-        w_p = torch.exp(lse_p - lse).unsqueeze(-1)
-        w_s = torch.exp(lse_s - lse).unsqueeze(-1)
-        out[meta.suffix.rows] = ((o_p * w_p + o_s * w_s) / (w_p + w_s)).to(q.dtype)
+        out[meta.suffix.rows] = _merge(o_p, lse_p, o_s, lse_s).to(q.dtype)
         return out
 
     @staticmethod
@@ -203,13 +245,19 @@ class TorchNativeBackend(AttentionBackend):
         return o.squeeze(2)  # [n, num_heads, head_dim]
 
 
-def _padded(kv_rows: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor | None) -> _PaddedKV:
+def _padded(
+    kv_rows: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor | None, bias_dtype: torch.dtype | None = None
+) -> _PaddedKV:
     """Rows of slots cut at each request's length; the tail is pointed at the dummy slot and masked."""
     width = kv_rows.shape[1]
     valid = torch.arange(width, device=kv_rows.device)[None, :] < seq_lens[:, None]
     if bool(valid.all()):
         return _PaddedKV(rows, kv_rows, None)
-    return _PaddedKV(rows, torch.where(valid, kv_rows, torch.zeros_like(kv_rows)), valid)
+    bias = None
+    if bias_dtype is not None:
+        bias = torch.zeros(valid.shape, dtype=bias_dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+        bias = bias[:, None, None, :]
+    return _PaddedKV(rows, torch.where(valid, kv_rows, torch.zeros_like(kv_rows)), valid, bias)
 
 
 def _attend_with_lse(
@@ -222,8 +270,9 @@ def _attend_with_lse(
     k = k_buf.index_select(0, flat).view(n, width, kv_heads, -1).transpose(1, 2)  # [n, KV, W, D]
     v = v_buf.index_select(0, flat).view(n, width, kv_heads, -1).transpose(1, 2)
     qg = q.view(n, kv_heads, group, -1).to(k.dtype)  # query head h reads KV head h // group
-    mask = None if kv.mask is None else kv.mask[:, None, None, :]
-    out, lse = _attention_with_lse(qg, k, v, mask, layer.scaling)  # [n, KV, G, D], [n, KV, G]
+    mask = None if kv.mask is None or kv.bias is not None else kv.mask[:, None, None, :]
+    bias = None if kv.bias is None else kv.bias.to(k.dtype)
+    out, lse = _attention_with_lse(qg, k, v, mask, layer.scaling, bias=bias)  # [n, KV, G, D], [n, KV, G]
     return out.reshape(n, layer.num_heads, -1), lse.reshape(n, layer.num_heads)
 
 
@@ -248,24 +297,56 @@ def _attend_shared_prefixes(
     return out[shared.members], lse[shared.members]
 
 
+def _merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """One softmax attention from two over disjoint key sets, by their log-sum-exps ([..., H] each)."""
+    lse = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    w_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    return (o_a * w_a + o_b * w_b) / (w_a + w_b)
+
+
+def _attend_prefix_rows(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, layer: "RadixAttention"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [n, H, D] that all see the whole of one prefix: output [n, H, D] and lse [n, H] (float32)."""
+    n, _, head_dim = q.shape
+    kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
+    k = k_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
+    v = v_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+    # The G query heads of one KV head become G times as many rows of one product: [1, KV, n*G, D].
+    qg = q.view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
+    out, lse = _attention_with_lse(qg.to(k.dtype), k, v, None, layer.scaling)
+    out = out.view(kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, layer.num_heads, head_dim)
+    return out, lse.view(kv_heads, n, group).transpose(0, 1).reshape(n, layer.num_heads)
+
+
 def _attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    *,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale * q k^T) v and the log-sum-exp of the scaled scores, both float32.
 
-    q: [..., Lq, D]; k, v: [..., Lk, D]; mask: bool, broadcastable to [..., Lq, Lk], True = attend.
-    On the CPU this is PyTorch's flash-attention kernel, which returns the log-sum-exp; elsewhere
-    the same in plain operations.
+    q: [..., Lq, D]; k, v: [..., Lk, D]; mask: bool, broadcastable to [..., Lq, Lk], True = attend;
+    or `bias`, additive (0 / -inf) in q's dtype; or `causal` (Lq == Lk). On the CPU this is
+    PyTorch's flash-attention kernel, which returns the log-sum-exp; elsewhere plain operations.
     """
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     if q.device.type == "cpu" and _CPU_FLASH is not None and q.dim() == 4:
-        bias = None
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        out, lse = _CPU_FLASH(q, k, v, attn_mask=bias, scale=scale)
+        out, lse = _CPU_FLASH(q, k, v, is_causal=causal, attn_mask=bias, scale=scale)
         return out.float(), lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
+    if causal:
+        lq, lk = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    if bias is not None:
+        scores.add_(bias)
     top = scores.amax(dim=-1, keepdim=True)
     weights = scores.sub_(top).exp_()
     total = weights.sum(dim=-1, keepdim=True)
