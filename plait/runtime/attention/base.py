@@ -19,12 +19,15 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
+    # Whether decode steps may be captured into CUDA graphs through the three hooks below.
+    supports_cuda_graph: bool = False
+
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Build the per-step index tensors and store them in `batch.attn_metadata`."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "RadixAttention", batch: ForwardBatch
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         # returns [num_tokens, num_heads, head_dim]
@@ -34,17 +37,49 @@ class AttentionBackend(ABC):
         return self.forward_extend(q, layer, batch)
 
     @abstractmethod
-    def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", batch: ForwardBatch) -> torch.Tensor:
+    def forward_extend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
         """Causal attention of each request's new tokens over its prefix and themselves (KV already stored)."""
 
     @abstractmethod
-    def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", batch: ForwardBatch) -> torch.Tensor:
+    def forward_decode(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
         """One query token per request over its whole KV (already stored)."""
+
+
+    # CUDA-graph hooks (decode only). Padded rows of a captured batch use req_pool_index 0 (the
+    # padding row of req_to_token, whose entries are the dummy slot 0) and seq_len 1, so they attend
+    # to the dummy slot alone and their outputs are finite garbage the caller drops.
+
+    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+        """Allocate the static decode metadata buffers for up to `max_bs` rows, once, before capture."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> None:
+        """Set `batch.attn_metadata` for capturing a decode batch of `batch.batch_size` rows.
+
+        The metadata must point at the static buffers and depend on no host value but the batch
+        size, so that a replay with other requests and lengths runs the same kernels correctly.
+        Called instead of `init_forward_metadata`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch, bs: int) -> None:
+        """Refill the static buffers in place for `batch` (its `batch_size` <= bs real rows) before
+        replaying the graph captured at size `bs`; rows past the real ones get the padding values.
+        No host sync, no allocation."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
 
 ATTENTION_BACKENDS: dict[str, str] = {
     "torch_native": "plait.runtime.attention.torch_native:TorchNativeBackend",
+    "triton": "plait.runtime.attention.triton_backend:TritonBackend",
 }
+
+
+def default_attention_backend(device: torch.device) -> str:
+    """`triton` on CUDA when Triton is installed (it ships with PyTorch's CUDA wheels), else `torch_native`."""
+    import importlib.util
+
+    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch_native"
 
 
 def create_attention_backend(name: str, **kwargs) -> AttentionBackend:

@@ -7,9 +7,19 @@ Scaling kinds: none/default, `linear`, `llama3` (the frequency-dependent scaling
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+class RotaryInputs(NamedTuple):
+    """What one step's layers need to rotate q and k, computed once per step by `cos_sin`."""
+
+    cos: torch.Tensor | None  # [num_tokens, 1, head_dim / 2] float32; None when the fused kernel reads the table
+    sin: torch.Tensor | None
+    positions: torch.Tensor  # [num_tokens]
+    table: torch.Tensor  # [max_position, head_dim] float32, [cos | sin] halves
 
 
 def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -58,17 +68,34 @@ class RotaryEmbedding(nn.Module):
             self._cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
         return self._cos_sin
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at `positions`, each [num_tokens, 1, head_dim / 2] float32; computed once per step."""
-        cos, sin = self._table(positions.device)[positions].unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+    def cos_sin(self, positions: torch.Tensor) -> RotaryInputs:
+        """cos and sin at `positions`, each [num_tokens, 1, head_dim / 2] float32; computed once per step.
+
+        On CUDA with a power-of-two head size the fused kernel looks positions up in the table
+        itself, so nothing is gathered here.
+        """
+        table = self._table(positions.device)
+        if positions.is_cuda and self.head_dim & (self.head_dim - 1) == 0:
+            return RotaryInputs(None, None, positions, table)
+        cos, sin = table[positions].unsqueeze(1).chunk(2, dim=-1)
+        return RotaryInputs(cos, sin, positions, table)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k rotated at the step's positions. The fused path (CUDA) rotates them in place and returns them."""
     # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-    cos, sin = cos_sin
+    if rotary.cos is None:
+        from plait.runtime.layers.triton_ops import rotary_inplace
+
+        rotary_inplace(q, k, rotary.positions, rotary.table)
+        return q, k
+    return apply_rotary_native(q, k, rotary)
+
+
+def apply_rotary_native(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rotary.cos, rotary.sin
+    if cos is None:
+        cos, sin = rotary.table[rotary.positions].unsqueeze(1).chunk(2, dim=-1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

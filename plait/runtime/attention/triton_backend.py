@@ -1,0 +1,161 @@
+"""The GPU attention backend: Triton kernels that read KV straight from the token pool.
+
+Extend steps run one kernel over all requests (prefix gathered through `req_to_token`, new tokens
+read from this step's K/V); decode steps run the two-stage split-KV kernel. Neither builds a
+`kv_indices` array: the kernels index `req_to_token` rows themselves, so the metadata is a few
+small tensors and decode steps can be captured into CUDA graphs (see the hooks below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from plait.runtime.attention.base import AttentionBackend
+from plait.runtime.attention.triton_ops import (
+    decode_attention,
+    decode_config,
+    extend_attention,
+    smem_bytes,
+)
+from plait.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from plait.runtime.layers.attention import RadixAttention
+
+
+@dataclass
+class _ExtendMetadata:
+    qo_indptr: torch.Tensor  # [batch_size + 1] int32: offset of each request's new tokens
+    prefix_lens: torch.Tensor  # [batch_size] int32
+    max_extend_len: int
+
+
+@dataclass
+class _DecodeMetadata:
+    req_pool_indices: torch.Tensor  # [batch_size] int64
+    seq_lens: torch.Tensor  # [batch_size] int64, read only by the kernels
+    batch_size: int
+    # Split-KV scratch, made by the first layer of the step and reused by the others:
+    # [batch_size, num_heads, max_splits, head_dim] and [batch_size, num_heads, max_splits] float32.
+    partial_out: torch.Tensor | None = field(default=None, repr=False)
+    partial_lse: torch.Tensor | None = field(default=None, repr=False)
+
+
+class TritonBackend(AttentionBackend):
+    supports_cuda_graph = True
+
+    def __init__(self, device: torch.device | str = "cuda", **_: object):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:  # the Triton interpreter (tests on CPU)
+            self.num_sms = 2
+        self.smem_bytes = smem_bytes(self.device)
+        self._graph_req_pool_indices: torch.Tensor | None = None
+        self._graph_seq_lens: torch.Tensor | None = None
+        # The captured metadata per batch size: kept alive with the backend because the graphs
+        # hold the addresses of its scratch buffers.
+        self._graph_metadata: dict[int, _DecodeMetadata] = {}
+
+    # -- per step -------------------------------------------------------------------------------
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if batch.mode is ForwardMode.DECODE:
+            batch.attn_metadata = _DecodeMetadata(batch.req_pool_indices, batch.seq_lens, batch.batch_size)
+            return
+        qo_indptr = [0]
+        for extend_len in batch.extend_lens_cpu:
+            qo_indptr.append(qo_indptr[-1] + extend_len)
+        device = batch.req_pool_indices.device
+        batch.attn_metadata = _ExtendMetadata(
+            qo_indptr=torch.tensor(qo_indptr, dtype=torch.int32).to(device, non_blocking=True),
+            prefix_lens=torch.tensor(batch.prefix_lens_cpu, dtype=torch.int32).to(device, non_blocking=True),
+            max_extend_len=max(batch.extend_lens_cpu),
+        )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+    ) -> torch.Tensor:
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        if batch.mode is ForwardMode.DECODE:
+            return self.forward_decode(q, layer, batch)
+        # The new tokens' K/V are read from the projections (contiguous) rather than gathered back.
+        return self._extend(q, k, v, layer, batch)
+
+    def forward_extend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
+        k_buf = batch.kv_pool.k_buffers[layer.layer_id]
+        v_buf = batch.kv_pool.v_buffers[layer.layer_id]
+        return self._extend(q, k_buf[batch.out_cache_loc], v_buf[batch.out_cache_loc], layer, batch)
+
+    def _extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+    ) -> torch.Tensor:
+        meta: _ExtendMetadata = batch.attn_metadata
+        return extend_attention(
+            q, k, v,
+            batch.kv_pool.k_buffers[layer.layer_id],
+            batch.kv_pool.v_buffers[layer.layer_id],
+            batch.req_to_token_pool.req_to_token,
+            batch.req_pool_indices,
+            meta.prefix_lens,
+            meta.qo_indptr,
+            max_extend_len=meta.max_extend_len,
+            sm_scale=layer.scaling,
+        )
+
+    def forward_decode(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
+        # q: [batch_size, num_heads, head_dim]
+        meta: _DecodeMetadata = batch.attn_metadata
+        k_buf = batch.kv_pool.k_buffers[layer.layer_id]
+        max_splits, block_n = decode_config(
+            meta.batch_size, layer.num_kv_heads, layer.head_dim, k_buf.element_size(), self.num_sms, self.smem_bytes
+        )
+        if meta.partial_out is None or meta.partial_out.shape[1:] != (layer.num_heads, max_splits, layer.head_dim):
+            meta.partial_out = torch.empty(
+                (meta.batch_size, layer.num_heads, max_splits, layer.head_dim), dtype=torch.float32, device=q.device
+            )
+            meta.partial_lse = torch.empty(
+                (meta.batch_size, layer.num_heads, max_splits), dtype=torch.float32, device=q.device
+            )
+        return decode_attention(
+            q,
+            k_buf,
+            batch.kv_pool.v_buffers[layer.layer_id],
+            batch.req_to_token_pool.req_to_token,
+            meta.req_pool_indices,
+            meta.seq_lens,
+            sm_scale=layer.scaling,
+            max_splits=max_splits,
+            block_n=block_n,
+            partial_out=meta.partial_out,
+            partial_lse=meta.partial_lse,
+        )
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+
+    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+        # Filled with the padding values (row 0, length 1), so a warm-up or capture run before any
+        # replay reads only the dummy slot.
+        self._graph_req_pool_indices = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
+        self._graph_seq_lens = torch.ones(max_bs, dtype=torch.int64, device=self.device)
+
+    def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> None:
+        # Launches no device work, so it is safe inside or outside the capture context.
+        assert batch.mode is ForwardMode.DECODE and self._graph_seq_lens is not None, "call init_cuda_graph_state first"
+        bs = batch.batch_size
+        assert bs <= self._graph_seq_lens.shape[0]
+        meta = _DecodeMetadata(self._graph_req_pool_indices[:bs], self._graph_seq_lens[:bs], bs)
+        self._graph_metadata[bs] = batch.attn_metadata = meta
+
+    def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch, bs: int) -> None:
+        assert self._graph_seq_lens is not None, "call init_cuda_graph_state first"
+        raw_bs = batch.batch_size
+        assert raw_bs <= bs <= self._graph_seq_lens.shape[0]
+        self._graph_req_pool_indices[:raw_bs].copy_(batch.req_pool_indices[:raw_bs], non_blocking=True)
+        self._graph_seq_lens[:raw_bs].copy_(batch.seq_lens[:raw_bs], non_blocking=True)
+        if raw_bs < bs:
+            self._graph_req_pool_indices[raw_bs:bs].zero_()
+            self._graph_seq_lens[raw_bs:bs].fill_(1)
