@@ -63,7 +63,7 @@ def test_by_name_and_by_model_path():
     assert get_chat_template("llama-3-instruct").stop_str == ("<|eot_id|>",)
     assert get_chat_template_by_model_path("meta-llama/Meta-Llama-3.1-8B-Instruct").name == "llama-3-instruct"
     assert get_chat_template_by_model_path("Qwen/Qwen2.5-7B-Instruct").name == "qwen"
-    assert get_chat_template_by_model_path("/root/.cache/plait/SmolLM2-135M-Instruct.Q4_1.gguf").name == "smollm2"
+    assert get_chat_template_by_model_path("models/SmolLM2-135M-Instruct.Q4_1.gguf").name == "smollm2"
     assert get_chat_template_by_model_path(None).name == "smollm2"  # Plait's default model
     assert get_chat_template_by_model_path("some/unknown-model").name == "default"
     with pytest.raises(ValueError, match="unknown chat template"):
