@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 
-from plait.bench import datasets, hf_baseline, offline_throughput, one_batch
+from plait.bench import ceilings, datasets, hf_baseline, offline_throughput, one_batch
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -100,6 +100,51 @@ def test_one_batch_writes_json(tiny_config, tmp_path):
         assert ONE_BATCH_FIELDS <= r.keys()
         assert r["engine"] == "plait" and r["dtype"] == "float32" and r["decode_steps"] == 4
         assert r["prefill_latency_s"] > 0 and r["median_decode_latency_s"] > 0
+
+
+def test_ceilings_measure_and_round_trip(tmp_path):
+    out = tmp_path / "ceilings.json"
+    measured = ceilings.main(["--device", "cpu", "--copy-mib", "8", "--matmul-n", "128", "--repeats", "3",
+                              "--output", str(out)])
+    assert measured.copy_bytes_per_s > 0 and measured.matmul_flop_per_s > 0 and measured.device == "cpu"
+    assert ceilings.load(str(out)) == measured
+
+
+def test_one_batch_against_ceilings_and_baseline(tiny_config, tmp_path):
+    """Fractions of made-up ceilings and ratios to a made-up baseline, from the tiny model's shapes."""
+    ceil = tmp_path / "ceilings.json"
+    ceil.write_text(json.dumps(ceilings.Ceilings(copy_bytes_per_s=1e9, matmul_flop_per_s=1e12, device="x",
+                                                 copy_bytes=1, matmul_n=1, matmul_dtype="bfloat16").to_json()))
+    base = tmp_path / "hf.jsonl"
+    base.write_text(json.dumps({"batch_size": 2, "input_len": 16, "output_len": 4, "median_decode_latency_s": 1.0,
+                                "prefill_latency_s": 2.0}) + "\n")
+    out = tmp_path / "one_batch.jsonl"
+    one_batch.main(["--model-path", tiny_config, "--load-format", "dummy", "--dtype", "float32", "--shapes", "2x16x4",
+                    "1x8x3", "--prefill-chunk-tokens", "16", "--warmup", "1", "--ceilings", str(ceil),
+                    "--baseline", str(base), "--result-file", str(out)])
+    first, second = read_lines(out)
+    assert (second["batch_size"], second["input_len"], second["output_len"]) == (1, 8, 3)
+    assert first["vs_hf"]["decode_speedup_vs_hf"] == pytest.approx(1.0 / first["median_decode_latency_s"])
+    assert first["vs_hf"]["prefill_speedup_vs_hf"] == pytest.approx(2.0 / first["prefill_latency_s"])
+    assert second["vs_hf"] is None
+    # The tiny model (tied embeddings, float32): 20480 embedding + 2 x 36992 layer + 64 norm parameters;
+    # a decode step reads all of them once plus 2 requests x (16 + 4/2) tokens x 512 KV bytes.
+    c = first["ceilings"]
+    assert c["decode_bytes_per_step"] == 4 * 94528 + 2 * 18 * 512
+    assert c["decode_floor_s"] == pytest.approx(c["decode_bytes_per_step"] / 1e9)
+    assert c["decode_fraction_of_floor"] == pytest.approx(c["decode_floor_s"] / first["median_decode_latency_s"])
+    # Prefill: 2 x body params x tokens + the LM head at the last token + causal attention (2 L H d n^2).
+    assert c["prefill_flops"] == 2 * (2 * 74048 * 16 + 2 * 320 * 64 + 2 * 2 * 4 * 16 * 16**2)
+    assert c["prefill_fraction_of_matmul"] == pytest.approx(c["prefill_flops"] / first["prefill_latency_s"] / 1e12)
+    assert first["decode_graph_replay_s"] is None and first["cuda_graphs"] is False
+
+
+def test_hf_baseline_dummy_preset_config(tiny_config, tmp_path):
+    out = tmp_path / "hf.jsonl"
+    hf_baseline.main(["--model-path", tiny_config, "--load-format", "dummy", "--dtype", "float32", "--shapes", "1x6x3",
+                      "--warmup", "0", "--result-file", str(out)])
+    (r,) = read_lines(out)
+    assert r["load_format"] == "dummy" and r["device"] == "cpu" and r["decode_steps"] == 2
 
 
 def test_hf_baseline_writes_json(tmp_path):

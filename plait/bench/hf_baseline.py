@@ -5,12 +5,16 @@ one static batch (no padding: all prompts have input_len tokens), greedy, with
 `min_new_tokens = max_new_tokens` so nothing stops early.
 
     python -m plait.bench.hf_baseline --batch-size 1 8 --input-len 512 --output-len 128 --dtype bfloat16
-    python -m plait.bench.hf_baseline --model-path /tmp/cpupeers/smollm2-135m   # an HF folder
+    python -m plait.bench.hf_baseline --model-path path/to/hf-folder
+    python -m plait.bench.hf_baseline --model-path llama-3.1-8b --load-format dummy --device cuda
 
 `--model-path` is an HF folder or a .gguf file (dequantized by transformers' GGUF loader);
-default: the default model's GGUF. Per-step times come from a logits processor, which generate
-calls once per step right after the forward pass: the first call ends the prefill, the gaps
-between calls are the decode steps.
+default: the default model's GGUF. With `--load-format dummy` it is anything plait's dummy loader
+takes (a preset name such as llama-3.1-8b, a config.json): transformers builds the model from that
+config with its own random initialization, on the device. Per-step times come from a logits
+processor, which generate calls once per step right after the forward pass (on a GPU it waits for
+the device first): the first call ends the prefill, the gaps between calls are the decode steps.
+Generation uses transformers' default (dynamic) KV cache and no torch.compile.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class _StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.is_cuda:
+            torch.cuda.synchronize(scores.device)
         self.times.append(time.perf_counter())
         return scores
 
@@ -75,6 +81,21 @@ def load_hf_model(model_path: str | None, dtype: torch.dtype) -> tuple[Any, Any,
     return model.eval(), tokenizer, path
 
 
+def dummy_hf_model(model_path: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name): transformers' model for a dummy-loader config, randomly initialized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from plait.runtime.model_loader import resolve_model
+
+    source = resolve_model(model_path, load_format="dummy")
+    fields = dict(source.config)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = source.tokenizer.hf if source.tokenizer is not None else None
+    return model.eval(), tokenizer, model_path
+
+
 def _has_tokenizer(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
@@ -83,8 +104,10 @@ def _has_tokenizer(folder: str) -> bool:
 def run_generate(model: Any, prompts: list[list[int]], output_len: int, pad_token_id: int) -> BatchTiming:
     from transformers import LogitsProcessorList
 
-    input_ids = torch.tensor(prompts, dtype=torch.int64)  # [batch_size, input_len]
+    input_ids = torch.tensor(prompts, dtype=torch.int64, device=model.device)  # [batch_size, input_len]
     clock = _StepClock()
+    if input_ids.is_cuda:
+        torch.cuda.synchronize(input_ids.device)
     start = time.perf_counter()
     out = model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=output_len,
@@ -105,13 +128,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     add_shape_args(parser)
     parser.add_argument("--model-path", default=None, help="HF folder or .gguf file (default: the default model)")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bfloat16")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                        help="dummy: random weights for the config --model-path names (a preset name, a config.json)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     import transformers
 
     load_start = time.perf_counter()
-    model, tokenizer, path = load_hf_model(args.model_path, _DTYPES[args.dtype])
+    device = torch.device(args.device)
+    if args.load_format == "dummy":
+        model, tokenizer, path = dummy_hf_model(args.model_path, _DTYPES[args.dtype], device)
+    else:
+        model, tokenizer, path = load_hf_model(args.model_path, _DTYPES[args.dtype])
+        model = model.to(device)
     vocab_size = model.config.vocab_size
     print(f"loaded {path} with transformers {transformers.__version__} ({args.dtype}) in "
           f"{time.perf_counter() - load_start:.1f} s; torch threads {torch.get_num_threads()}")
@@ -130,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         timing = run_generate(model, prompts, output_len, pad)
         record = {
             "bench": "one_batch", "engine": "hf", "run_name": args.run_name, "model": path,
-            "load_format": "gguf" if path.endswith(".gguf") else "safetensors", "dtype": args.dtype, "device": "cpu",
+            "load_format": "dummy" if args.load_format == "dummy" else "gguf" if path.endswith(".gguf") else "safetensors",
+            "dtype": args.dtype, "device": str(device),
             "batch_size": batch_size, "input_len": input_len, "output_len": output_len,
             **summarize_timing(timing, batch_size, input_len, output_len),
             "env": env,

@@ -70,6 +70,7 @@ def run_plait(engine: Any, requests: Sequence[BenchRequest]) -> RunResult:
     info = {k: after.get(k) for k in keys}
     info.update({k: after[k] - before.get(k, 0) for k in counters if isinstance(after.get(k), (int, float))})
     info["meta_cached_tokens"] = sum(m.get("cached_tokens", 0) for m in metas)
+    info["memory"] = engine.runner.memory_report._asdict()
     return RunResult(
         duration_s=duration,
         input_tokens=sum(m["prompt_tokens"] for m in metas),
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine = Engine(**options)
         print(f"engine ready in {time.perf_counter() - load_start:.1f} s: {engine.runner.source.path}, "
               f"{engine.runner.dtype}, KV pool {engine.runner.kv_pool.num_slots} tokens", flush=True)
+        print(f"memory: {engine.runner.memory_report}", flush=True)
         tokenizer, vocab_size = engine.tokenizer, engine.runner.vocab_size
     else:
         from plait.runtime.model_loader import resolve_model

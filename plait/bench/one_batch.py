@@ -6,10 +6,19 @@ This is the ceiling the scheduler's overhead is measured against.
 
     python -m plait.bench.one_batch --batch-size 1 8 --input-len 512 --output-len 128
     python -m plait.bench.one_batch --model-path llama-3.2-1b --load-format dummy --batch-size 1
+    python -m plait.bench.one_batch --model-path llama-3.1-8b --load-format dummy \
+        --shapes 1x1024x128 1x4096x8 128x1024x256 --prefill-chunk-tokens 16384 \
+        --ceilings ceilings.json --baseline hf.jsonl
 
 Prints prefill latency and throughput (batch x input_len / latency), the median decode step
 latency and throughput (batch / median), and the total; appends one JSON line per batch size to
 `--result-file`. `--profile-steps N` adds a torch.profiler table of N decode steps.
+
+With `--ceilings` (from `plait.bench.ceilings`) each figure is also held against the hardware:
+the decode step against the time to read what it must read (every weight once, plus the batch's
+KV) at the measured copy bandwidth, the prefill against the measured matrix-product rate. With
+`--baseline` (JSON lines of `plait.bench.hf_baseline` on the same shapes) each figure is also a
+ratio to Hugging Face `transformers`.
 
 The small helpers the other bench programs share (config flags generated from the runtime's
 dataclasses, the environment record, JSON lines) live here too.
@@ -124,13 +133,18 @@ def run_static_batch(
     output_len: int,
     *,
     profile_steps: int = 0,
+    prefill_chunk_tokens: int | None = None,
 ) -> tuple[BatchTiming, Any]:
-    """Prefill `prompts` as one extend batch, then greedy-decode until each has `output_len` tokens.
+    """Prefill `prompts` as one extend batch (or as batches of whole prompts of at most
+    `prefill_chunk_tokens` tokens each), then greedy-decode until each has `output_len` tokens.
 
     Returns the timing and, with `profile_steps`, the torch.profiler of the last that many steps.
     The runner's pools are reset first: this owns the whole runner while it runs.
     """
-    from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
+    from plait.runtime.executor.forward_batch import (
+        make_decode_batch,
+        make_extend_batch,
+    )
 
     runner.allocator.reset()
     runner.req_to_token_pool.reset()
@@ -143,10 +157,12 @@ def run_static_batch(
 
     synchronize(runner.device)
     start = time.perf_counter()
-    slots = runner.allocator.alloc(sum(seq_lens))
-    batch = make_extend_batch(req_pool_indices=rows, prefix_lens=[0] * batch_size, new_token_ids=prompts,
-                              out_cache_loc=slots, **common)
-    next_ids = runner.forward(batch).next_token_logits.argmax(-1).tolist()  # the sync point
+    next_ids = []
+    for group in _prefill_groups(seq_lens, prefill_chunk_tokens):
+        slots = runner.allocator.alloc(sum(seq_lens[i] for i in group))
+        batch = make_extend_batch(req_pool_indices=[rows[i] for i in group], prefix_lens=[0] * len(group),
+                                  new_token_ids=[prompts[i] for i in group], out_cache_loc=slots, **common)
+        next_ids += runner.forward(batch).next_token_logits.argmax(-1).tolist()  # the sync point
     prefill_latency = time.perf_counter() - start
 
     profiler = None
@@ -165,6 +181,21 @@ def run_static_batch(
     if profiler is not None:
         profiler.stop()
     return BatchTiming(prefill_latency, decode_latencies), profiler
+
+
+def _prefill_groups(seq_lens: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Consecutive requests in groups of at most `max_tokens` tokens (a longer prompt alone)."""
+    if not max_tokens:
+        return [list(range(len(seq_lens)))]
+    groups: list[list[int]] = [[]]
+    tokens = 0
+    for i, n in enumerate(seq_lens):
+        if groups[-1] and tokens + n > max_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(i)
+        tokens += n
+    return groups
 
 
 def _start_profiler(device: torch.device) -> Any:
@@ -214,8 +245,11 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[512])
     parser.add_argument("--output-len", type=int, nargs="+", default=[128])
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxIxO",
+                        help="batch x input x output triples, instead of every combination of the three lists")
     parser.add_argument("--warmup", type=int, default=8,
-                        help="decode steps of an unmeasured warm-up run per shape (0: no warm-up)")
+                        help="decode steps of an unmeasured warm-up run per shape, on its first 8 prompts "
+                             "(0: no warm-up)")
     parser.add_argument("--result-file", default=None, help="append one JSON line per shape")
     parser.add_argument("--run-name", default="", help="a label stored with the results")
     parser.add_argument("--num-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -223,7 +257,109 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
 
 
 def shapes(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    if args.shapes:
+        triples = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes]
+        if any(len(t) != 3 or min(t) < 1 for t in triples):
+            raise SystemExit(f"--shapes takes BxIxO triples of positive integers, got {args.shapes}")
+        return triples  # type: ignore[return-value]
     return [(b, i, o) for b in args.batch_size for i in args.input_len for o in args.output_len]
+
+
+# ---- the figures against the hardware ceilings and the baseline ------------------------------------
+class ModelCosts(NamedTuple):
+    """What one step must move and compute, from the model's shapes."""
+
+    weight_read_bytes: int  # a decode step reads every weight once (of the input embedding, one row)
+    body_params: int  # parameters of the matrix products applied to every prefill token
+    logits_params: int  # the LM head, applied to one token per request
+    kv_bytes_per_token: int
+    attn_flops_coeff: int  # attention FLOPs of a causal prefill of n tokens: coeff * n^2
+
+    @classmethod
+    def of(cls, runner: Any) -> ModelCosts:
+        arch, model = runner.arch, runner.model
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        embed = model.model.embed_tokens.weight
+        untied_embed_bytes = 0 if arch.tie_word_embeddings else embed.numel() * embed.element_size()
+        params = sum(p.numel() for p in model.parameters())
+        logits_params = arch.vocab_size * arch.hidden_size
+        body = params - embed.numel() - (0 if arch.tie_word_embeddings else logits_params)
+        return cls(
+            weight_read_bytes=param_bytes - untied_embed_bytes,
+            body_params=body,
+            logits_params=logits_params,
+            kv_bytes_per_token=runner.kv_bytes_per_token,
+            # QK^T and PV: 2 n^2 d multiply-adds per head and layer, halved by the causal mask.
+            attn_flops_coeff=2 * arch.num_layers * arch.num_heads * arch.head_dim,
+        )
+
+    def prefill_flops(self, batch_size: int, input_len: int) -> float:
+        return batch_size * (2 * self.body_params * input_len + 2 * self.logits_params
+                             + self.attn_flops_coeff * input_len**2)
+
+    def decode_bytes(self, batch_size: int, context_len: float) -> float:
+        return self.weight_read_bytes + batch_size * context_len * self.kv_bytes_per_token
+
+
+def against_ceilings(costs: ModelCosts, ceilings: Any, r: dict[str, Any]) -> dict[str, float]:
+    b, i, o = r["batch_size"], r["input_len"], r["output_len"]
+    decode_bytes = costs.decode_bytes(b, i + o / 2)  # the mean context over the decode steps
+    floor_s = decode_bytes / ceilings.copy_bytes_per_s
+    flops = costs.prefill_flops(b, i)
+    achieved = flops / r["prefill_latency_s"]
+    return {
+        "copy_bytes_per_s": ceilings.copy_bytes_per_s, "matmul_flop_per_s": ceilings.matmul_flop_per_s,
+        "decode_bytes_per_step": decode_bytes, "decode_floor_s": floor_s,
+        "decode_fraction_of_floor": floor_s / r["median_decode_latency_s"],
+        "prefill_flops": flops, "prefill_flop_per_s": achieved,
+        "prefill_fraction_of_matmul": achieved / ceilings.matmul_flop_per_s,
+    }
+
+
+def graph_replay_seconds(runner: Any, batch_size: int) -> float | None:
+    """Device time of one decode step alone: the median of back-to-back replays of the batch's graph
+    (None without one). The gap to the measured step is host work: batch building, the sync, argmax.
+
+    The static inputs still hold the last measured step, so each replay rewrites that step's KV
+    slots with the same values."""
+    from plait.bench.ceilings import median_seconds
+
+    graphs = runner.graph_runner
+    if graphs is None or batch_size > graphs.max_bs:
+        return None
+    graph = graphs.graphs[graphs.captured_size(batch_size)]
+    return median_seconds(graph.replay, device=runner.device, repeats=20, warmup=2)
+
+
+def against_baseline(baseline: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, float] | None:
+    key = (r["batch_size"], r["input_len"], r["output_len"])
+    match = [b for b in baseline if (b["batch_size"], b["input_len"], b["output_len"]) == key]
+    if not match:
+        return None
+    hf = match[-1]
+    return {
+        "hf_median_decode_latency_s": hf["median_decode_latency_s"], "hf_prefill_latency_s": hf["prefill_latency_s"],
+        "decode_speedup_vs_hf": hf["median_decode_latency_s"] / r["median_decode_latency_s"],
+        "prefill_speedup_vs_hf": hf["prefill_latency_s"] / r["prefill_latency_s"],
+    }
+
+
+def print_against(r: dict[str, Any]) -> None:
+    c, h = r.get("ceilings"), r.get("vs_hf")
+    if r.get("decode_graph_replay_s"):
+        print(f"  Decode step on the device alone (graph replays): {1000 * r['decode_graph_replay_s']:.3f} ms; "
+              f"host work per step {1000 * (r['median_decode_latency_s'] - r['decode_graph_replay_s']):.3f} ms")
+    if c:
+        print(f"  Decode floor: {1000 * c['decode_floor_s']:.3f} ms ({c['decode_bytes_per_step'] / 1e9:.2f} GB at "
+              f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s); measured {1000 * r['median_decode_latency_s']:.3f} ms "
+              f"= {100 * c['decode_fraction_of_floor']:.1f}% of the floor")
+        print(f"  Prefill: {c['prefill_flop_per_s'] / 1e12:.1f} TFLOP/s of {c['matmul_flop_per_s'] / 1e12:.1f} "
+              f"(matmul ceiling) = {100 * c['prefill_fraction_of_matmul']:.1f}%")
+    if h:
+        print(f"  vs transformers: decode step {h['decode_speedup_vs_hf']:.2f}x faster "
+              f"({1000 * h['hf_median_decode_latency_s']:.2f} ms), prefill {h['prefill_speedup_vs_hf']:.2f}x faster "
+              f"({h['hf_prefill_latency_s']:.4f} s)")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -232,6 +368,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile the last N decode steps of each measured run; print the top ops")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                        help="prefill in extend batches of at most this many tokens (default: one batch)")
+    parser.add_argument("--ceilings", default=None, help="JSON of plait.bench.ceilings: print fractions of it")
+    parser.add_argument("--baseline", default=None,
+                        help="JSON lines of plait.bench.hf_baseline on the same shapes: print ratios to it")
     add_config_args(parser, ModelConfig, choices=model_choices())
     args = parser.parse_args(argv)
     if args.num_threads:
@@ -248,6 +389,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                               max_running_requests=max_batch))
     print(f"loaded {runner.source.path} ({runner.num_params / 1e6:.1f}M parameters, {runner.dtype}, "
           f"{runner.device}) in {time.perf_counter() - load_start:.1f} s; torch threads {torch.get_num_threads()}")
+    print(f"memory: {runner.memory_report}", flush=True)
+    from plait.bench.ceilings import load as load_ceilings
+
+    ceilings = load_ceilings(args.ceilings)
+    baseline = []
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = [json.loads(line) for line in f if line.strip()]
+    costs = ModelCosts.of(runner)
     token_ids = text_token_ids(runner.tokenizer, runner.vocab_size)
     rng = random.Random(args.seed)
     env = environment()
@@ -255,18 +405,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for batch_size, input_len, output_len in all_shapes:
         prompts = [rng.choices(token_ids, k=input_len) for _ in range(batch_size)]
         if args.warmup:
-            run_static_batch(runner, prompts, min(output_len, args.warmup + 1))
+            run_static_batch(runner, prompts[:8], min(output_len, args.warmup + 1),
+                             prefill_chunk_tokens=args.prefill_chunk_tokens)
         timing, profiler = run_static_batch(runner, prompts, output_len,
-                                            profile_steps=min(args.profile_steps, output_len - 1))
+                                            profile_steps=min(args.profile_steps, output_len - 1),
+                                            prefill_chunk_tokens=args.prefill_chunk_tokens)
         record = {
             "bench": "one_batch", "engine": "plait", "run_name": args.run_name,
             "model": str(runner.source.path), "load_format": runner.source.load_format,
             "dtype": str(runner.dtype).replace("torch.", ""), "device": str(runner.device),
             "batch_size": batch_size, "input_len": input_len, "output_len": output_len,
             **summarize_timing(timing, batch_size, input_len, output_len),
+            "cuda_graphs": runner.graph_runner is not None, "torch_compile": runner.model_config.enable_torch_compile,
+            "attention_backend": type(runner.attn_backend).__name__,
+            "prefill_chunk_tokens": args.prefill_chunk_tokens, "memory": runner.memory_report._asdict(),
             "env": env,
         }
+        record["decode_graph_replay_s"] = graph_replay_seconds(runner, batch_size)
+        if ceilings is not None and record["decode_steps"]:
+            record["ceilings"] = against_ceilings(costs, ceilings, record)
+        if baseline:
+            record["vs_hf"] = against_baseline(baseline, record)
         print_result("plait", record)
+        print_against(record)
         if profiler is not None:
             print_profile(profiler, args.profile_steps, args.profile_rows)
         write_result(args.result_file, record)

@@ -20,8 +20,11 @@ class ModelConfig:
     context_length: int | None = None  # default: the model's max_position_embeddings
     chat_template: str | None = None  # a Jinja template or a path to one; default: the tokenizer's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    attention_backend: str | None = None  # default: torch_native on CPU
+    attention_backend: str | None = None  # default: triton on CUDA, torch_native on CPU
     random_seed: int = 0
+    disable_cuda_graph: bool = False  # CUDA: decode steps replay captured graphs unless this is set
+    cuda_graph_max_bs: int = 256  # largest decode batch captured; larger batches run eager
+    enable_torch_compile: bool = False  # torch.compile the norms and MLPs inside the captured decode graphs
 
 
 @dataclass(frozen=True)
@@ -68,3 +71,7 @@ class SchedulerConfig:
     grammar_backend: str = "llguidance"  # llguidance | xgrammar (docs/constrained.md)
     disable_jump_forward: bool = False  # the compressed-FSM ablation: decode forced text token by token
     debug_check_integrity: bool = False  # check the cache invariant after every step (tests)
+    # Overlap scheduling (on by default on CUDA): step i+1 is scheduled and launched before step i's
+    # tokens are read back. The CPU has nothing to overlap; `enable_overlap_schedule` forces it there.
+    disable_overlap_schedule: bool = False
+    enable_overlap_schedule: bool = False

@@ -110,7 +110,7 @@ def make_decode_batch(
     *,
     req_pool_indices: list[int],
     seq_lens: list[int],
-    last_token_ids: list[int],
+    last_token_ids: list[int] | torch.Tensor,
     out_cache_loc: torch.Tensor,
     req_to_token_pool: "ReqToTokenPool",
     kv_pool: "KVPool",
@@ -119,6 +119,8 @@ def make_decode_batch(
     """A decode step: request i runs its last sampled token at position `seq_lens[i] - 1`.
 
     `seq_lens` are the KV lengths *after* this step; `out_cache_loc[i]` is the new token's slot.
+    `last_token_ids` may be a device tensor: tokens the previous step sampled that the host has
+    not read yet (overlap scheduling).
     """
     device = out_cache_loc.device
     rows = torch.tensor(req_pool_indices, dtype=torch.int64).to(device, non_blocking=True)
@@ -127,7 +129,8 @@ def make_decode_batch(
     req_to_token_pool.req_to_token[rows, positions] = out_cache_loc
     batch = ForwardBatch(
         mode=ForwardMode.DECODE,
-        input_ids=torch.tensor(last_token_ids, dtype=torch.int64).to(device, non_blocking=True),
+        input_ids=(last_token_ids if isinstance(last_token_ids, torch.Tensor)
+                   else torch.tensor(last_token_ids, dtype=torch.int64).to(device, non_blocking=True)),
         positions=positions,
         out_cache_loc=out_cache_loc,
         req_pool_indices=rows,

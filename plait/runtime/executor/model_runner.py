@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from plait.runtime.attention.base import create_attention_backend
+from plait.runtime.attention.base import (
+    create_attention_backend,
+    default_attention_backend,
+)
 from plait.runtime.config import MemoryConfig, ModelConfig
-from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.executor.cuda_graph_runner import CudaGraphRunner
+from plait.runtime.executor.forward_batch import ForwardBatch, make_decode_batch
 from plait.runtime.memory.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from plait.runtime.models.registry import get_model_class
 
@@ -28,6 +32,43 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # On CPU without a size given, the KV pool takes this many bytes.
 _CPU_KV_BUDGET_BYTES = 2 << 30
+# Without --max-running-requests: one request row per 16 KV tokens, at most this many.
+_MAX_DEFAULT_RUNNING = 512
+# Held back for CUDA graphs beyond the measured decode activations: the backend's static buffers.
+_GRAPH_RESERVE_SLACK_BYTES = 256 << 20
+
+
+def _default_max_running(num_slots: int) -> int:
+    return max(1, min(num_slots // 16, _MAX_DEFAULT_RUNNING))
+
+
+class MemoryReport(NamedTuple):
+    """Where the model runner's memory went, logged at startup."""
+
+    weights_bytes: int
+    kv_pool_tokens: int
+    kv_pool_bytes: int
+    req_table_bytes: int
+    max_running_requests: int
+    graph_bytes: int  # measured across capture (0: no graphs)
+    graph_reserve_bytes: int  # held back from the KV pool before capture
+    graph_batch_sizes: tuple[int, ...]
+    graph_capture_s: float
+    device_total_bytes: int | None  # CUDA only
+    device_free_bytes: int | None  # after setup
+
+    def __str__(self) -> str:
+        gib = 2**30
+        text = (f"weights {self.weights_bytes / gib:.2f} GiB, KV pool {self.kv_pool_tokens} tokens "
+                f"({self.kv_pool_bytes / gib:.2f} GiB), request table {self.req_table_bytes / gib:.2f} GiB, "
+                f"max running requests {self.max_running_requests}")
+        if self.graph_batch_sizes:
+            text += (f", CUDA graphs {self.graph_bytes / gib:.2f} GiB (held back {self.graph_reserve_bytes / gib:.2f}; "
+                     f"{len(self.graph_batch_sizes)} batch sizes up to {max(self.graph_batch_sizes)}, "
+                     f"captured in {self.graph_capture_s:.1f} s)")
+        if self.device_total_bytes:
+            text += f", {self.device_free_bytes / gib:.1f} of {self.device_total_bytes / gib:.1f} GiB free"
+        return text
 
 
 @dataclass
@@ -99,8 +140,15 @@ class ModelRunner:
                 f"({self.arch.max_position_embeddings})"
             )
 
-        num_slots = self._num_kv_slots(memory_config)
-        max_running = memory_config.max_running_requests or max(1, min(4096, num_slots // 16, 512))
+        backend = model_config.attention_backend or default_attention_backend(self.device)
+        self.attn_backend = create_attention_backend(backend, device=self.device)
+        self.graph_runner: CudaGraphRunner | None = None
+        graph_max_bs = self._cuda_graph_max_bs(model_config, memory_config)
+        # The graphs are captured against the final KV pool, so their memory is measured first (one
+        # eager decode at the largest captured size over a throwaway pool) and held back from it.
+        graph_reserve = self._graph_memory_reserve(graph_max_bs) if graph_max_bs else 0
+        num_slots = self._num_kv_slots(memory_config, reserve_bytes=graph_reserve)
+        max_running = memory_config.max_running_requests or _default_max_running(num_slots)
         self.kv_pool = KVPool(
             num_slots=num_slots,
             num_layers=self.arch.num_layers,
@@ -111,12 +159,15 @@ class ModelRunner:
         )
         self.req_to_token_pool = ReqToTokenPool(max_running, min(self.context_length, num_slots) + 1, self.device)
         self.allocator = SlotAllocator(num_slots, self.device)
-        backend = model_config.attention_backend or "torch_native"
-        self.attn_backend = create_attention_backend(backend, device=self.device)
+        if graph_max_bs:
+            self.graph_runner = CudaGraphRunner(
+                self, max_bs=min(graph_max_bs, max_running), enable_torch_compile=model_config.enable_torch_compile
+            )
+        self.memory_report = self._memory_report(graph_reserve)
         logger.info(
-            "model %s loaded: %s, %.1fM parameters, dtype %s on %s; KV pool %d tokens, %d request rows",
+            "model %s loaded: %s, %.1fM parameters, dtype %s on %s; %s",
             self.source.path, type(self.model).__name__, self.num_params / 1e6, self.dtype, self.device,
-            num_slots, max_running,
+            self.memory_report,
         )
 
     @property
@@ -136,30 +187,101 @@ class ModelRunner:
         logger.info("weights ready in %.1f s", time.perf_counter() - start)
         return model.eval()
 
-    def _num_kv_slots(self, memory_config: MemoryConfig) -> int:
-        per_token = KVPool.bytes_per_token(
-            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim,
-            dtype=self.dtype,
-        )
+    def _num_kv_slots(self, memory_config: MemoryConfig, *, reserve_bytes: int = 0) -> int:
+        """KV tokens that fit. On CUDA, `mem_fraction_static` of the device holds the weights, the KV
+        pool, the request table and the CUDA graphs (`reserve_bytes`); the rest is for activations."""
+        per_token = self.kv_bytes_per_token
         if memory_config.max_total_tokens:
             return memory_config.max_total_tokens
         if self.device.type == "cuda":
             fraction = memory_config.mem_fraction_static or 0.85
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - fraction)
+            rows = (memory_config.max_running_requests or _MAX_DEFAULT_RUNNING) + 1
+            table_bytes = rows * (self.context_length + 1) * 8  # req_to_token at its widest, int64
+            budget = free - total * (1 - fraction) - reserve_bytes - table_bytes
             if budget <= per_token * 16:
                 raise RuntimeError(
                     f"not enough GPU memory for the KV cache at mem_fraction_static={fraction}: "
-                    f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after loading weights"
+                    f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after loading weights, "
+                    f"{reserve_bytes / 2**30:.2f} GiB held for CUDA graphs"
                 )
             return int(budget // per_token)
         return max(256, min(_CPU_KV_BUDGET_BYTES // per_token, 1 << 20))
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return KVPool.bytes_per_token(
+            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim,
+            dtype=self.dtype,
+        )
+
+    # ---- CUDA graphs --------------------------------------------------------------------------------
+    def _cuda_graph_max_bs(self, model_config: ModelConfig, memory_config: MemoryConfig) -> int:
+        """The largest decode batch to capture; 0: no graphs."""
+        if self.device.type != "cuda" or model_config.disable_cuda_graph or model_config.cuda_graph_max_bs < 1:
+            if model_config.enable_torch_compile:
+                logger.warning("--enable-torch-compile applies to the captured CUDA graphs only; ignored here")
+            return 0
+        if not self.attn_backend.supports_cuda_graph:
+            logger.warning("CUDA graphs off: the %s attention backend cannot be captured",
+                           type(self.attn_backend).__name__)
+            return 0
+        return min(model_config.cuda_graph_max_bs, memory_config.max_running_requests or model_config.cuda_graph_max_bs)
+
+    @torch.inference_mode()
+    def _graph_memory_reserve(self, max_bs: int) -> int:
+        """Device memory to hold back for the graphs: the activation peak of one eager decode step at
+        `max_bs` (the shared graph pool holds about that: the graphs are captured largest first and
+        the smaller ones reuse its blocks), with room for the backend's static buffers and rounding."""
+        pool = KVPool(num_slots=1, num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
+                      head_dim=self.arch.head_dim, dtype=self.dtype, device=self.device)
+        table = ReqToTokenPool(1, 2, self.device)
+        batch = make_decode_batch(
+            req_pool_indices=[0] * max_bs, seq_lens=[1] * max_bs, last_token_ids=[0] * max_bs,
+            out_cache_loc=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            req_to_token_pool=table, kv_pool=pool, attn_backend=self.attn_backend,
+        )
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.forward(batch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        return int(peak * 1.2) + _GRAPH_RESERVE_SLACK_BYTES
+
+    def _memory_report(self, graph_reserve: int) -> MemoryReport:
+        total = free = None
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+        stats = self.graph_runner.stats if self.graph_runner is not None else None
+        report = MemoryReport(
+            weights_bytes=sum(t.numel() * t.element_size() for t in self.model.parameters()),
+            kv_pool_tokens=self.kv_pool.num_slots,
+            kv_pool_bytes=self.kv_pool.num_slots * self.kv_bytes_per_token,
+            req_table_bytes=self.req_to_token_pool.req_to_token.numel() * 8,
+            max_running_requests=self.req_to_token_pool.num_rows,
+            graph_bytes=stats.memory_bytes if stats else 0,
+            graph_reserve_bytes=graph_reserve,
+            graph_batch_sizes=tuple(stats.batch_sizes) if stats else (),
+            graph_capture_s=stats.seconds if stats else 0.0,
+            device_total_bytes=total,
+            device_free_bytes=free,
+        )
+        if stats and stats.memory_bytes > graph_reserve:
+            logger.warning("CUDA graphs took %.2f GiB, more than the %.2f GiB held back for them; if prefill runs "
+                           "out of memory, lower --mem-fraction-static", stats.memory_bytes / 2**30,
+                           graph_reserve / 2**30)
+        return report
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return LogitsOutput(self.graph_runner.replay(batch), [None] * batch.batch_size)
         batch.attn_backend.init_forward_metadata(batch)
         hidden = self.model(batch)  # [num_tokens, hidden_size]
-        last_index = torch.tensor(batch.extend_lens_cpu, device=hidden.device).cumsum(0) - 1
+        # Index tensors are built on the host and copied without blocking: a tensor made directly on
+        # the device would wait for the queued work (no overlap scheduling).
+        last_index = (torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1).to(hidden.device, non_blocking=True)
         if not batch.logits_start_lens or all(s is None for s in batch.logits_start_lens):
             return LogitsOutput(self.model.compute_logits(hidden[last_index]), [None] * batch.batch_size)
         # Prompt logprobs: one logits pass over the union of the asked rows plus every last row.
@@ -176,7 +298,7 @@ class ModelRunner:
             offset += extend_len - start
             q_start += extend_len
         logits = self.model.compute_logits(hidden[torch.cat(rows)])
-        ends = torch.tensor([len(r) for r in rows], device=hidden.device).cumsum(0) - 1
+        ends = (torch.tensor([len(r) for r in rows]).cumsum(0) - 1).to(hidden.device, non_blocking=True)
         inputs = [None if span is None else logits[span[0] : span[0] + span[1]] for span in spans]
         return LogitsOutput(logits[ends], inputs)
 

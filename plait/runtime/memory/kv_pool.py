@@ -37,7 +37,7 @@ class SlotAllocator:
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:
             return
-        self._free = torch.cat([self._free, slots.to(self.device, torch.int64)])
+        self._free = torch.cat([self._free, slots.to(self.device, torch.int64, non_blocking=True)])
 
     def reset(self) -> None:
         self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64, device=self.device)

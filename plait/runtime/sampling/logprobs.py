@@ -50,8 +50,8 @@ def ids_logprobs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """logits [n, vocab] -> [n, len(ids)] float32 logprobs of the same token ids in every row."""
     assert logits.dim() == 2
     x = logits.float()
-    index = torch.tensor(ids, dtype=torch.int64, device=x.device)
-    assert len(ids) == 0 or (0 <= int(index.min()) and int(index.max()) < x.shape[1]), "id outside the vocabulary"
+    assert all(0 <= i < x.shape[1] for i in ids), "id outside the vocabulary"
+    index = torch.tensor(ids, dtype=torch.int64).to(x.device, non_blocking=True)  # no wait for queued work
     return x.index_select(1, index) - logsumexp32(x)
 
 

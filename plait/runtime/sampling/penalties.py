@@ -53,14 +53,14 @@ class PenaltyState:
             rows, cols = _flatten({i: output_ids[i] for i in count_rows}, vocab_size)
             counts = torch.zeros(bs, vocab_size, dtype=torch.float32)
             counts.index_put_((rows, cols), torch.ones(rows.shape[0]), accumulate=True)
-            state.output_counts = counts.to(device)
+            state.output_counts = counts.to(device, non_blocking=True)
             state.frequency_penalties = _column([p.frequency_penalty for p in params], device)
             state.presence_penalties = _column([p.presence_penalty for p in params], device)
         if seen_rows:
             rows, cols = _flatten({i: list(prompt_ids[i]) + list(output_ids[i]) for i in seen_rows}, vocab_size)
             seen = torch.zeros(bs, vocab_size, dtype=torch.bool)
             seen[rows, cols] = True
-            state.seen = seen.to(device)
+            state.seen = seen.to(device, non_blocking=True)
             state.repetition_penalties = _column([p.repetition_penalty for p in params], device)
         return state
 
@@ -93,4 +93,4 @@ def _flatten(ids_by_row: dict[int, list[int]], vocab_size: int) -> tuple[torch.T
 
 
 def _column(values: list[float], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True).unsqueeze(1)

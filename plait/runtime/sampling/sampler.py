@@ -107,13 +107,13 @@ class SamplingBatchInfo:
         ]
         return cls(
             vocab_size=vocab_size,
-            temperatures=torch.tensor(
-                [1.0 if g else float(p.temperature) for g, p in zip(greedy, params)], dtype=torch.float32, device=device
+            temperatures=_to_device(
+                [1.0 if g else float(p.temperature) for g, p in zip(greedy, params)], torch.float32, device
             ).unsqueeze(1),
-            top_ps=torch.tensor([float(p.top_p) for p in params], dtype=torch.float32, device=device),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            min_ps=torch.tensor([float(p.min_p) for p in params], dtype=torch.float32, device=device),
-            greedy_rows=torch.tensor(greedy, dtype=torch.bool, device=device),
+            top_ps=_to_device([float(p.top_p) for p in params], torch.float32, device),
+            top_ks=_to_device(top_ks, torch.int64, device),
+            min_ps=_to_device([float(p.min_p) for p in params], torch.float32, device),
+            greedy_rows=_to_device(greedy, torch.bool, device),
             is_all_greedy=not sampled,
             need_top_k=any(top_ks[i] < vocab_size for i in sampled),
             need_top_p=any(params[i].top_p < 1 for i in sampled),
@@ -245,7 +245,13 @@ def _sparse(entries: list[tuple[int, int, float]], vocab_size: int, device: torc
     rows, cols, values = zip(*entries)
     assert all(0 <= c < vocab_size for c in cols), "token id outside the vocabulary"
     return SparseLogits(
-        rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        cols=torch.tensor(cols, dtype=torch.int64, device=device),
-        values=torch.tensor(values, dtype=torch.float32, device=device),
+        rows=_to_device(rows, torch.int64, device),
+        cols=_to_device(cols, torch.int64, device),
+        values=_to_device(values, torch.float32, device),
     )
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor on the device without waiting for work queued there (`torch.tensor(..., device=cuda)`
+    would wait for it, which defeats overlap scheduling)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

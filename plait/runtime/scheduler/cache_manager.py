@@ -2,11 +2,16 @@
 
 Every slot is at any time free, in the cache (evictable or protected by a lock), or privately owned
 by exactly one running request; `check_integrity` verifies that after any step.
+
+The req_to_token rows live on the device; the prefix cache needs their slot ids on the host (when a
+request's KV is inserted). Reading a row back would wait for every step queued on the device, so
+each row has a host mirror: new slots are copied to the host without blocking when they are
+allocated, and read once that copy is done, which never waits for a forward pass launched after it.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -16,11 +21,21 @@ from plait.runtime.memory.kv_pool import ReqToTokenPool, SlotAllocator
 from plait.runtime.scheduler.request import Req
 
 
+class _SlotCopy(NamedTuple):
+    """New slots on their way to the host mirror: `host[offset:offset + n]` goes to `row[start:start + n]`."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    placements: list[tuple[int, int, int, int]]  # (row, start, offset, n)
+
+
 class CacheManager:
     def __init__(self, allocator: SlotAllocator, req_to_token_pool: ReqToTokenPool, *, prefix_cache: str = "radix"):
         self.allocator = allocator
         self.req_to_token_pool = req_to_token_pool
         self.cache: PrefixCache = create_prefix_cache(prefix_cache, allocator)
+        self._host_rows: dict[int, list[int]] = {}  # req_pool_idx -> its slot ids so far
+        self._copies: list[_SlotCopy] = []  # not yet in `_host_rows`
 
     @property
     def available_tokens(self) -> int:
@@ -47,7 +62,8 @@ class CacheManager:
         req.cache_protected_len = req.prefix_len
         req.kv_committed_len = req.prefix_len
         if req.prefix_len:
-            self.req_to_token_pool.write(row, 0, match.slot_ids.to(self.allocator.device))
+            self.req_to_token_pool.write(row, 0, match.slot_ids.to(self.allocator.device, non_blocking=True))
+        self._host_rows[row] = match.slot_ids.tolist()
         del req._match  # type: ignore[attr-defined]
         return True
 
@@ -61,7 +77,7 @@ class CacheManager:
     def unadmit(self, req: Req) -> None:
         """Undo `admit` before anything was computed (admission found too little memory after locking)."""
         self.cache.unlock(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
+        self._free_row(req.req_pool_idx)
         req.reset_kv()
 
     def alloc_slots(self, num_tokens: int) -> torch.Tensor | None:
@@ -72,17 +88,57 @@ class CacheManager:
             slots = self.allocator.alloc(num_tokens)
         return slots
 
+    def alloc_for(self, reqs: list[Req], counts: list[int]) -> torch.Tensor | None:
+        """Slots for `counts[i]` new tokens of each request, which go into its row at
+        `kv_committed_len` (the caller writes the device rows); None if memory is short."""
+        slots = self.alloc_slots(sum(counts))
+        if slots is None:
+            return None
+        placements, offset = [], 0
+        for req, n in zip(reqs, counts):
+            placements.append((req.req_pool_idx, req.kv_committed_len, offset, n))
+            offset += n
+        if slots.device.type == "cuda":
+            host = slots.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._copies.append(_SlotCopy(host, done, placements))
+        else:
+            self._copies.append(_SlotCopy(slots, None, placements))
+        return slots
+
     def row_slots(self, req: Req, length: int) -> torch.Tensor:
-        return self.req_to_token_pool.req_to_token[req.req_pool_idx, :length]
+        """The first `length` slot ids of the request's row, on the host."""
+        self._drain_copies()
+        row = self._host_rows[req.req_pool_idx]
+        assert len(row) >= length
+        return torch.tensor(row[:length], dtype=torch.int64)
+
+    def _drain_copies(self) -> None:
+        for copy in self._copies:
+            if copy.done is not None:
+                copy.done.synchronize()
+            values = copy.host.tolist()
+            for row, start, offset, n in copy.placements:
+                host_row = self._host_rows[row]
+                assert len(host_row) >= start
+                host_row[start : start + n] = values[offset : offset + n]
+        self._copies.clear()
+
+    def _free_row(self, row: int) -> None:
+        self._drain_copies()  # none of them may land in a row handed out again
+        del self._host_rows[row]
+        self.req_to_token_pool.free(row)
 
     def cache_unfinished(self, req: Req) -> None:
         """Share a running request's computed prefix with everyone (after a prefill or chunk)."""
         length = req.kv_committed_len
         result = cache_unfinished(
-            self.cache, self.allocator, req.fill_ids[:length], self.row_slots(req, length).cpu(),
+            self.cache, self.allocator, req.fill_ids[:length], self.row_slots(req, length),
             req.cache_protected_len, req.last_node,
         )
-        self.req_to_token_pool.write(req.req_pool_idx, 0, result.slot_ids.to(self.allocator.device))
+        self.req_to_token_pool.write(req.req_pool_idx, 0, result.slot_ids.to(self.allocator.device, non_blocking=True))
+        self._host_rows[req.req_pool_idx][:length] = result.slot_ids.tolist()
         req.last_node = result.last_node
         req.cache_protected_len = result.cache_protected_len
 
@@ -90,17 +146,25 @@ class CacheManager:
         """A request leaves (finished, aborted or retracted): its KV goes to the cache, its lock and row are released."""
         if req.req_pool_idx is None:
             return
-        length = req.kv_committed_len
+        slots = self.row_slots(req, req.kv_committed_len)
+        # Overlap scheduling: the step after the request's last token may have written KV for a token
+        # that never became part of the request (it ended, or the grammar refused the token before).
+        length = min(req.kv_committed_len, req.seq_len)
         cache_finished(
-            self.cache, self.allocator, req.fill_ids[:length], self.row_slots(req, length).cpu(),
-            req.cache_protected_len, req.last_node,
+            self.cache, self.allocator, req.fill_ids[:length], slots[:length], req.cache_protected_len, req.last_node,
         )
-        self.req_to_token_pool.free(req.req_pool_idx)
+        self.allocator.free(slots[length:])
+        self._free_row(req.req_pool_idx)
         req.reset_kv()
 
     def flush(self) -> None:
         self.cache.reset()
 
     def check_integrity(self, active: Iterable[Req]) -> None:
-        private = sum(r.kv_committed_len - r.cache_protected_len for r in active if r.req_pool_idx is not None)
+        holding = [r for r in active if r.req_pool_idx is not None]
+        private = sum(r.kv_committed_len - r.cache_protected_len for r in holding)
         self.cache.assert_integrity(privately_owned=private)
+        assert sorted(self._host_rows) == sorted(r.req_pool_idx for r in holding), "a row without its request"
+        for req in holding:  # the host mirror agrees with the device rows
+            mirror = self.row_slots(req, req.kv_committed_len)
+            assert torch.equal(mirror, self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_committed_len].cpu())

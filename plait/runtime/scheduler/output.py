@@ -1,14 +1,25 @@
 """After a forward pass: append sampled tokens, record logprobs, detokenize, check stop conditions,
-and package what each request produced into `RequestOutput` messages."""
+and package what each request produced into `RequestOutput` messages.
+
+Logprobs are computed on the device when the step runs (`compute_*`, copies to the host started
+without waiting) and recorded when the step's tokens are read back (`record_*`), which with
+overlap scheduling is one step later.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from plait.runtime.detokenizer import IncrementalDetokenizer
-from plait.runtime.sampling.logprobs import ids_logprobs, token_logprobs, top_logprobs
+from plait.runtime.sampling.logprobs import (
+    TopLogprobs,
+    ids_logprobs,
+    token_logprobs,
+    top_logprobs,
+)
 from plait.runtime.scheduler.io import RequestOutput
 from plait.runtime.scheduler.request import Req
 
@@ -31,52 +42,106 @@ def new_detokenizer(req: Req, tokenizer, *, context_ids: list[int] | None = None
     return detok
 
 
-def record_input_logprobs(req: Req, logits: torch.Tensor, first_pos: int) -> None:
+@dataclass
+class InputLogprobs:
+    """Prompt logprobs of one extend chunk of a request, computed on the device right after the
+    forward pass and copied to the host without waiting; read once the step's copies are done."""
+
+    first_pos: int
+    targets: list[int]  # the prompt tokens scored, from first_pos + 1 on
+    token: torch.Tensor | None  # [n]
+    top: TopLogprobs | None  # [n, top_logprobs_num]
+    ids: torch.Tensor | None  # [n, len(token_ids_logprob)]
+
+
+@dataclass
+class OutputLogprobs:
+    """Top-k and given-id logprobs of the sampled rows that asked, on their way to the host."""
+
+    rows: list[int]  # rows of the sampled batch with return_logprob
+    top: TopLogprobs | None  # [len(rows), max top_logprobs_num]
+    ids: list[torch.Tensor | None]  # per row in `rows`: [1, len(token_ids_logprob)]
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor that does not wait for it: valid after the step's event."""
+    return t.to("cpu", non_blocking=True) if t.device.type != "cpu" else t
+
+
+def compute_input_logprobs(req: Req, logits: torch.Tensor, first_pos: int) -> InputLogprobs:
     """Prompt logprobs from logits at positions [first_pos, first_pos + len(logits)) of the request.
 
     The logits at position p score prompt token p + 1; the very first prompt token has no score.
     """
+    msg = req.msg
+    n = max(0, min(len(logits), len(req.prompt_ids) - 1 - first_pos))
+    targets = req.prompt_ids[first_pos + 1 : first_pos + 1 + n]
+    if n == 0:
+        return InputLogprobs(first_pos, [], None, None, None)
+    logits = logits[:n]
+    token = to_host(token_logprobs(logits, torch.tensor(targets).to(logits.device, non_blocking=True)))
+    top = None
+    if msg.top_logprobs_num:
+        values, ids = top_logprobs(logits, msg.top_logprobs_num)
+        top = TopLogprobs(to_host(values), to_host(ids))
+    ids_values = to_host(ids_logprobs(logits, msg.token_ids_logprob)) if msg.token_ids_logprob else None
+    return InputLogprobs(first_pos, targets, token, top, ids_values)
+
+
+def record_input_logprobs(req: Req, lp: InputLogprobs) -> None:
     msg, pending = req.msg, req.pending
-    prompt_len = len(req.prompt_ids)
-    if msg.logprob_start_len == 0 and first_pos == 0:
+    if msg.logprob_start_len == 0 and lp.first_pos == 0:
         pending.input_token_logprobs.append((None, req.prompt_ids[0]))
         if msg.top_logprobs_num:
             pending.input_top_logprobs.append(None)
         if msg.token_ids_logprob:
             pending.input_token_ids_logprobs.append(None)
-    n = max(0, min(len(logits), prompt_len - 1 - first_pos))
-    if n == 0:
+    if not lp.targets:
         return
-    logits = logits[:n]
-    targets = torch.tensor(req.prompt_ids[first_pos + 1 : first_pos + 1 + n], device=logits.device)
-    lps = token_logprobs(logits, targets).tolist()
-    pending.input_token_logprobs.extend(zip(lps, targets.tolist()))
-    if msg.top_logprobs_num:
-        top = top_logprobs(logits, msg.top_logprobs_num)
-        pending.input_top_logprobs.extend(_pairs(top.values, top.ids))
-    if msg.token_ids_logprob:
-        values = ids_logprobs(logits, msg.token_ids_logprob)
-        ids = torch.tensor(msg.token_ids_logprob).expand(n, -1)
-        pending.input_token_ids_logprobs.extend(_pairs(values, ids))
+    pending.input_token_logprobs.extend(zip(lp.token.tolist(), lp.targets))
+    if lp.top is not None:
+        pending.input_top_logprobs.extend(_pairs(lp.top.values, lp.top.ids))
+    if lp.ids is not None:
+        ids = torch.tensor(msg.token_ids_logprob).expand(len(lp.targets), -1)
+        pending.input_token_ids_logprobs.extend(_pairs(lp.ids, ids))
 
 
-def record_output_logprobs(reqs: list[Req], logits: torch.Tensor, token_ids: list[int], logprobs: list[float]) -> None:
-    """Output logprobs for rows that asked: the sampled token's, top-k and given ids (raw distribution)."""
+def compute_output_logprobs(reqs: list[Req], logits: torch.Tensor) -> OutputLogprobs | None:
+    """Top-k and given-id logprobs (raw distribution) for the rows that asked, or None."""
     want = [i for i, r in enumerate(reqs) if r.msg.return_logprob]
     if not want:
-        return
+        return None
     max_top = max(reqs[i].msg.top_logprobs_num for i in want)
-    top = top_logprobs(logits[want], max_top) if max_top else None
-    for j, i in enumerate(want):
+    top = None
+    if max_top:
+        rows = logits if len(want) == len(reqs) else logits[torch.tensor(want).to(logits.device, non_blocking=True)]
+        values, ids = top_logprobs(rows, max_top)
+        top = TopLogprobs(to_host(values), to_host(ids))
+    ids_values = [
+        to_host(ids_logprobs(logits[i : i + 1], reqs[i].msg.token_ids_logprob)) if reqs[i].msg.token_ids_logprob
+        else None
+        for i in want
+    ]
+    return OutputLogprobs(want, top, ids_values)
+
+
+def record_output_logprobs(
+    reqs: list[Req], lp: OutputLogprobs | None, token_ids: list[int], logprobs: list[float], *, skip: set[int] = frozenset()
+) -> None:
+    """Record the sampled token's logprob and the extras for rows that asked (rows in `skip` left meanwhile)."""
+    if lp is None:
+        return
+    for j, i in enumerate(lp.rows):
+        if i in skip:
+            continue
         req = reqs[i]
         req.pending.output_token_logprobs.append((logprobs[i], token_ids[i]))
         k = req.msg.top_logprobs_num
         if k:
-            req.pending.output_top_logprobs.append(_pairs(top.values[j : j + 1, :k], top.ids[j : j + 1, :k])[0])
-        if req.msg.token_ids_logprob:
-            values = ids_logprobs(logits[i : i + 1], req.msg.token_ids_logprob)
+            req.pending.output_top_logprobs.append(_pairs(lp.top.values[j : j + 1, :k], lp.top.ids[j : j + 1, :k])[0])
+        if lp.ids[j] is not None:
             ids = torch.tensor([req.msg.token_ids_logprob])
-            req.pending.output_token_ids_logprobs.append(_pairs(values, ids)[0])
+            req.pending.output_token_ids_logprobs.append(_pairs(lp.ids[j], ids)[0])
 
 
 def _pairs(values: torch.Tensor, ids: torch.Tensor) -> list[list[tuple[float, int]]]:

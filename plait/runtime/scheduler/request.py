@@ -21,6 +21,9 @@ class Req:
     - `prefix_len`: what the cache gave at admission (reported as `cached_tokens`).
     - `cache_protected_len`: the first slots of the row that belong to the cache (locked through
       `last_node`); the rest are the request's own.
+    - `inflight`: tokens sampled on the device but not yet read back (overlap scheduling: 0 or 1).
+      Such a token is already the input of the next decode step, so then `kv_committed_len` can be
+      `len(fill_ids)` or, until the token is appended, `len(fill_ids) + 1`.
     """
 
     def __init__(self, msg: GenerateRequest, *, eos_token_ids: list[int]):
@@ -40,6 +43,7 @@ class Req:
         self.cache_protected_len = 0
         self.last_node: TreeNode | None = None
         # scheduling
+        self.inflight = 0
         self.times_passed_over = 0  # admission rounds in which others were admitted but not this one
         self.num_retractions = 0
         self.admitted_once = False
@@ -67,7 +71,8 @@ class Req:
 
     @property
     def remaining_new_tokens(self) -> int:
-        return max(0, self.max_new_tokens - len(self.output_ids))
+        """Tokens it may still generate, counting those in flight."""
+        return max(0, self.max_new_tokens - len(self.output_ids) - self.inflight)
 
     def match_limit(self) -> int:
         """How many leading tokens may come from the cache: at least one token must be computed

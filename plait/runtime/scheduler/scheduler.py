@@ -4,6 +4,22 @@ Each step runs either one extend batch (new prompts, or chunks of long ones, adm
 token budget and the free + evictable memory) or one decode step over every running request.
 Requests share KV through the prefix cache: each admitted request locks its matched prefix,
 computes only the rest, and hands its KV to the cache when it finishes.
+
+A step has four phases. `_schedule` picks the batch and allocates its KV, which needs only
+lengths; `_launch` runs the forward pass; `_sample` picks the next tokens, which needs every
+earlier token (grammar masks, penalties, min_new_tokens); `_process` reads the tokens back and
+applies them (stop checks, logprobs, outputs, freeing). Without overlap they run in that order.
+With overlap scheduling (the default on CUDA) the tokens of step i are read back only after step
+i+1 is scheduled and its forward launched, so the host's work on step i runs while the device
+computes step i+1:
+
+    receive -> schedule i+1 -> launch i+1 -> process i -> sample i+1
+
+Step i+1's inputs are step i's tokens, which the host does not have yet: the sampler writes them
+into `last_tokens` (a device buffer by req_to_token row) and the decode batch reads them from
+there. A request that step i ends with a stop token or string is already in step i+1: its extra
+token is dropped and the KV slot it wrote goes to the cache with the rest of its sequence. A
+request that its token in flight ends by length is left out of step i+1.
 """
 
 from __future__ import annotations
@@ -19,15 +35,24 @@ from plait.runtime.config import SchedulerConfig
 from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.sampling.sampler import Sampler, SamplingBatchInfo
+from plait.runtime.scheduler.batch import StepBatch
 from plait.runtime.scheduler.cache_manager import CacheManager
 from plait.runtime.scheduler.constraints import ConstraintTracker
-from plait.runtime.scheduler.io import AbortRequest, FlushCacheRequest, GenerateRequest, RequestOutput
+from plait.runtime.scheduler.io import (
+    AbortRequest,
+    FlushCacheRequest,
+    GenerateRequest,
+    RequestOutput,
+)
 from plait.runtime.scheduler.output import (
     append_token,
+    compute_input_logprobs,
+    compute_output_logprobs,
     new_detokenizer,
     record_input_logprobs,
     record_output_logprobs,
     take_output,
+    to_host,
 )
 from plait.runtime.scheduler.policy import SchedulePolicy
 from plait.runtime.scheduler.prefill import PrefillPlan, plan_prefill
@@ -70,7 +95,14 @@ class Scheduler:
             jump_forward=not config.disable_jump_forward,
             wake=lambda: self.inbox.put(_WAKE),
         )
-        self.stats = {"steps": 0, "extend_steps": 0, "decode_steps": 0, "retractions": 0, "generated_tokens": 0}
+        self.overlap = not config.disable_overlap_schedule and (on_gpu or config.enable_overlap_schedule)
+        self.inflight: StepBatch | None = None  # overlap: launched and sampled, tokens not read back yet
+        # Overlap: each request's last sampled token, on the device, by req_to_token row.
+        self.last_tokens = (
+            torch.zeros(self.max_running + 1, dtype=torch.int64, device=runner.device) if self.overlap else None
+        )
+        self.stats = {"steps": 0, "extend_steps": 0, "decode_steps": 0, "retractions": 0, "generated_tokens": 0,
+                      "overlapped_steps": 0}
 
     # ---- input, from any thread -------------------------------------------------------------
     def submit(self, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
@@ -78,12 +110,12 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self.constraints.pending)
+        return bool(self.waiting or self.running or self.chunked or self.constraints.pending) or self.inflight is not None
 
     # ---- the loop -------------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            if not (self.waiting or self.running or self.chunked):  # idle, or only grammars compiling
+            if not (self.waiting or self.running or self.chunked or self.inflight is not None):  # idle, or grammars compiling
                 try:
                     self.inbox.put(self.inbox.get(timeout=0.05))  # sleep until something arrives
                 except queue.Empty:
@@ -93,11 +125,21 @@ class Scheduler:
     def step(self) -> None:
         self.stats["steps"] += 1
         self._receive()
-        plan = self._schedule_extend()
-        if plan is not None:
-            self._run_extend(plan)
-        elif self.running:
-            self._run_decode()
+        batch = self._schedule()
+        if batch is not None:
+            self._launch(batch)
+        if self.inflight is not None:  # overlap: the previous step's tokens, while this one computes
+            previous, self.inflight = self.inflight, None
+            self._process(previous)
+            if batch is not None:
+                self.stats["overlapped_steps"] += 1
+        if batch is not None:
+            self._sample(batch)
+            # Left in flight only while a next step can follow (else nothing would ever read it).
+            if self.overlap and (self.waiting or self.running or self.chunked):
+                self.inflight = batch
+            else:
+                self._process(batch)
         if self.config.debug_check_integrity:
             self.check_integrity()
 
@@ -154,7 +196,13 @@ class Scheduler:
             return f"input_ids must be in [0, {self.runner.vocab_size})"
         return None
 
-    # ---- scheduling -------------------------------------------------------------------------------
+    # ---- scheduling: needs only lengths ----------------------------------------------------------
+    def _schedule(self) -> StepBatch | None:
+        plan = self._schedule_extend()
+        if plan is not None:
+            return self._extend_batch(plan)
+        return self._decode_batch() if self.running else None
+
     def _schedule_extend(self) -> PrefillPlan | None:
         if not self.waiting and self.chunked is None:
             return None
@@ -179,22 +227,22 @@ class Scheduler:
         return plan
 
     def _future_tokens(self, req: Req) -> int:
-        left = min(req.remaining_new_tokens, self.runner.context_length - req.seq_len)
+        left = min(req.remaining_new_tokens, self.runner.context_length - req.seq_len - req.inflight)
         return int(left * self.new_token_ratio)
 
-    # ---- extend -----------------------------------------------------------------------------------
-    def _run_extend(self, plan: PrefillPlan) -> None:
+    def _extend_batch(self, plan: PrefillPlan) -> StepBatch:
         reqs, take_lens = plan.reqs, plan.take_lens
-        slots = self.cache.alloc_slots(sum(take_lens))
+        slots = self.cache.alloc_for(reqs, take_lens)
         assert slots is not None, "admission guaranteed these slots"
         chunks, logits_starts, first_positions = [], [], []
         for req, take in zip(reqs, take_lens):
+            assert req.inflight == 0, "a request is admitted only once its tokens are all known"
             start = req.kv_committed_len
             chunks.append(req.fill_ids[start : start + take])
             first = self._input_logprob_start(req, start, take)
             first_positions.append(first)
             logits_starts.append(None if first is None else first - start)
-        batch = make_extend_batch(
+        forward = make_extend_batch(
             req_pool_indices=[r.req_pool_idx for r in reqs],
             prefix_lens=[r.kv_committed_len for r in reqs],
             new_token_ids=chunks,
@@ -204,30 +252,7 @@ class Scheduler:
             attn_backend=self.runner.attn_backend,
             logits_start_lens=logits_starts,
         )
-        out = self.runner.forward(batch)
-        self.stats["extend_steps"] += 1
-        done_rows: list[int] = []
-        for i, (req, take) in enumerate(zip(reqs, take_lens)):
-            req.kv_committed_len += take
-            if first_positions[i] is not None:
-                record_input_logprobs(req, out.input_token_logits[i], first_positions[i])
-            if req.kv_committed_len < req.seq_len:
-                self.chunked = req  # continues next step, ahead of the queue
-                self.cache.cache_unfinished(req)
-                continue
-            req.input_logprobs_done = True
-            if req.max_new_tokens == 0:
-                req.finish_reason = {"type": "length", "length": 0}
-            else:
-                done_rows.append(i)
-        self._sample_and_process([reqs[i] for i in done_rows], out.next_token_logits[done_rows] if done_rows else None)
-        for req in reqs:
-            if req.finished:
-                continue
-            if req is not self.chunked:
-                self.cache.cache_unfinished(req)
-                self.running.append(req)
-        self._finish_and_emit(reqs)
+        return StepBatch(forward, reqs, take_lens, first_positions)
 
     def _input_logprob_start(self, req: Req, start: int, take: int) -> int | None:
         """First position of this chunk whose logits prompt logprobs need, or None."""
@@ -243,43 +268,43 @@ class Scheduler:
             return lo
         return None
 
-    # ---- decode -----------------------------------------------------------------------------------
-    def _run_decode(self) -> None:
-        slots = self.cache.alloc_slots(len(self.running))
-        while slots is None:
-            self._retract_one()
-            if not self.running:
-                return
-            slots = self.cache.alloc_slots(len(self.running))
-        reqs = self.running
-        batch = make_decode_batch(
-            req_pool_indices=[r.req_pool_idx for r in reqs],
+    def _decode_batch(self) -> StepBatch | None:
+        reqs = self._decodable()
+        slots = self.cache.alloc_for(reqs, [1] * len(reqs)) if reqs else None
+        while reqs and slots is None:
+            self._retract_one(reqs)
+            reqs = self._decodable()
+            slots = self.cache.alloc_for(reqs, [1] * len(reqs)) if reqs else None
+        if not reqs:
+            return None
+        rows = [r.req_pool_idx for r in reqs]
+        if self.last_tokens is not None:  # overlap: the previous step's tokens, still on the device
+            last_token_ids = self.last_tokens[_device_ids(rows, self.runner.device)]
+        else:
+            last_token_ids = [r.output_ids[-1] for r in reqs]
+        forward = make_decode_batch(
+            req_pool_indices=rows,
             seq_lens=[r.kv_committed_len + 1 for r in reqs],
-            last_token_ids=[r.output_ids[-1] for r in reqs],
+            last_token_ids=last_token_ids,
             out_cache_loc=slots,
             req_to_token_pool=self.runner.req_to_token_pool,
             kv_pool=self.runner.kv_pool,
             attn_backend=self.runner.attn_backend,
         )
-        out = self.runner.forward(batch)
-        self.stats["decode_steps"] += 1
-        for req in reqs:
-            req.kv_committed_len += 1
-        self._sample_and_process(reqs, out.next_token_logits)
-        self.running = [r for r in reqs if not r.finished and not self._jump_forward(r)]
-        self._finish_and_emit(reqs)
-        self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
+        return StepBatch(forward, reqs, [1] * len(reqs), [None] * len(reqs))
 
-    def _jump_forward(self, req: Req) -> bool:
-        """Compressed FSM: a forced continuation is appended at once and computed as one extend."""
-        if not self.constraints.try_jump(req, release_kv=self.cache.release):
-            return False
-        self.waiting.insert(0, req)
-        return True
+    def _decodable(self) -> list[Req]:
+        """Running requests that need another decode step: not those whose token in flight is
+        their last by length (overlap)."""
+        return [
+            r for r in self.running
+            if not (r.inflight and (r.remaining_new_tokens == 0 or r.seq_len + r.inflight >= self.runner.context_length))
+        ]
 
-    def _retract_one(self) -> None:
-        """Memory ran out: send the least advanced request back to the queue (its KV goes to the cache)."""
-        victim = min(self.running, key=lambda r: (len(r.output_ids), -r.arrival_time.__float__()))
+    def _retract_one(self, candidates: list[Req]) -> None:
+        """Memory ran out: send the least advanced request back to the queue (its KV goes to the cache).
+        A token it has in flight is appended when read back; it is admitted again only after that."""
+        victim = min(candidates, key=lambda r: (len(r.output_ids) + r.inflight, -r.arrival_time))
         self.running.remove(victim)
         self.cache.release(victim)
         victim.num_retractions += 1
@@ -288,36 +313,118 @@ class Scheduler:
         self.new_token_ratio = self.config.init_new_token_ratio
         logger.debug("retracted %s", victim)
 
-    # ---- sampling and outputs -------------------------------------------------------------------
-    def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor | None) -> None:
-        if not reqs:
+    # ---- launch, sample, process ----------------------------------------------------------------
+    def _launch(self, batch: StepBatch) -> None:
+        """Run the forward pass (queued on the device on CUDA) and advance the KV bookkeeping."""
+        batch.logits = self.runner.forward(batch.forward)
+        if batch.is_decode:
+            self.stats["decode_steps"] += 1
+            for req in batch.reqs:
+                req.kv_committed_len += 1
+            batch.sample_rows = list(range(len(batch.reqs)))
             return
-        info = SamplingBatchInfo.build(
-            [r.params for r in reqs],
-            vocab_size=self.runner.vocab_size,
-            device=logits.device,
-            output_ids=[r.output_ids for r in reqs],
-            prompt_ids=[r.prompt_ids for r in reqs],
-            stop_token_ids_for_min=[
-                # A grammar's mask may allow only a stop token; min_new_tokens must not forbid it.
-                [] if getattr(r, "matcher", None) is not None
-                else ([] if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids
-                for r in reqs
-            ],
-        )
-        sampled = self.sampler(logits, info, vocab_mask=self.constraints.mask(reqs, logits.device))
-        token_ids = sampled.next_token_ids.tolist()
-        logprobs = sampled.logprobs.tolist()
-        record_output_logprobs(reqs, logits, token_ids, logprobs)
-        for req, token_id in zip(reqs, token_ids):
-            error = self.constraints.accept(req, token_id)
-            if error:
-                req.finish_reason = {"type": "abort", "message": error, "status_code": 500}
+        self.stats["extend_steps"] += 1
+        batch.input_logprobs = [None] * len(batch.reqs)
+        for i, (req, take) in enumerate(zip(batch.reqs, batch.take_lens)):
+            req.kv_committed_len += take
+            first = batch.first_positions[i]
+            if first is not None:
+                batch.input_logprobs[i] = compute_input_logprobs(req, batch.logits.input_token_logits[i], first)
+            # Shareable from now on: any later step that reads this KV runs after this one wrote it.
+            self.cache.cache_unfinished(req)
+            if req.kv_committed_len < req.seq_len:
+                self.chunked = req  # continues next step, ahead of the queue
                 continue
-            append_token(req, token_id, context_length=self.runner.context_length)
-            if not req.finished and self.constraints.terminated(req):
-                req.finish_reason = {"type": "stop", "matched": token_id}
-        self.stats["generated_tokens"] += len(reqs)
+            req.input_logprobs_done = True
+            if req.max_new_tokens == 0:
+                batch.prefill_only.append(i)
+                continue
+            batch.sample_rows.append(i)
+            self.running.append(req)
+
+    def _sample(self, batch: StepBatch) -> None:
+        """Pick the next tokens on the device and start their copies to the host. With overlap this
+        runs after the previous step is processed, so masks and penalties see every earlier token."""
+        # Rows whose request ended or left (jump-forward) while the previous step was processed sample nothing.
+        batch.sampled_rows = [
+            i for i in batch.sample_rows if not batch.reqs[i].finished and batch.reqs[i].req_pool_idx is not None
+        ]
+        reqs = [batch.reqs[i] for i in batch.sampled_rows]
+        if reqs:
+            logits = batch.logits.next_token_logits
+            if len(reqs) < logits.shape[0]:
+                logits = logits[_device_ids(batch.sampled_rows, logits.device)]
+            info = SamplingBatchInfo.build(
+                [r.params for r in reqs],
+                vocab_size=self.runner.vocab_size,
+                device=logits.device,
+                output_ids=[r.output_ids for r in reqs],
+                prompt_ids=[r.prompt_ids for r in reqs],
+                stop_token_ids_for_min=[
+                    # A grammar's mask may allow only a stop token; min_new_tokens must not forbid it.
+                    [] if getattr(r, "matcher", None) is not None
+                    else ([] if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids
+                    for r in reqs
+                ],
+            )
+            sampled = self.sampler(logits, info, vocab_mask=self.constraints.mask(reqs, logits.device))
+            if self.last_tokens is not None:
+                self.last_tokens[_device_ids([r.req_pool_idx for r in reqs], logits.device)] = sampled.next_token_ids
+            batch.next_token_ids = to_host(sampled.next_token_ids)
+            batch.next_logprobs = to_host(sampled.logprobs)
+            batch.output_logprobs = compute_output_logprobs(reqs, logits)
+            for req in reqs:
+                req.inflight += 1
+        batch.logits = None
+        batch.mark_copies_started(self.runner.device)
+
+    def _process(self, batch: StepBatch) -> None:
+        """Read the step's tokens back and apply them: logprobs, stop checks, jump-forward, outputs."""
+        batch.wait()
+        reqs = batch.reqs
+        ended_before = {id(r) for r in reqs if r.finished}  # aborted while the step was in flight
+        for req, lp in zip(reqs, batch.input_logprobs):
+            if lp is not None and not req.finished:
+                record_input_logprobs(req, lp)
+        for i in batch.prefill_only:
+            if not reqs[i].finished:
+                reqs[i].finish_reason = {"type": "length", "length": 0}
+        sampled = [reqs[i] for i in batch.sampled_rows]
+        if sampled:
+            token_ids = batch.next_token_ids.tolist()
+            logprobs = batch.next_logprobs.tolist()
+            aborted = {j for j, r in enumerate(sampled) if r.finished}
+            record_output_logprobs(sampled, batch.output_logprobs, token_ids, logprobs, skip=aborted)
+            for j, (req, token_id) in enumerate(zip(sampled, token_ids)):
+                req.inflight -= 1
+                if j in aborted:
+                    continue
+                error = self.constraints.accept(req, token_id)
+                if error:
+                    req.finish_reason = {"type": "abort", "message": error, "status_code": 500}
+                    continue
+                append_token(req, token_id, context_length=self.runner.context_length)
+                if not req.finished and self.constraints.terminated(req):
+                    req.finish_reason = {"type": "stop", "matched": token_id}
+            self.stats["generated_tokens"] += len(sampled) - len(aborted)
+        jumped: set[int] = set()
+        if batch.is_decode:
+            jumped = {id(r) for r in sampled if not r.finished and self._jump_forward(r)}
+            self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
+        self.running = [r for r in self.running if not r.finished and id(r) not in jumped]
+        # A request retracted while its token was in flight may have ended on that token.
+        if any(r.finished and r.req_pool_idx is None and id(r) not in ended_before for r in sampled):
+            self.waiting = [r for r in self.waiting if not r.finished]
+        self._finish_and_emit([r for r in reqs if id(r) not in ended_before])
+
+    def _jump_forward(self, req: Req) -> bool:
+        """Compressed FSM: a forced continuation is appended at once and computed as one extend."""
+        retracted = req.req_pool_idx is None  # already back in the queue
+        if not self.constraints.try_jump(req, release_kv=self.cache.release):
+            return False
+        if not retracted:
+            self.waiting.insert(0, req)
+        return True
 
     def _finish_and_emit(self, reqs: list[Req]) -> None:
         outputs = []
@@ -350,10 +457,19 @@ class Scheduler:
         self.on_output([take_output(r) for r in victims])
 
     def active_requests(self) -> list[Req]:
-        return self.running + ([self.chunked] if self.chunked else []) + self.waiting
+        reqs = self.running + ([self.chunked] if self.chunked else []) + self.waiting
+        if self.inflight is not None:  # some of its requests are in no list until it is processed
+            listed = {id(r) for r in reqs}
+            reqs += [r for r in self.inflight.reqs if id(r) not in listed]
+        return reqs
 
     def check_integrity(self) -> None:
         self.cache.check_integrity(self.active_requests())
+
+
+def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on the device without waiting for the device (`torch.tensor(..., device=)` would)."""
+    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
 
 
 _WAKE = object()  # put into the inbox to wake a sleeping loop (a grammar finished compiling)
