@@ -108,7 +108,9 @@ class Runtime:
         process = getattr(self, "process", None)
         if process is not None and process.poll() is None:
             try:
-                os.killpg(process.pid, signal.SIGTERM)
+                # The server alone: its graceful shutdown stops its scheduler process. Signalling the
+                # whole group would kill the scheduler under it, which the server reports as a crash.
+                process.send_signal(signal.SIGTERM)
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
