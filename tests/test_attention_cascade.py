@@ -27,21 +27,27 @@ def _reference(q, k_buf, v_buf, rows, seq_lens, layer):
     return torch.stack(out)
 
 
-def _build(seed: int, dtype: torch.dtype, num_heads: int, num_kv_heads: int):
-    """A decode batch of several prefix groups (different prefix lengths), singletons and a pair that
-    shares only a short prefix; requests of a group have suffixes of different lengths."""
+def _random_pools(seed: int, dtype: torch.dtype, num_kv_heads: int, head_dim: int):
+    """A one-layer KV pool of random K/V, a req_to_token table, and `take(n)`: n distinct random slots."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    head_dim = 16
     pool = KVPool(num_slots=6000, num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
     pool.k_buffers[0].normal_()
     pool.v_buffers[0].normal_()
-    req_pool = ReqToTokenPool(32, 1024)
     free = list(range(1, 6001))
     rng.shuffle(free)
 
     def take(n):
         return [free.pop() for _ in range(n)]
+
+    return rng, pool, ReqToTokenPool(32, 1024), take
+
+
+def _build(seed: int, dtype: torch.dtype, num_heads: int, num_kv_heads: int):
+    """A decode batch of several prefix groups (different prefix lengths), singletons and a pair that
+    shares only a short prefix; requests of a group have suffixes of different lengths."""
+    head_dim = 16
+    rng, pool, req_pool, take = _random_pools(seed, dtype, num_kv_heads, head_dim)
 
     rows, seq_lens, slot_rows = [], [], []
     plan = [(rng.randint(70, 300), rng.randint(2, 6)) for _ in range(3)]  # (prefix length, members)
@@ -123,18 +129,8 @@ def test_extend_over_a_shared_cached_prefix_equals_reference(seed, num_heads, nu
     the shared part in one product; a request without a prefix and a short-prefix pair do not."""
     from plait.runtime.executor.forward_batch import make_extend_batch
 
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
     head_dim = 16
-    pool = KVPool(num_slots=6000, num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=torch.float32)
-    pool.k_buffers[0].normal_()
-    pool.v_buffers[0].normal_()
-    req_pool = ReqToTokenPool(32, 1024)
-    free = list(range(1, 6001))
-    rng.shuffle(free)
-
-    def take(n):
-        return [free.pop() for _ in range(n)]
+    rng, pool, req_pool, take = _random_pools(seed, torch.float32, num_kv_heads, head_dim)
 
     rows, prefix_lens, slot_rows, new_ids = [], [], [], []
     for shared_len, members in [(rng.randint(70, 200), 3), (rng.randint(70, 200), 2), (0, 1), (20, 2)]:

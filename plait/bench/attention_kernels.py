@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from plait.bench.ceilings import median_seconds
+
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
 
@@ -48,21 +50,6 @@ def _bench_graph(fn: Callable[[], Any], repeats: int = 50) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
-def _bench_eager(fn: Callable[[], Any], repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
@@ -266,7 +253,7 @@ def bench_prefill_model(preset: str, ceil_matmul: float, num_tokens: int = 4096)
             hidden = model(batch)
             return model.compute_logits(hidden[-1:])
 
-        seconds = _bench_eager(prefill, repeats=10)
+        seconds = median_seconds(prefill, device=torch.device("cuda"), repeats=10, warmup=3)
         rec = {"kind": "prefill_model", "model": preset, "backend": backend_name, "tokens": num_tokens, "seconds": seconds,
                    "tokens_per_s": num_tokens / seconds, "tflop_s": flops / seconds / 1e12,
                    "fraction_of_matmul": flops / seconds / ceil_matmul}
