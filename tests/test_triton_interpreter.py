@@ -102,6 +102,12 @@ def test_kernels_write_every_output_element():
                           b.req_pool_indices, b.seq_lens, sm_scale=case.layer.scaling, max_splits=4, out=out,
                           block_n=32)  # 130 tokens: three splits of 64 used, the fourth empty
     assert rel_error(out, reference(case)) < 1e-5
+    # One split: stage 1 writes the output itself (no merge stage).
+    out = torch.full_like(case.q, float("nan"))
+    _ops.decode_attention(case.q, b.kv_pool.k_buffers[0], b.kv_pool.v_buffers[0], b.req_to_token_pool.req_to_token,
+                          b.req_pool_indices, b.seq_lens, sm_scale=case.layer.scaling, max_splits=1, out=out,
+                          block_n=32)
+    assert rel_error(out, reference(case)) < 1e-5
 
 
 def test_graph_hooks_refill_static_metadata():
@@ -159,5 +165,13 @@ def test_fused_layer_ops_match_torch(dtype):
     q, k = qkv[:, : 4 * 32].view(7, 4, 32), qkv[:, 4 * 32 : 6 * 32].view(7, 2, 32)
     inputs = rotary.cos_sin(positions)
     ref_q, ref_k = apply_rotary_native(q, k, inputs)
-    _layer_ops.rotary_inplace(q, k, positions, inputs.table)
+    v = qkv[:, 6 * 32 :].view(7, 2, 32)
+    k_cache, v_cache = torch.zeros(10, 2, 32, dtype=dtype), torch.zeros(10, 2, 32, dtype=dtype)
+    loc = torch.tensor([9, 2, 5, 1, 7, 3, 8])
+    _layer_ops.rotary_inplace(q, k, positions, inputs.table, v=v, k_cache=k_cache, v_cache=v_cache, cache_loc=loc)
     assert rel_error(q, ref_q.double()) < tol and rel_error(k, ref_k.double()) < tol
+    # The fused KV store: the rotated k and the v at their slots, nothing anywhere else.
+    assert torch.equal(k_cache[loc], k) and torch.equal(v_cache[loc], v)
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[loc] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()

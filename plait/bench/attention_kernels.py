@@ -112,7 +112,7 @@ def _decode_case(bs: int, ctx: int, ceil_copy: float, num_sms: int, *, sweep: bo
         for splits in sorted({max(1, default_splits // 2), min(32, default_splits * 2)} - {default_splits}):
             configs.append({"max_splits": splits, "block_n": block_n, "num_warps": 4, "num_stages": 2})
         configs += [{"max_splits": default_splits, "block_n": bn, "num_warps": w, "num_stages": s}
-                    for bn, w, s in ((64, 4, 2), (128, 4, 2), (64, 4, 3), (128, 8, 3)) if bn != block_n or (w, s) != (4, 2)]
+                    for bn, w, s in ((64, 4, 2), (128, 4, 2), (64, 4, 3), (64, 8, 2), (64, 4, 4), (32, 4, 3), (128, 8, 3)) if bn != block_n or (w, s) != (4, 2)]
     results = []
     for cfg in configs:
         partial_out = torch.empty((bs, NUM_HEADS, cfg["max_splits"], HEAD_DIM), device="cuda", dtype=torch.float32)

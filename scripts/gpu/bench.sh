@@ -61,9 +61,17 @@ for model in $MODELS; do
   [ "$model" = "$BIG" ] || [ "${QUICK:-0}" = 1 ] && shapes="$SHAPES $SWEEP"
   step "hf_$model" 300 $PY -m plait.bench.hf_baseline --model-path "$model" --load-format dummy --device cuda \
     --dtype bfloat16 --shapes $SHAPES --warmup 16 --result-file "$OUT/hf_$model.jsonl"
+  # The batch-1 shapes also time the synchronous loop (--decode-loop both); the sweep runs overlapped
+  # only, as the server does.
   step "one_batch_$model" 400 $PY -m plait.bench.one_batch --model-path "$model" --load-format dummy \
-    --dtype bfloat16 --context-length 8192 --shapes $shapes --prefill-chunk-tokens 16384 --warmup 4 \
-    --ceilings "$OUT/ceilings.json" --baseline "$OUT/hf_$model.jsonl" --result-file "$OUT/one_batch_$model.jsonl"
+    --dtype bfloat16 --context-length 8192 --shapes $SHAPES --prefill-chunk-tokens 16384 --warmup 4 \
+    --decode-loop both --ceilings "$OUT/ceilings.json" --baseline "$OUT/hf_$model.jsonl" \
+    --result-file "$OUT/one_batch_$model.jsonl"
+  if [ "$shapes" != "$SHAPES" ]; then
+    step "one_batch_sweep_$model" 400 $PY -m plait.bench.one_batch --model-path "$model" --load-format dummy \
+      --dtype bfloat16 --context-length 8192 --shapes $SWEEP --prefill-chunk-tokens 16384 --warmup 4 \
+      --ceilings "$OUT/ceilings.json" --result-file "$OUT/one_batch_sweep_$model.jsonl"
+  fi
 done
 
 # Decode at batch 1 of the big model without CUDA graphs, and with torch.compile inside them.

@@ -51,6 +51,11 @@ def main(out: str) -> None:
                              num(hf.get("hf_median_decode_latency_s") and 1000 * hf["hf_median_decode_latency_s"],
                                  "{:.3f}"),
                              num(hf.get("decode_speedup_vs_hf"), "{:.2f}x"), ">= 80% of floor" if i == 1024 else ""))
+                sync = r.get("sync_median_decode_latency_s")
+                if sync and ce.get("decode_floor_s"):
+                    rows.append((model, "  same, each step read back before the next (sync loop)",
+                                 f"{1000 * sync:.3f}", f"{1000 * ce['decode_floor_s']:.3f}",
+                                 pct(ce["decode_floor_s"] / sync), "", "", ""))
                 replay = r.get("decode_graph_replay_s")
                 if replay and ce.get("decode_floor_s"):
                     rows.append((model, "  same, device time alone (graph replay)", f"{1000 * replay:.3f}",
@@ -77,6 +82,13 @@ def main(out: str) -> None:
                      "", f"hit {pct(r['cache_hit_rate'])}", "", "", ""))
         rows.append((model, f"shared-prefix {r['run_name']}: total tok/s, duration",
                      f"{r['total_throughput']:.0f}", f"{r['duration_s']:.1f} s", "", "", "", ""))
+    for r in read_lines(os.path.join(out, "serving.jsonl")):
+        model = os.path.basename(str(r.get("model") or "plait serve"))
+        hit = r.get("cache_hit_rate")
+        rows.append((model, f"serving, {r['run_name']}: output tok/s", f"{r['output_throughput']:.0f}", "",
+                     f"hit {pct(hit)}" if hit is not None else "", "", "", ""))
+        rows.append((model, "  median TTFT / TPOT ms; failed", f"{r['ttft_ms']['median']:.1f} / "
+                     f"{r['tpot_ms']['median']:.2f}", "", f"{r['failed']} failed", "", "", ""))
     widths = [max(len(str(row[k])) for row in rows) for k in range(len(rows[0]))]
     for n, row in enumerate(rows):
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))

@@ -1,7 +1,7 @@
-"""Where a batch-1 decode step's device time goes: one eager step of Llama-3.1-8B shapes (dummy
-weights) under the CUDA profiler, kernels grouped by name, against the weight-read floor.
+"""Where a decode step's device time goes: eager steps of Llama-3.1-8B shapes (dummy weights) under
+the CUDA profiler, kernels grouped by name, against the floor (weights read once plus the batch's KV).
 
-    python3 scripts/gpu/decode_profile.py [--model llama-3.1-8b] [--context 1024]
+    python3 scripts/gpu/decode_profile.py [--model llama-3.1-8b] [--context 1024] [--batch 1]
 """
 
 from __future__ import annotations
@@ -22,33 +22,36 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     runner = ModelRunner(
         ModelConfig(model_path=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
                     context_length=4096, disable_cuda_graph=True),
-        MemoryConfig(max_total_tokens=args.context + 256, max_running_requests=4),
+        MemoryConfig(max_total_tokens=args.batch * (args.context + 32), max_running_requests=args.batch + 1),
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight if hasattr(runner.model, "model") else None
     if embed is not None and embed.data_ptr() != runner.model.lm_head_weight.data_ptr():
         weight_bytes -= embed.numel() * embed.element_size()  # the embedding reads one row per token
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    floor_ms = weight_bytes / bandwidth * 1e3
     common = {"req_to_token_pool": runner.req_to_token_pool, "kv_pool": runner.kv_pool,
               "attn_backend": runner.attn_backend}
-    row = runner.req_to_token_pool.alloc()
-    prompt = torch.randint(100, 30000, (args.context,)).tolist()
-    batch = make_extend_batch(req_pool_indices=[row], prefix_lens=[0], new_token_ids=[prompt],
-                              out_cache_loc=runner.allocator.alloc(args.context), **common)
-    token = int(runner.forward(batch).next_token_logits.argmax(-1))
+    rows = [runner.req_to_token_pool.alloc() for _ in range(args.batch)]
+    tokens = []
+    for row in rows:
+        prompt = torch.randint(100, 30000, (args.context,)).tolist()
+        batch = make_extend_batch(req_pool_indices=[row], prefix_lens=[0], new_token_ids=[prompt],
+                                  out_cache_loc=runner.allocator.alloc(args.context), **common)
+        tokens.append(int(runner.forward(batch).next_token_logits.argmax(-1)))
     seq_len = args.context
+    kv_bytes = args.batch * (args.context + 8) * runner.kv_bytes_per_token
 
     def step():
-        nonlocal seq_len, token
+        nonlocal seq_len, tokens
         seq_len += 1
-        b = make_decode_batch(req_pool_indices=[row], seq_lens=[seq_len], last_token_ids=[token],
-                              out_cache_loc=runner.allocator.alloc(1), **common)
+        b = make_decode_batch(req_pool_indices=rows, seq_lens=[seq_len] * len(rows), last_token_ids=tokens,
+                              out_cache_loc=runner.allocator.alloc(len(rows)), **common)
         return runner.forward(b).next_token_logits
 
     for _ in range(5):
@@ -66,7 +69,9 @@ def main() -> None:
         if device_us > 0:
             kernels[event.key] = (device_us / args.steps, event.count // args.steps)
     total = sum(us for us, _ in kernels.values())
-    print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.3f} TB/s, floor {floor_ms:.3f} ms")
+    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+    print(f"batch {args.batch}, context {args.context}: weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} GB, "
+          f"copy bandwidth {bandwidth / 1e12:.3f} TB/s, floor {floor_ms:.3f} ms")
     print(f"eager decode step: {total / 1e3:.3f} ms of kernel time, {sum(n for _, n in kernels.values())} kernels")
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"  {us / 1e3:8.3f} ms  x{n:4d}  {name[:110]}")

@@ -20,6 +20,7 @@ from plait.runtime.layers.norm import RMSNorm
 from plait.runtime.layers.rotary import (
     RotaryEmbedding,
     apply_rotary,
+    apply_rotary_and_store,
     apply_rotary_native,
 )
 from tests.attention_cases import rel_error
@@ -86,6 +87,40 @@ def test_rotary_in_place(dtype, heads):
         assert out_q.data_ptr() == q.data_ptr()  # in place
         assert rel_error(out_q, ref_q.double()) < TOL[dtype] and rel_error(out_k, ref_k.double()) < TOL[dtype]
         assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)  # v untouched
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_rotary_stores_kv(cache_dtype):
+    """The fused rotary + KV store equals rotating, then `KVPool.set_kv`; other slots stay as they were."""
+    from plait.runtime.memory.kv_pool import KVPool
+
+    num_heads, num_kv_heads, head_dim, num_tokens = 32, 8, 128, 37
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rotary = RotaryEmbedding(head_dim, max_position=8192, base=500000.0)
+    positions = torch.randint(0, 8192, (num_tokens,), generator=g, device="cuda")
+    qkv = _randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=torch.bfloat16, g=g)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+    loc = torch.randperm(200, generator=g, device="cuda")[:num_tokens] + 1
+    fused, ref = (KVPool(num_slots=200, num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         dtype=cache_dtype, device="cuda") for _ in range(2))
+    for pool in (fused, ref):
+        for buf in pool.k_buffers + pool.v_buffers:
+            buf.normal_(generator=g)
+    ref.k_buffers[1].copy_(fused.k_buffers[1])
+    ref.v_buffers[1].copy_(fused.v_buffers[1])
+    inputs = rotary.cos_sin(positions)
+    ref_q, ref_k = apply_rotary_native(q.clone(), k.clone(), inputs)
+    ref.set_kv(1, loc, ref_k, v)
+    assert apply_rotary_and_store(q, k, v, inputs, *fused.layer_buffers(1), loc)
+    assert rel_error(q, ref_q.double()) < TOL[torch.bfloat16] and rel_error(k, ref_k.double()) < TOL[torch.bfloat16]
+    # Same rounding as the unfused path: the stored rotated k is the in-place k cast to the pool dtype.
+    assert torch.equal(fused.k_buffers[1][loc], k.to(cache_dtype))
+    assert torch.equal(fused.v_buffers[1], ref.v_buffers[1])
+    others = torch.ones(201, dtype=torch.bool, device="cuda")
+    others[loc] = False
+    assert torch.equal(fused.k_buffers[1][others], ref.k_buffers[1][others])
 
 
 def _runner(hf_model, backend: str) -> ModelRunner:

@@ -69,3 +69,19 @@ def test_outputs_identical_with_and_without_overlap(source, options):
 def test_overlap_is_the_cuda_default(source):
     with Engine(source=source, dtype="float32", device="cuda", max_total_tokens=2048, max_running_requests=4) as eng:
         assert eng.scheduler.overlap
+
+
+def test_one_batch_overlapped_loop_matches_sync(source):
+    """plait.bench.one_batch's overlapped decode loop (the GPU default) computes what the synchronous one does."""
+    from plait.bench.one_batch import run_static_batch
+    from plait.runtime.config import MemoryConfig, ModelConfig
+    from plait.runtime.executor.model_runner import ModelRunner
+
+    runner = ModelRunner(ModelConfig(dtype="float32", device="cuda"),
+                         MemoryConfig(max_total_tokens=4096, max_running_requests=8), source=source)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 40, 17)]
+    sync, _ = run_static_batch(runner, prompts, 24)
+    overlapped, _ = run_static_batch(runner, prompts, 24, overlap=True)
+    assert len(sync.last_token_ids) == 3 and list(overlapped.last_token_ids) == list(sync.last_token_ids)
+    assert len(overlapped.decode_latencies_s) == len(sync.decode_latencies_s) == 23

@@ -21,17 +21,29 @@ if TYPE_CHECKING:
 class AttentionBackend(ABC):
     # Whether decode steps may be captured into CUDA graphs through the three hooks below.
     supports_cuda_graph: bool = False
+    # Whether models may store a layer's new K/V themselves, fused with the rotary embedding, and call
+    # `forward(..., save_kv=False)`: true where the backend reads new tokens' K/V only from the pool or
+    # from the k/v it is passed (never from an earlier copy of its own).
+    stores_kv_with_rotary: bool = False
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Build the per-step index tensors and store them in `batch.attn_metadata`."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        *,
+        save_kv: bool = True,
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         # returns [num_tokens, num_heads, head_dim]
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        if save_kv:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         if batch.mode is ForwardMode.DECODE:
             return self.forward_decode(q, layer, batch)
         return self.forward_extend(q, layer, batch)

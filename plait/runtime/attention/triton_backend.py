@@ -46,6 +46,7 @@ class _DecodeMetadata:
 
 class TritonBackend(AttentionBackend):
     supports_cuda_graph = True
+    stores_kv_with_rotary = True
 
     def __init__(self, device: torch.device | str = "cuda", **_: object):
         self.device = torch.device(device)
@@ -77,9 +78,17 @@ class TritonBackend(AttentionBackend):
         )
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        *,
+        save_kv: bool = True,
     ) -> torch.Tensor:
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        if save_kv:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         if batch.mode is ForwardMode.DECODE:
             return self.forward_decode(q, layer, batch)
         # The new tokens' K/V are read from the projections (contiguous) rather than gathered back.

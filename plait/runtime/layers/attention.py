@@ -18,10 +18,13 @@ class RadixAttention(nn.Module):
         self.head_dim = head_dim
         self.scaling = scaling
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, *, kv_stored: bool = False
+    ) -> torch.Tensor:
         # q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]
+        # kv_stored: the caller already wrote k and v at the batch's `out_cache_loc` (fused with rotary).
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = batch.attn_backend.forward(q, k, v, self, batch)
+        out = batch.attn_backend.forward(q, k, v, self, batch, save_kv=not kv_stored)
         return out.reshape(-1, self.num_heads * self.head_dim)

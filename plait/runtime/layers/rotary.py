@@ -92,6 +92,25 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tupl
     return apply_rotary_native(q, k, rotary)
 
 
+def apply_rotary_and_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rotary: RotaryInputs,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_loc: torch.Tensor,
+) -> bool:
+    """On the fused path, rotate q and k in place and store the rotated k and v at `cache_loc` of the
+    layer's KV pool buffers, in one kernel; returns whether it did (False: nothing was done)."""
+    if rotary.cos is not None:
+        return False
+    from plait.runtime.layers.triton_ops import rotary_inplace
+
+    rotary_inplace(q, k, rotary.positions, rotary.table, v=v, k_cache=k_cache, v_cache=v_cache, cache_loc=cache_loc)
+    return True
+
+
 def apply_rotary_native(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = rotary.cos, rotary.sin
     if cos is None:

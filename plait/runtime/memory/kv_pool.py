@@ -102,6 +102,10 @@ class KVPool:
     def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def layer_buffers(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V buffers, for kernels that write new tokens' KV themselves."""
+        return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
     def set_kv(self, layer_id: int, out_cache_loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [num_tokens, num_kv_heads, head_dim]; out_cache_loc: [num_tokens]
         self.k_buffers[layer_id].index_copy_(0, out_cache_loc, k.to(self.dtype))

@@ -17,7 +17,7 @@ from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.layers.activation import SiluAndMul
 from plait.runtime.layers.attention import RadixAttention
 from plait.runtime.layers.norm import RMSNorm
-from plait.runtime.layers.rotary import RotaryEmbedding, apply_rotary
+from plait.runtime.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_and_store
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,10 @@ class DecoderAttention(nn.Module):
         v = v.view(-1, self.arch.num_kv_heads, self.arch.head_dim)
         if self.arch.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if batch.attn_backend.stores_kv_with_rotary and apply_rotary_and_store(
+            q, k, v, cos_sin, *batch.kv_pool.layer_buffers(self.attn.layer_id), batch.out_cache_loc
+        ):
+            return self.o_proj(self.attn(q, k, v, batch, kv_stored=True))
         q, k = apply_rotary(q, k, cos_sin)
         return self.o_proj(self.attn(q, k, v, batch))
 

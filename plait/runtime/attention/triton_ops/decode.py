@@ -4,7 +4,8 @@ Stage 1: one program per (request, KV head, split). It loads the query heads tha
 head (GQA: K and V are read once for the whole group and the scores are one small matrix product),
 walks its split of the request's KV through the `req_to_token` row, and writes the normalised
 partial output and its log-sum-exp (base 2). Stage 2: one program per (request, query head)
-merges the splits.
+merges the splits. With a single split (large batches) stage 1 writes the output itself and stage 2
+is not launched.
 
 The grid depends only on the batch size (`max_splits` is a host value fixed per batch size); the
 number of splits a request really uses is computed inside both kernels from its device-side
@@ -35,12 +36,13 @@ def _num_splits(seq_len, MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _decode_stage1_kernel(
-    Q, K_pool, V_pool, Partial_out, Partial_lse,
+    Q, K_pool, V_pool, Partial_out, Partial_lse, Out,
     req_to_token, req_pool_indices, seq_lens,
     stride_q_req, stride_q_head,
     stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
     stride_po_req, stride_po_head, stride_po_split,
     stride_pl_req, stride_pl_head,
+    stride_o_req, stride_o_head,
     stride_r2t,
     QK_SCALE,
     GROUP: tl.constexpr,
@@ -49,6 +51,7 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr,
     MAX_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -93,6 +96,10 @@ def _decode_stage1_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if DIRECT:  # one split: this is the whole output, no merge stage
+        o = Out + req * stride_o_req + heads[:, None] * stride_o_head + offs_d[None, :]
+        tl.store(o, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=mask_h[:, None])
+        return
     po = Partial_out + req * stride_po_req + heads[:, None] * stride_po_head + split * stride_po_split + offs_d[None, :]
     tl.store(po, acc / l_i[:, None], mask=mask_h[:, None])
     tl.store(Partial_lse + req * stride_pl_req + heads * stride_pl_head + split, m_i + tl.math.log2(l_i), mask=mask_h)
@@ -199,13 +206,15 @@ def decode_attention(
         partial_lse = torch.empty((batch_size, num_heads, max_splits), dtype=torch.float32, device=q.device)
     assert partial_out.shape == (batch_size, num_heads, max_splits, head_dim)
     assert partial_lse is not None and partial_lse.shape == (batch_size, num_heads, max_splits)
+    direct = max_splits == 1
     _decode_stage1_kernel[(batch_size, num_kv_heads, max_splits)](
-        q, k_pool, v_pool, partial_out, partial_lse,
+        q, k_pool, v_pool, partial_out, partial_lse, out,
         req_to_token, req_pool_indices, seq_lens,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1),
+        out.stride(0), out.stride(1),
         req_to_token.stride(0),
         sm_scale * _LOG2E,
         GROUP=group,
@@ -214,9 +223,12 @@ def decode_attention(
         BLOCK_N=block_n,
         MAX_SPLITS=max_splits,
         IEEE=q.dtype == torch.float32,
+        DIRECT=direct,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if direct:
+        return out
     _decode_stage2_kernel[(batch_size, num_heads)](
         partial_out, partial_lse, out, seq_lens,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
