@@ -56,10 +56,10 @@ def _bench_graph(fn: Callable[[], Any], repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def _pools(num_slots: int, num_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _pools(num_slots: int, num_layers: int, dtype: torch.dtype = DTYPE) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     shape = (num_slots + 1, NUM_KV_HEADS, HEAD_DIM)
-    ks = [torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(num_layers)]
-    vs = [torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(num_layers)]
+    ks = [torch.randn(shape, device="cuda").to(dtype) for _ in range(num_layers)]
+    vs = [torch.randn(shape, device="cuda").to(dtype) for _ in range(num_layers)]
     return ks, vs
 
 
@@ -74,19 +74,22 @@ def _req_to_token(seq_lens: list[int], num_slots: int) -> torch.Tensor:
     return table
 
 
-def bench_decode(ceil_copy: float, *, sweep: bool) -> list[dict[str, Any]]:
+def bench_decode(ceil_copy: float, *, sweep: bool, kv_dtype: torch.dtype = DTYPE) -> list[dict[str, Any]]:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = []
-    print(f"\n== decode: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, bf16; per layer ==")
+    print(f"\n== decode: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, bf16 queries, "
+          f"KV {str(kv_dtype).replace('torch.', '')}; per layer ==")
     print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'time us':>8} {'floor us':>8} {'GB/s':>7} {'of floor':>8}  config")
     for ctx in (1024, 4096):
         for bs in (1, 8, 32, 64, 128, 256):
-            results += _decode_case(bs, ctx, ceil_copy, num_sms, sweep=sweep)
+            results += _decode_case(bs, ctx, ceil_copy, num_sms, sweep=sweep, kv_dtype=kv_dtype)
             torch.cuda.empty_cache()
     return results
 
 
-def _decode_case(bs: int, ctx: int, ceil_copy: float, num_sms: int, *, sweep: bool) -> list[dict[str, Any]]:
+def _decode_case(
+    bs: int, ctx: int, ceil_copy: float, num_sms: int, *, sweep: bool, kv_dtype: torch.dtype = DTYPE
+) -> list[dict[str, Any]]:
     from plait.runtime.attention.triton_ops import (
         decode_attention,
         decode_config,
@@ -95,9 +98,9 @@ def _decode_case(bs: int, ctx: int, ceil_copy: float, num_sms: int, *, sweep: bo
 
     seq_lens = [ctx] * bs
     num_slots = bs * ctx
-    kv_bytes = num_slots * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+    kv_bytes = num_slots * NUM_KV_HEADS * HEAD_DIM * 2 * kv_dtype.itemsize
     num_layers = max(1, min(32, math.ceil((512 << 20) / kv_bytes)))
-    ks, vs = _pools(num_slots, num_layers)
+    ks, vs = _pools(num_slots, num_layers, kv_dtype)
     table = _req_to_token(seq_lens, num_slots)
     rows = torch.arange(1, bs + 1, device="cuda")
     lens = torch.tensor(seq_lens, device="cuda")
@@ -106,13 +109,17 @@ def _decode_case(bs: int, ctx: int, ceil_copy: float, num_sms: int, *, sweep: bo
     # KV, plus per KV head the slot ids, plus q and out.
     step_bytes = kv_bytes + num_slots * 8 * NUM_KV_HEADS + 2 * q.numel() * 2
     floor = step_bytes / ceil_copy
-    default_splits, block_n = decode_config(bs, NUM_KV_HEADS, HEAD_DIM, 2, num_sms, smem_bytes(q.device))
+    default_splits, block_n = decode_config(bs, NUM_KV_HEADS, HEAD_DIM, kv_dtype.itemsize, num_sms,
+                                            smem_bytes(q.device))
     configs = [{"max_splits": default_splits, "block_n": block_n, "num_warps": 4, "num_stages": 2}]
     if sweep:
         for splits in sorted({max(1, default_splits // 2), min(32, default_splits * 2)} - {default_splits}):
             configs.append({"max_splits": splits, "block_n": block_n, "num_warps": 4, "num_stages": 2})
+        alternatives = [(64, 4, 2), (128, 4, 2), (64, 4, 3), (64, 8, 2), (64, 4, 4), (32, 4, 3), (128, 8, 3)]
+        if kv_dtype.itemsize == 1:  # half the bytes per block: larger blocks and more warps are candidates
+            alternatives += [(128, 4, 3), (256, 4, 2), (256, 8, 2), (128, 8, 2)]
         configs += [{"max_splits": default_splits, "block_n": bn, "num_warps": w, "num_stages": s}
-                    for bn, w, s in ((64, 4, 2), (128, 4, 2), (64, 4, 3), (64, 8, 2), (64, 4, 4), (32, 4, 3), (128, 8, 3)) if bn != block_n or (w, s) != (4, 2)]
+                    for bn, w, s in alternatives if bn != block_n or (w, s) != (4, 2)]
     results = []
     for cfg in configs:
         partial_out = torch.empty((bs, NUM_HEADS, cfg["max_splits"], HEAD_DIM), device="cuda", dtype=torch.float32)
@@ -124,7 +131,7 @@ def _decode_case(bs: int, ctx: int, ceil_copy: float, num_sms: int, *, sweep: bo
                                  partial_out=partial_out, partial_lse=partial_lse, **cfg)
 
         seconds = _bench_graph(step) / num_layers
-        rec = dict(kind="decode", batch=bs, ctx=ctx, seconds=seconds, floor_s=floor,
+        rec = dict(kind="decode", kv_dtype=str(kv_dtype).replace("torch.", ""), batch=bs, ctx=ctx, seconds=seconds, floor_s=floor,
                    gb_s=step_bytes / seconds / 1e9, fraction_of_floor=floor / seconds, layers_timed=num_layers, **cfg)
         results.append(rec)
         print(f"{bs:>5} {ctx:>5} {cfg['max_splits']:>6} {seconds * 1e6:>8.1f} {floor * 1e6:>8.1f} "
@@ -268,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative block configurations")
     parser.add_argument("--prefill-model", default=None, help="a dummy preset, e.g. llama-3.1-8b")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--kv-dtype", choices=("bfloat16", "fp8_e5m2", "fp8_e4m3"), default="bfloat16",
+                        help="the decode kernels' KV pool type (queries stay bf16)")
     parser.add_argument("--skip-extend", action="store_true")
     parser.add_argument("--output", default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
@@ -283,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, Any]] = [{"kind": "ceilings", "gpu": gpu, "copy_bytes_per_s": ceil_copy,
                                           "matmul_flop_per_s": ceil_matmul}]
     if not args.skip_decode:
-        results += bench_decode(ceil_copy, sweep=args.sweep)
+        kv_dtype = {"bfloat16": torch.bfloat16, "fp8_e5m2": torch.float8_e5m2,
+                    "fp8_e4m3": torch.float8_e4m3fn}[args.kv_dtype]
+        results += bench_decode(ceil_copy, sweep=args.sweep, kv_dtype=kv_dtype)
     if not args.skip_extend:
         results += bench_extend(ceil_matmul, sweep=args.sweep)
     if args.prefill_model:

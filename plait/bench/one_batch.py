@@ -82,7 +82,7 @@ def model_choices() -> dict[str, Sequence[str]]:
     from plait.runtime.model_loader import LOAD_FORMATS
 
     return {"load_format": LOAD_FORMATS, "dtype": ("auto", "bfloat16", "float16", "float32"),
-            "attention_backend": tuple(ATTENTION_BACKENDS)}
+            "attention_backend": tuple(ATTENTION_BACKENDS), "kv_cache_dtype": ("auto", "fp8_e5m2", "fp8_e4m3")}
 
 
 def environment() -> dict[str, Any]:

@@ -71,6 +71,10 @@ for model in $MODELS; do
     step "one_batch_sweep_$model" 400 $PY -m plait.bench.one_batch --model-path "$model" --load-format dummy \
       --dtype bfloat16 --context-length 8192 --shapes $SWEEP --prefill-chunk-tokens 16384 --warmup 4 \
       --ceilings "$OUT/ceilings.json" --result-file "$OUT/one_batch_sweep_$model.jsonl"
+    # The same sweep with an 8-bit KV pool (--kv-cache-dtype fp8_e5m2): half the KV bytes per step.
+    step "one_batch_sweep_fp8kv_$model" 400 $PY -m plait.bench.one_batch --model-path "$model" --load-format dummy \
+      --dtype bfloat16 --kv-cache-dtype fp8_e5m2 --context-length 8192 --shapes $SWEEP --prefill-chunk-tokens 16384 \
+      --warmup 4 --ceilings "$OUT/ceilings.json" --result-file "$OUT/one_batch_sweep_fp8kv_$model.jsonl"
   fi
 done
 

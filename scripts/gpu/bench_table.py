@@ -42,6 +42,9 @@ def main(out: str) -> None:
             ce, hf = r.get("ceilings") or {}, r.get("vs_hf") or {}
             ms = 1000 * r["median_decode_latency_s"]
             mode = ("graphs" if r.get("cuda_graphs") else "eager") + ("+compile" if r.get("torch_compile") else "")
+            kv_dtype = (r.get("memory") or {}).get("kv_dtype", "")
+            if kv_dtype.startswith("float8"):
+                mode += f", KV {kv_dtype}"
             if mode != "graphs":
                 model = f"{model} ({mode})"
             if b == 1:

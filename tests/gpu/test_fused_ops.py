@@ -90,7 +90,7 @@ def test_rotary_in_place(dtype, heads):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
 def test_rotary_stores_kv(cache_dtype):
     """The fused rotary + KV store equals rotating, then `KVPool.set_kv`; other slots stay as they were."""
     from plait.runtime.memory.kv_pool import KVPool
@@ -107,7 +107,7 @@ def test_rotary_stores_kv(cache_dtype):
                          dtype=cache_dtype, device="cuda") for _ in range(2))
     for pool in (fused, ref):
         for buf in pool.k_buffers + pool.v_buffers:
-            buf.normal_(generator=g)
+            buf.copy_(torch.randn(buf.shape, generator=g, device="cuda"))
     ref.k_buffers[1].copy_(fused.k_buffers[1])
     ref.v_buffers[1].copy_(fused.v_buffers[1])
     inputs = rotary.cos_sin(positions)
@@ -116,11 +116,14 @@ def test_rotary_stores_kv(cache_dtype):
     assert apply_rotary_and_store(q, k, v, inputs, *fused.layer_buffers(1), loc)
     assert rel_error(q, ref_q.double()) < TOL[torch.bfloat16] and rel_error(k, ref_k.double()) < TOL[torch.bfloat16]
     # Same rounding as the unfused path: the stored rotated k is the in-place k cast to the pool dtype.
-    assert torch.equal(fused.k_buffers[1][loc], k.to(cache_dtype))
-    assert torch.equal(fused.v_buffers[1], ref.v_buffers[1])
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # bitwise (8-bit floats have no equality kernels)
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    assert same(fused.k_buffers[1][loc], k.to(cache_dtype))
+    assert same(fused.v_buffers[1], ref.v_buffers[1])
     others = torch.ones(201, dtype=torch.bool, device="cuda")
     others[loc] = False
-    assert torch.equal(fused.k_buffers[1][others], ref.k_buffers[1][others])
+    assert same(fused.k_buffers[1][others], ref.k_buffers[1][others])
 
 
 def _runner(hf_model, backend: str) -> ModelRunner:
@@ -155,3 +158,32 @@ def test_model_on_gpu_matches_transformers(family):
                                   out_cache_loc=runner.allocator.alloc(1), **common)
         logits = runner.forward(batch).next_token_logits[0].cpu()
         assert (logits - ref[pos]).abs().max().item() <= 1e-4 * scale, pos
+
+
+@torch.no_grad()
+def test_fp8_kv_cache_model_stays_close():
+    """A tiny bf16 model with `kv_cache_dtype=fp8_e4m3`: the pool is 8-bit (half the bytes per token)
+    and prefill + CUDA-graph decode logits stay close to those with a bf16 pool."""
+    hf = tiny_hf_model("llama", seed=11)
+    runners = [ModelRunner(ModelConfig(dtype="bfloat16", device="cuda", kv_cache_dtype=kv),
+                           MemoryConfig(max_total_tokens=4096, max_running_requests=8), source=InMemorySource(hf))
+               for kv in ("auto", "fp8_e4m3")]
+    assert runners[1].kv_pool.k_buffers[0].dtype == torch.float8_e4m3fn
+    assert runners[1].kv_bytes_per_token * 2 == runners[0].kv_bytes_per_token
+    assert runners[1].graph_runner is not None
+    rng = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 300, (n,), generator=rng).tolist() for n in (7, 60, 33)]
+    logits = []
+    for runner in runners:
+        common = {"req_to_token_pool": runner.req_to_token_pool, "kv_pool": runner.kv_pool,
+                  "attn_backend": runner.attn_backend}
+        rows = [runner.req_to_token_pool.alloc() for _ in prompts]
+        batch = make_extend_batch(req_pool_indices=rows, prefix_lens=[0] * 3, new_token_ids=prompts,
+                                  out_cache_loc=runner.allocator.alloc(sum(map(len, prompts))), **common)
+        first = runner.forward(batch).next_token_logits
+        seq_lens = [len(p) + 1 for p in prompts]
+        batch = make_decode_batch(req_pool_indices=rows, seq_lens=seq_lens, last_token_ids=[5, 6, 7],
+                                  out_cache_loc=runner.allocator.alloc(3), **common)
+        logits.append((first, runner.forward(batch).next_token_logits))
+    for ours, ref in zip(logits[1], logits[0]):
+        assert rel_error(ours, ref.double()) < 0.05

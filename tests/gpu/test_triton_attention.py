@@ -187,3 +187,31 @@ def test_decode_under_cuda_graph_replays_other_batches():
                                  **decode_config(bs, num_kv_heads, head_dim, 2, backend.num_sms, backend.smem_bytes)._asdict())
         assert torch.equal(replayed, eager), (bs, raw_bs)
         assert rel_error(replayed, reference(case)) < TOL[dtype], (bs, raw_bs)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e5m2, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("mode", ["extend", "decode"])
+def test_fp8_kv_pool(kv_dtype, mode):
+    """With an 8-bit pool (`--kv-cache-dtype`) the kernels compute attention over the stored values:
+    equal to the reference over the same (dequantized) values, to bf16 tolerance; new K/V land rounded."""
+    rng = random.Random(zlib.crc32(repr((kv_dtype, mode)).encode()))
+    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    for _ in range(2):
+        prefix_lens, extend_lens = _random_extend_lens(rng, rng.randint(1, 6))
+        if mode == "decode":
+            prefix_lens, extend_lens = [p + e - 1 for p, e in zip(prefix_lens, extend_lens)], None
+        case = make_case(prefix_lens=prefix_lens, extend_lens=extend_lens, num_heads=32, num_kv_heads=8,
+                         head_dim=128, dtype=torch.bfloat16, device="cuda", backend=TritonBackend(device="cuda"),
+                         generator=g)
+        b = case.batch
+        pool = KVPool(num_slots=b.kv_pool.num_slots, num_layers=1, num_kv_heads=8, head_dim=128, dtype=kv_dtype,
+                      device="cuda")
+        pool.k_buffers[0].copy_(b.kv_pool.k_buffers[0])
+        pool.v_buffers[0].copy_(b.kv_pool.v_buffers[0])
+        b.kv_pool = pool
+        for t in (case.k, case.v):  # values the pool can hold exactly, so the reference sees what is stored
+            t.copy_(t.to(kv_dtype))
+        out = run(case)
+        assert rel_error(out, reference(case)) < TOL[torch.bfloat16], (prefix_lens, extend_lens)
+        assert torch.equal(pool.k_buffers[0][b.out_cache_loc].float(), case.k.float())
+        assert torch.equal(pool.v_buffers[0][b.out_cache_loc].float(), case.v.float())

@@ -25,6 +25,9 @@ class AttentionBackend(ABC):
     # `forward(..., save_kv=False)`: true where the backend reads new tokens' K/V only from the pool or
     # from the k/v it is passed (never from an earlier copy of its own).
     stores_kv_with_rotary: bool = False
+    # Whether the KV pool may be stored in an 8-bit float type (`--kv-cache-dtype fp8_*`): the kernels
+    # cast K/V to the query's dtype as they load them.
+    supports_fp8_kv_cache: bool = False
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:

@@ -47,6 +47,7 @@ class _DecodeMetadata:
 class TritonBackend(AttentionBackend):
     supports_cuda_graph = True
     stores_kv_with_rotary = True
+    supports_fp8_kv_cache = True
 
     def __init__(self, device: torch.device | str = "cuda", **_: object):
         self.device = torch.device(device)

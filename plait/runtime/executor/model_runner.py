@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from plait.runtime.attention.base import (
+    AttentionBackend,
     create_attention_backend,
     default_attention_backend,
 )
@@ -48,6 +49,7 @@ class MemoryReport(NamedTuple):
     weights_bytes: int
     kv_pool_tokens: int
     kv_pool_bytes: int
+    kv_dtype: str
     req_table_bytes: int
     max_running_requests: int
     graph_bytes: int  # measured across capture (0: no graphs)
@@ -60,7 +62,7 @@ class MemoryReport(NamedTuple):
     def __str__(self) -> str:
         gib = 2**30
         text = (f"weights {self.weights_bytes / gib:.2f} GiB, KV pool {self.kv_pool_tokens} tokens "
-                f"({self.kv_pool_bytes / gib:.2f} GiB), request table {self.req_table_bytes / gib:.2f} GiB, "
+                f"({self.kv_pool_bytes / gib:.2f} GiB, {self.kv_dtype}), request table {self.req_table_bytes / gib:.2f} GiB, "
                 f"max running requests {self.max_running_requests}")
         if self.graph_batch_sizes:
             text += (f", CUDA graphs {self.graph_bytes / gib:.2f} GiB (held back {self.graph_reserve_bytes / gib:.2f}; "
@@ -97,6 +99,21 @@ def resolve_dtype(name: str, config: dict, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if _cpu_has_bf16_units() else torch.float32
     config_dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
     return _DTYPES.get(config_dtype, torch.bfloat16) if config_dtype != "float32" else torch.bfloat16
+
+
+_KV_CACHE_DTYPES = {"fp8_e5m2": torch.float8_e5m2, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: AttentionBackend) -> torch.dtype:
+    """The KV pool's storage dtype: the model's for "auto", else an 8-bit float the backend must support."""
+    if name == "auto":
+        return model_dtype
+    if name not in _KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose from auto, {', '.join(_KV_CACHE_DTYPES)}")
+    if not backend.supports_fp8_kv_cache:
+        raise ValueError(f"kv_cache_dtype {name} needs the triton attention backend (CUDA); "
+                         f"the {type(backend).__name__} backend stores KV in the model's dtype only")
+    return _KV_CACHE_DTYPES[name]
 
 
 def _cpu_has_bf16_units() -> bool:
@@ -142,6 +159,7 @@ class ModelRunner:
 
         backend = model_config.attention_backend or default_attention_backend(self.device)
         self.attn_backend = create_attention_backend(backend, device=self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(model_config.kv_cache_dtype, self.dtype, self.attn_backend)
         self.graph_runner: CudaGraphRunner | None = None
         graph_max_bs = self._cuda_graph_max_bs(model_config, memory_config)
         # The graphs are captured against the final KV pool, so their memory is measured first (one
@@ -154,7 +172,7 @@ class ModelRunner:
             num_layers=self.arch.num_layers,
             num_kv_heads=self.arch.num_kv_heads,
             head_dim=self.arch.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
         self.req_to_token_pool = ReqToTokenPool(max_running, min(self.context_length, num_slots) + 1, self.device)
@@ -212,7 +230,7 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return KVPool.bytes_per_token(
             num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
         )
 
     # ---- CUDA graphs --------------------------------------------------------------------------------
@@ -234,7 +252,7 @@ class ModelRunner:
         `max_bs` (the shared graph pool holds about that: the graphs are captured largest first and
         the smaller ones reuse its blocks), with room for the backend's static buffers and rounding."""
         pool = KVPool(num_slots=1, num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
-                      head_dim=self.arch.head_dim, dtype=self.dtype, device=self.device)
+                      head_dim=self.arch.head_dim, dtype=self.kv_dtype, device=self.device)
         table = ReqToTokenPool(1, 2, self.device)
         batch = make_decode_batch(
             req_pool_indices=[0] * max_bs, seq_lens=[1] * max_bs, last_token_ids=[0] * max_bs,
@@ -258,6 +276,7 @@ class ModelRunner:
             weights_bytes=sum(t.numel() * t.element_size() for t in self.model.parameters()),
             kv_pool_tokens=self.kv_pool.num_slots,
             kv_pool_bytes=self.kv_pool.num_slots * self.kv_bytes_per_token,
+            kv_dtype=str(self.kv_dtype).replace("torch.", ""),
             req_table_bytes=self.req_to_token_pool.req_to_token.numel() * 8,
             max_running_requests=self.req_to_token_pool.num_rows,
             graph_bytes=stats.memory_bytes if stats else 0,

@@ -108,5 +108,8 @@ class KVPool:
 
     def set_kv(self, layer_id: int, out_cache_loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [num_tokens, num_kv_heads, head_dim]; out_cache_loc: [num_tokens]
-        self.k_buffers[layer_id].index_copy_(0, out_cache_loc, k.to(self.dtype))
-        self.v_buffers[layer_id].index_copy_(0, out_cache_loc, v.to(self.dtype))
+        k_buf, v_buf, k, v = self.k_buffers[layer_id], self.v_buffers[layer_id], k.to(self.dtype), v.to(self.dtype)
+        if self.dtype.itemsize == 1:  # 8-bit floats: index_copy_ has no kernels for them, their bytes it has
+            k_buf, v_buf, k, v = (t.view(torch.uint8) for t in (k_buf, v_buf, k, v))
+        k_buf.index_copy_(0, out_cache_loc, k)
+        v_buf.index_copy_(0, out_cache_loc, v)

@@ -85,8 +85,8 @@ def _extend_kernel(
         cols = start_n + offs_n
         mask_n = cols < prefix_len
         slots = tl.load(r2t_row + cols, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(K_pool + slots[:, None] * stride_kp_slot + kv_head * stride_kp_head + offs_d[None, :])
-        v = tl.load(V_pool + slots[:, None] * stride_vp_slot + kv_head * stride_vp_head + offs_d[None, :])
+        k = tl.load(K_pool + slots[:, None] * stride_kp_slot + kv_head * stride_kp_head + offs_d[None, :]).to(q.dtype)
+        v = tl.load(V_pool + slots[:, None] * stride_vp_slot + kv_head * stride_vp_head + offs_d[None, :]).to(q.dtype)
         m_i, l_i, acc = _online_softmax_step(
             q, k.to(q.dtype), v.to(q.dtype), m_i, l_i, acc, mask_n[None, :], QK_SCALE, IEEE, True
         )
