@@ -109,17 +109,17 @@ def _decode_case(
     # KV, plus per KV head the slot ids, plus q and out.
     step_bytes = kv_bytes + num_slots * 8 * NUM_KV_HEADS + 2 * q.numel() * 2
     floor = step_bytes / ceil_copy
-    default_splits, block_n = decode_config(bs, NUM_KV_HEADS, HEAD_DIM, kv_dtype.itemsize, num_sms,
-                                            smem_bytes(q.device))
-    configs = [{"max_splits": default_splits, "block_n": block_n, "num_warps": 4, "num_stages": 2}]
+    default_splits, block_n, stages = decode_config(bs, NUM_KV_HEADS, HEAD_DIM, kv_dtype.itemsize, num_sms,
+                                                    smem_bytes(q.device))
+    configs = [{"max_splits": default_splits, "block_n": block_n, "num_warps": 4, "num_stages": stages}]
     if sweep:
         for splits in sorted({max(1, default_splits // 2), min(32, default_splits * 2)} - {default_splits}):
-            configs.append({"max_splits": splits, "block_n": block_n, "num_warps": 4, "num_stages": 2})
+            configs.append({"max_splits": splits, "block_n": block_n, "num_warps": 4, "num_stages": stages})
         alternatives = [(64, 4, 2), (128, 4, 2), (64, 4, 3), (64, 8, 2), (64, 4, 4), (32, 4, 3), (128, 8, 3)]
         if kv_dtype.itemsize == 1:  # half the bytes per block: larger blocks and more warps are candidates
             alternatives += [(128, 4, 3), (256, 4, 2), (256, 8, 2), (128, 8, 2)]
         configs += [{"max_splits": default_splits, "block_n": bn, "num_warps": w, "num_stages": s}
-                    for bn, w, s in alternatives if bn != block_n or (w, s) != (4, 2)]
+                    for bn, w, s in alternatives if (bn, w, s) != (block_n, 4, stages)]
     results = []
     for cfg in configs:
         partial_out = torch.empty((bs, NUM_HEADS, cfg["max_splits"], HEAD_DIM), device="cuda", dtype=torch.float32)

@@ -120,7 +120,7 @@ class TritonBackend(AttentionBackend):
         # q: [batch_size, num_heads, head_dim]
         meta: _DecodeMetadata = batch.attn_metadata
         k_buf = batch.kv_pool.k_buffers[layer.layer_id]
-        max_splits, block_n = decode_config(
+        max_splits, block_n, num_stages = decode_config(
             meta.batch_size, layer.num_kv_heads, layer.head_dim, k_buf.element_size(), self.num_sms, self.smem_bytes
         )
         if meta.partial_out is None or meta.partial_out.shape[1:] != (layer.num_heads, max_splits, layer.head_dim):
@@ -140,6 +140,7 @@ class TritonBackend(AttentionBackend):
             sm_scale=layer.scaling,
             max_splits=max_splits,
             block_n=block_n,
+            num_stages=num_stages,
             partial_out=meta.partial_out,
             partial_lse=meta.partial_lse,
         )
