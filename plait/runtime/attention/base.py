@@ -49,6 +49,13 @@ class AttentionBackend(ABC):
             batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         if batch.mode is ForwardMode.DECODE:
             return self.forward_decode(q, layer, batch)
+        return self.forward_extend_with_new_kv(q, k, v, layer, batch)
+
+    def forward_extend_with_new_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """An extend step given the new tokens' K/V as well; backends that read them from here rather
+        than back from the pool override this."""
         return self.forward_extend(q, layer, batch)
 
     @abstractmethod

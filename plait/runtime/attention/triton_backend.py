@@ -78,20 +78,9 @@ class TritonBackend(AttentionBackend):
             max_extend_len=max(batch.extend_lens_cpu),
         )
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: RadixAttention,
-        batch: ForwardBatch,
-        *,
-        save_kv: bool = True,
+    def forward_extend_with_new_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
     ) -> torch.Tensor:
-        if save_kv:
-            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
-        if batch.mode is ForwardMode.DECODE:
-            return self.forward_decode(q, layer, batch)
         # The new tokens' K/V are read from the projections (contiguous) rather than gathered back.
         return self._extend(q, k, v, layer, batch)
 
