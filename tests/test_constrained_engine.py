@@ -85,8 +85,10 @@ def test_mixed_batch_constrained_and_free(tiny_engine):
     assert free["meta_info"]["completion_tokens"] == 20
 
 
-def test_scheduler_serves_while_a_slow_grammar_compiles(default_tokenizer):
-    """xgrammar compiles bounded string lengths slowly (seconds): unconstrained requests must not wait."""
+def test_scheduler_serves_while_a_slow_grammar_compiles(default_tokenizer, monkeypatch):
+    """A grammar that takes seconds to compile (older xgrammar releases took that long on bounded
+    string lengths; newer ones are fast, so the compile is slowed here): unconstrained requests must
+    not wait for it."""
     cfg = transformers.LlamaConfig(
         vocab_size=len(default_tokenizer.hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,
@@ -96,7 +98,14 @@ def test_scheduler_serves_while_a_slow_grammar_compiles(default_tokenizer):
     schema = {"type": "object", "properties": props, "required": list(props)}
     with Engine(source=InMemorySource(hf, tokenizer=default_tokenizer), dtype="float32", device="cpu",
                 max_total_tokens=4096, grammar_backend="xgrammar") as engine:
-        engine.scheduler.constraints.manager.backend  # backend built; the compile below is the slow part
+        backend = engine.scheduler.constraints.manager.backend  # built now; only the compile is slow
+        compile_grammar = backend.compile
+
+        def slow_compile(key):
+            time.sleep(2.0)
+            return compile_grammar(key)
+
+        monkeypatch.setattr(backend, "compile", slow_compile)
         done = {}
 
         def slow():
