@@ -121,3 +121,59 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out - ref).norm() / ref.norm())
+
+
+def make_shared_prefix_case(
+    *,
+    plan: list[tuple[int, list[int]]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    backend: AttentionBackend,
+    generator: torch.Generator,
+) -> AttentionCase:
+    """A decode step whose requests come in groups sharing a prefix of slots, as the radix cache
+    leaves them: `plan` is [(prefix length, [each member's own length (>= 1, the new token included)])];
+    a prefix length of 0 makes its members ungrouped. Members are shuffled through the batch, and
+    `batch.shared_prefixes` holds the groups of more than one member."""
+    seq_lens = [p + own for p, owns in plan for own in owns]
+    batch_size = len(seq_lens)
+    kv_pool = KVPool(num_slots=sum(p + sum(owns) for p, owns in plan) + 64, num_layers=1,
+                     num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device)
+    req_pool = ReqToTokenPool(batch_size + 3, max(seq_lens) + 5, device)
+    for buf in (*kv_pool.k_buffers, *kv_pool.v_buffers):
+        buf.copy_(torch.randn(buf.shape, generator=generator))
+    free = (torch.randperm(kv_pool.num_slots, generator=generator) + 1).tolist()
+    order = torch.randperm(batch_size, generator=generator).tolist()  # batch position of the i-th member
+    rows = (torch.randperm(req_pool.num_rows, generator=generator)[:batch_size] + 1).tolist()
+    out_cache_loc = [0] * batch_size
+    lens = [0] * batch_size
+    groups = []
+    i = 0
+    for prefix_len, owns in plan:
+        prefix, free = free[:prefix_len], free[prefix_len:]
+        positions = []
+        for own in owns:
+            pos = order[i]
+            i += 1
+            mine, free = free[:own], free[own:]
+            req_pool.write(rows[pos], 0, torch.tensor(prefix + mine[:-1], dtype=torch.int64, device=device))
+            out_cache_loc[pos], lens[pos] = mine[-1], prefix_len + own
+            positions.append(pos)
+        if prefix_len and len(owns) > 1:
+            groups.append((sorted(positions), prefix_len))
+    batch = make_decode_batch(
+        req_pool_indices=rows, seq_lens=lens, last_token_ids=[0] * batch_size,
+        out_cache_loc=torch.tensor(out_cache_loc, dtype=torch.int64, device=device),
+        req_to_token_pool=req_pool, kv_pool=kv_pool, attn_backend=backend,
+    )
+    batch.shared_prefixes = groups
+    layer = RadixAttention(layer_id=0, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           scaling=head_dim**-0.5)
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn((batch_size, heads, head_dim), generator=generator).to(device, dtype)
+
+    return AttentionCase(batch, layer, rand(num_heads), rand(num_kv_heads), rand(num_kv_heads))

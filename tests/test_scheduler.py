@@ -112,6 +112,40 @@ def test_shared_prefixes_decode_through_the_cascade_path(hf_model, reference, mo
     assert calls and max(calls) >= 2  # steps where two groups shared their prefixes in one product
 
 
+def test_shared_prefix_groups_read_off_the_tree_match_the_rows(hf_model, reference, monkeypatch):
+    """The groups the scheduler hands to shared-prefix backends (from the prefix tree, no device
+    reads): every member's req_to_token row starts with the same slots for the shared length, which
+    is below its length; the workload's two long-prefix groups are found; outputs are unchanged."""
+    from plait.runtime.scheduler.cache_manager import CacheManager
+
+    seen = []
+    find = CacheManager.shared_prefix_groups
+
+    def checking(reqs, **kw):
+        groups = find(reqs, **kw)
+        for members, prefix_len in groups:
+            rows = torch.stack([req_to_token[reqs[i].req_pool_idx, :prefix_len] for i in members])
+            assert (rows == rows[0]).all() and prefix_len >= 64
+            assert all(prefix_len < reqs[i].kv_committed_len + 1 for i in members)
+            assert len(members) >= 2
+        members = [i for m, _ in groups for i in m]
+        assert len(members) == len(set(members))  # a request in one group at most
+        seen.append(sorted(len(m) for m, _ in groups))
+        return groups
+
+    monkeypatch.setattr(CacheManager, "shared_prefix_groups", staticmethod(checking))
+    with make_engine(hf_model, shared_prefix_decode_min_tokens=1) as engine:
+        monkeypatch.setattr(engine.runner.attn_backend, "supports_shared_prefix_decode", True)
+        req_to_token = engine.runner.req_to_token_pool.req_to_token
+        assert run_all(engine, workload()) == reference
+    assert [3, 3] in seen  # both groups (prefixes of 70+ and 100+ tokens) decoding together
+    with make_engine(hf_model, shared_prefix_decode_min_tokens=1, disable_shared_prefix_decode=True) as engine:
+        monkeypatch.setattr(engine.runner.attn_backend, "supports_shared_prefix_decode", True)
+        seen.clear()
+        run_all(engine, workload())
+    assert seen == []
+
+
 def test_memory_pressure_evicts_and_retracts_without_changing_outputs(hf_model, reference):
     # A pool far smaller than the workload: admission must wait, decode must retract.
     with make_engine(hf_model, max_total_tokens=160, chunked_prefill_size=32) as engine:

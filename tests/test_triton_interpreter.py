@@ -175,3 +175,26 @@ def test_fused_layer_ops_match_torch(dtype):
     untouched = torch.ones(10, dtype=torch.bool)
     untouched[loc] = False
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shared_prefix_decode_matches_reference(dtype):
+    """Groups sharing a prefix read it through the prefix kernel (one chunk, several chunks of one
+    group, prefixes shorter and longer than the splits) and merge with their own part; ungrouped
+    requests in the same batch take the plain path."""
+    from tests.attention_cases import make_shared_prefix_case
+
+    g = torch.Generator().manual_seed(5)
+    for plan, heads, kv_heads, head_dim in [
+        ([(70, [1, 5, 30]), (0, [40]), (130, [2, 2]), (0, [1])], 4, 2, 16),  # GQA 2: 32 members a chunk
+        ([(65, [3] * 9 + [1]), (200, [17, 64])], 8, 1, 16),  # MQA at GQA 8: 8 members a chunk, two chunks
+        ([(96, [1, 9, 4])], 6, 2, 16),  # GQA 3: padded tile rows
+    ]:
+        case = make_shared_prefix_case(plan=plan, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                                       dtype=dtype, device="cpu", backend=_backend(), generator=g)
+        backend = case.batch.attn_backend
+        backend.init_forward_metadata(case.batch)
+        out = backend.forward(case.q, case.k, case.v, case.layer, case.batch)
+        assert case.batch.attn_metadata.shared is not None  # the prefix kernel ran
+        err = rel_error(out, reference(case))
+        assert err < TOL[dtype], (plan, err)

@@ -78,3 +78,8 @@ class SchedulerConfig:
     # tokens are read back. The CPU has nothing to overlap; `enable_overlap_schedule` forces it there.
     disable_overlap_schedule: bool = False
     enable_overlap_schedule: bool = False
+    # Shared-prefix decode (attention backends that support it: triton): decoding requests that share
+    # a cached prefix read it once per group, when that saves at least this many KV tokens a step
+    # (such steps run eager, outside the CUDA graphs). docs/gpu-kernels.md.
+    disable_shared_prefix_decode: bool = False
+    shared_prefix_decode_min_tokens: int = 16384

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # plait.bench.serving against `plait serve` on one GPU (issue 7): the server on a dummy-weight preset
 # (default Llama-3.1-8B shapes, bf16) with a synthetic tokenizer of the preset's vocabulary size
-# (scripts/gpu/make_tokenizer.py; prompts are sent as token ids), in three configurations:
-#   default (prefix cache on, overlap scheduling on), --disable-radix-cache, --disable-overlap-schedule.
+# (scripts/gpu/make_tokenizer.py; prompts are sent as token ids), in four configurations (CONFIGS):
+#   default (prefix cache on, overlap scheduling on, shared-prefix decode on), --disable-shared-prefix-decode,
+#   --disable-overlap-schedule, --disable-radix-cache.
 # Each runs the generated-shared-prefix workload (64 groups x 16 prompts, system prompt 2048,
 # question 128, output 256, all requests at once), and the default and no-overlap servers also run
 # one request at a time (random 1024 -> 128 tokens, 8 requests) for the time per output token at batch 1.
@@ -11,6 +12,7 @@
 #
 #   OUT=results/gpu bash scripts/gpu/serving.sh
 #   QUICK=1 MODEL=llama-3.2-1b bash scripts/gpu/serving.sh    # a smoke run
+#   CONFIGS="default no_shared_prefix" SKIP_ONE=1 bash scripts/gpu/serving.sh   # two servers, shared prefix only
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench_results/gpu}
@@ -20,6 +22,7 @@ PY=${PYTHON:-python3}
 MODEL=${MODEL:-llama-3.1-8b}
 DEVICE_FLAGS=${DEVICE_FLAGS:-}
 PORT=${PORT:-30000}
+CONFIGS=${CONFIGS:-"default no_shared_prefix no_overlap no_cache"}  # which servers to run
 if [ "${QUICK:-0}" = 1 ]; then
   GSP=(--gsp-num-groups 8 --gsp-prompts-per-group 4 --gsp-system-prompt-len 512 --gsp-question-len 64 --gsp-output-len 32)
   ONE=(--num-prompts 2 --random-input-len 256 --random-output-len 32)
@@ -66,17 +69,23 @@ stop_server() {
   wait $SERVER 2> /dev/null
 }
 
-if with_server default ""; then
-  bench "batch 1, overlap on" --dataset-name random "${ONE[@]}" --max-concurrency 1
+want() { [[ " $CONFIGS " == *" $1 "* ]]; }
+
+if want default && with_server default ""; then
+  [ "${SKIP_ONE:-0}" = 1 ] || bench "batch 1, overlap on" --dataset-name random "${ONE[@]}" --max-concurrency 1
   bench "shared prefix, cache on" --dataset-name generated-shared-prefix "${GSP[@]}"
   stop_server
 fi
-if with_server no_overlap "--disable-overlap-schedule"; then
+if want no_shared_prefix && with_server no_shared_prefix "--disable-shared-prefix-decode"; then
+  bench "shared prefix, cache on, shared-prefix decode off" --dataset-name generated-shared-prefix "${GSP[@]}"
+  stop_server
+fi
+if want no_overlap && with_server no_overlap "--disable-overlap-schedule"; then
   bench "batch 1, overlap off" --dataset-name random "${ONE[@]}" --max-concurrency 1
   bench "shared prefix, cache on, overlap off" --dataset-name generated-shared-prefix "${GSP[@]}"
   stop_server
 fi
-if with_server no_cache "--disable-radix-cache"; then
+if want no_cache && with_server no_cache "--disable-radix-cache"; then
   bench "shared prefix, cache off" --dataset-name generated-shared-prefix "${GSP[@]}"
   stop_server
 fi

@@ -114,3 +114,34 @@ def test_larger_batches_fall_back_to_eager(hf_model):
         eng.generate(input_ids=prompts, sampling_params=params)
         # 12 requests decode together: eager; no step of this batch fits a graph.
         assert graphs.num_replays == before
+
+
+def test_greedy_outputs_identical_with_shared_prefix_decode(hf_model):
+    """Groups of prompts sharing long prefixes: the scheduler hands the groups to the triton backend
+    (prefix kernel, eager steps) and the outputs equal those with the path off (graph replays)."""
+    rng = random.Random(7)
+    prompts, params = [], []
+    for prefix_len in (150, 300, 700):
+        shared = [rng.randrange(VOCAB) for _ in range(prefix_len)]
+        for _ in range(rng.randrange(3, 20)):
+            prompts.append(shared + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 40))])
+            params.append({"max_new_tokens": rng.randrange(4, 24), "temperature": 0, "ignore_eos": True})
+    expected_eng = engine(hf_model, disable_shared_prefix_decode=True)
+    with expected_eng as eng:
+        expected = run(eng, prompts, params)
+    from plait.runtime.attention import triton_backend
+
+    planned = []
+    plan = triton_backend.shared_prefix_plan
+
+    def counting(groups, *args, **kwargs):
+        planned.append(len(groups))
+        return plan(groups, *args, **kwargs)
+
+    triton_backend.shared_prefix_plan = counting
+    try:
+        with engine(hf_model, shared_prefix_decode_min_tokens=1) as eng:
+            assert run(eng, prompts, params) == expected
+    finally:
+        triton_backend.shared_prefix_plan = plan
+    assert planned and max(planned) >= 2  # steps where several groups took the prefix kernel

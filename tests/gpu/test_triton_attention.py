@@ -215,3 +215,28 @@ def test_fp8_kv_pool(kv_dtype, mode):
         assert rel_error(out, reference(case)) < TOL[torch.bfloat16], (prefix_lens, extend_lens)
         assert torch.equal(pool.k_buffers[0][b.out_cache_loc].float(), case.k.float())
         assert torch.equal(pool.v_buffers[0][b.out_cache_loc].float(), case.v.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shared_prefix_decode_matches_reference(dtype, shape):
+    """Decode with `shared_prefixes` (the prefix kernel, a request's own part from its start, the
+    merge) against the reference, on groups of 1 to 40 members, prefixes from 64 to 3000 tokens,
+    beside ungrouped requests."""
+    from tests.attention_cases import make_shared_prefix_case
+
+    num_heads, num_kv_heads, head_dim = shape
+    rng = random.Random(zlib.crc32(repr(("shared", dtype, shape)).encode()))
+    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    for trial in range(2):
+        plan = [(rng.choice([64, rng.randint(65, 700), rng.randint(1000, 3000)]),
+                 [rng.choice([1, rng.randint(2, 50), rng.randint(100, 300)]) for _ in range(rng.choice([2, 5, 17, 40]))])
+                for _ in range(rng.randint(1, 4))]
+        plan += [(0, [rng.randint(1, 900)]) for _ in range(rng.randint(0, 3))]
+        case = make_shared_prefix_case(plan=plan, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       head_dim=head_dim, dtype=dtype, device="cuda",
+                                       backend=TritonBackend(device="cuda"), generator=g)
+        out = run(case)
+        assert case.batch.attn_metadata.shared is not None
+        err = rel_error(out, reference(case))
+        assert err < TOL[dtype], ([(p, len(m)) for p, m in plan], err)

@@ -28,6 +28,11 @@ class AttentionBackend(ABC):
     # Whether the KV pool may be stored in an 8-bit float type (`--kv-cache-dtype fp8_*`): the kernels
     # cast K/V to the query's dtype as they load them.
     supports_fp8_kv_cache: bool = False
+    # Decode batches may carry `ForwardBatch.shared_prefixes`, which the backend then uses.
+    supports_shared_prefix_decode: bool = False
+
+    def warm_up(self, kv_pool, req_to_token: torch.Tensor, *, num_heads: int, dtype: torch.dtype) -> None:
+        """Called once the pools exist (on CUDA): compile what would otherwise compile mid-serving."""
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:

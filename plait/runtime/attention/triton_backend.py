@@ -4,6 +4,10 @@ Extend steps run one kernel over all requests (prefix gathered through `req_to_t
 read from this step's K/V); decode steps run the two-stage split-KV kernel. Neither builds a
 `kv_indices` array: the kernels index `req_to_token` rows themselves, so the metadata is a few
 small tensors and decode steps can be captured into CUDA graphs (see the hooks below).
+
+Decode steps in which the scheduler found requests sharing a cached prefix
+(`ForwardBatch.shared_prefixes`) run eager with one more kernel, which reads each group's prefix once
+for all its members; each request's own part then runs through stage 1 from where the prefix ends.
 """
 
 from __future__ import annotations
@@ -15,10 +19,16 @@ import torch
 
 from plait.runtime.attention.base import AttentionBackend
 from plait.runtime.attention.triton_ops import (
+    SHARED_STEP_BLOCK_N,
+    SHARED_STEP_SPLITS,
+    SharedPrefixes,
     decode_attention,
     decode_config,
     extend_attention,
+    shared_prefix_plan,
+    shared_step_stages,
     smem_bytes,
+    warm_up_shared_prefix_decode,
 )
 from plait.runtime.executor.forward_batch import ForwardBatch, ForwardMode
 
@@ -38,6 +48,10 @@ class _DecodeMetadata:
     req_pool_indices: torch.Tensor  # [batch_size] int64
     seq_lens: torch.Tensor  # [batch_size] int64, read only by the kernels
     batch_size: int
+    # Shared-prefix groups of the step (ForwardBatch.shared_prefixes), planned by the first layer.
+    shared_groups: list[tuple[list[int], int]] | None = None
+    req_pool_indices_cpu: list[int] | None = None
+    shared: SharedPrefixes | None = field(default=None, repr=False)
     # Split-KV scratch, made by the first layer of the step and reused by the others:
     # [batch_size, num_heads, max_splits, head_dim] and [batch_size, num_heads, max_splits] float32.
     partial_out: torch.Tensor | None = field(default=None, repr=False)
@@ -48,6 +62,7 @@ class TritonBackend(AttentionBackend):
     supports_cuda_graph = True
     stores_kv_with_rotary = True
     supports_fp8_kv_cache = True
+    supports_shared_prefix_decode = True
 
     def __init__(self, device: torch.device | str = "cuda", **_: object):
         self.device = torch.device(device)
@@ -67,6 +82,10 @@ class TritonBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if batch.mode is ForwardMode.DECODE:
             batch.attn_metadata = _DecodeMetadata(batch.req_pool_indices, batch.seq_lens, batch.batch_size)
+            if batch.shared_prefixes:
+                batch.attn_metadata.shared_groups = batch.shared_prefixes
+                assert batch.req_pool_indices_cpu is not None, "shared prefixes need the rows on the host"
+                batch.attn_metadata.req_pool_indices_cpu = batch.req_pool_indices_cpu
             return
         qo_indptr = [0]
         for extend_len in batch.extend_lens_cpu:
@@ -109,9 +128,19 @@ class TritonBackend(AttentionBackend):
         # q: [batch_size, num_heads, head_dim]
         meta: _DecodeMetadata = batch.attn_metadata
         k_buf = batch.kv_pool.k_buffers[layer.layer_id]
-        max_splits, block_n, num_stages = decode_config(
-            meta.batch_size, layer.num_kv_heads, layer.head_dim, k_buf.element_size(), self.num_sms, self.smem_bytes
-        )
+        if meta.shared_groups is not None:
+            max_splits, block_n = SHARED_STEP_SPLITS, SHARED_STEP_BLOCK_N
+            num_stages = shared_step_stages(k_buf.element_size())
+            if meta.shared is None:
+                meta.shared = shared_prefix_plan(
+                    meta.shared_groups, meta.req_pool_indices_cpu, num_heads=layer.num_heads,
+                    num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, num_sms=self.num_sms, device=q.device,
+                )
+        else:
+            max_splits, block_n, num_stages = decode_config(
+                meta.batch_size, layer.num_kv_heads, layer.head_dim, k_buf.element_size(), self.num_sms,
+                self.smem_bytes,
+            )
         if meta.partial_out is None or meta.partial_out.shape[1:] != (layer.num_heads, max_splits, layer.head_dim):
             meta.partial_out = torch.empty(
                 (meta.batch_size, layer.num_heads, max_splits, layer.head_dim), dtype=torch.float32, device=q.device
@@ -132,7 +161,13 @@ class TritonBackend(AttentionBackend):
             num_stages=num_stages,
             partial_out=meta.partial_out,
             partial_lse=meta.partial_lse,
+            shared=meta.shared,
         )
+
+    def warm_up(self, kv_pool, req_to_token: torch.Tensor, *, num_heads: int, dtype: torch.dtype) -> None:
+        """Compile the kernels of steps that run eager with shared prefixes (the graphs compile the rest)."""
+        warm_up_shared_prefix_decode(kv_pool.k_buffers[0], kv_pool.v_buffers[0], req_to_token, num_heads=num_heads,
+                                     dtype=dtype, num_sms=self.num_sms)
 
     # -- CUDA graphs ----------------------------------------------------------------------------
 

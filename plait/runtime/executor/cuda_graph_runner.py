@@ -11,7 +11,8 @@ next captured size. Padded rows are dummies that touch only reserved memory: req
 KV pool's dummy slot), input id 0. Their logits are dropped.
 
 Runs eager instead (`can_run` is False): extend batches (their shapes vary too much to capture),
-decode batches larger than the largest captured size, and batches that ask for logits at more than
+decode batches larger than the largest captured size, decode batches with shared-prefix groups
+(the grid of their prefix kernel follows the groups), and batches that ask for logits at more than
 the last token (`logits_start_lens`, prompt logprobs; decode batches never do).
 
 With `enable_torch_compile`, the layers without attention (the RMSNorms and the MLPs) run through
@@ -131,6 +132,7 @@ class CudaGraphRunner:
         return (
             batch.mode is ForwardMode.DECODE
             and batch.batch_size <= self.max_bs
+            and not batch.shared_prefixes
             and not (batch.logits_start_lens and any(s is not None for s in batch.logits_start_lens))
         )
 

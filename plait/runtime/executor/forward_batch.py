@@ -42,6 +42,11 @@ class ForwardBatch:
     # `logits_start_lens[i]` asks for logits at every new token of request i from that offset
     # inside its extend part (prompt logprobs); None means only the last token.
     logits_start_lens: list[int | None] | None = None
+    # Decode: groups of requests whose req_to_token rows start with the same cached slots, as
+    # (batch positions, shared length); set by the scheduler for backends that attend such a prefix
+    # once per group (`AttentionBackend.supports_shared_prefix_decode`).
+    shared_prefixes: list[tuple[list[int], int]] | None = None
+    req_pool_indices_cpu: list[int] | None = None  # host copy of req_pool_indices, where the maker had it
     attn_metadata: Any = field(default=None, repr=False)
 
     @property
@@ -101,6 +106,7 @@ def make_extend_batch(
         kv_pool=kv_pool,
         attn_backend=attn_backend,
         logits_start_lens=logits_start_lens,
+        req_pool_indices_cpu=list(req_pool_indices),
     )
     batch.check()
     return batch
@@ -141,6 +147,7 @@ def make_decode_batch(
         req_to_token_pool=req_to_token_pool,
         kv_pool=kv_pool,
         attn_backend=attn_backend,
+        req_pool_indices_cpu=list(req_pool_indices),
     )
     batch.check()
     return batch

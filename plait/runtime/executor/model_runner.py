@@ -177,6 +177,9 @@ class ModelRunner:
         )
         self.req_to_token_pool = ReqToTokenPool(max_running, min(self.context_length, num_slots) + 1, self.device)
         self.allocator = SlotAllocator(num_slots, self.device)
+        if self.device.type == "cuda":
+            self.attn_backend.warm_up(self.kv_pool, self.req_to_token_pool.req_to_token,
+                                      num_heads=self.arch.num_heads, dtype=self.dtype)
         if graph_max_bs:
             self.graph_runner = CudaGraphRunner(
                 self, max_bs=min(graph_max_bs, max_running), enable_torch_compile=model_config.enable_torch_compile

@@ -157,6 +157,40 @@ class CacheManager:
         self._free_row(req.req_pool_idx)
         req.reset_kv()
 
+    @staticmethod
+    def shared_prefix_groups(reqs: list[Req], *, min_prefix: int = 64) -> list[tuple[list[int], int]]:
+        """Requests (by position in `reqs`) whose rows start with the same cached slots, and how many.
+
+        Read off the prefix tree, with no device work: a request's row starts with the path of its
+        `last_node` (the prefix the cache holds for it, locked). Each request joins the group of the
+        deepest node on that path that another request of the batch also passes through, if that
+        node is at least `min_prefix` tokens deep; groups of one are dropped. The shared length is
+        below every member's committed KV, so each keeps at least its new token for itself.
+        """
+        depth: dict[int, int] = {}  # node id -> tokens from the root through that node
+        count: dict[int, int] = {}  # node id -> requests whose path passes through it
+        paths = []
+        for req in reqs:
+            path = []
+            node = req.last_node
+            while node is not None and node.parent is not None:  # the root has no parent
+                path.append(node)
+                node = node.parent
+            path.reverse()
+            tokens = 0
+            for node in path:
+                tokens += len(node.key)
+                depth[node.id] = tokens
+                count[node.id] = count.get(node.id, 0) + 1
+            paths.append(path)
+        groups: dict[int, list[int]] = {}
+        for i, path in enumerate(paths):
+            for node in reversed(path):
+                if count[node.id] >= 2 and depth[node.id] >= min_prefix:
+                    groups.setdefault(node.id, []).append(i)
+                    break
+        return [(members, depth[node_id]) for node_id, members in groups.items() if len(members) >= 2]
+
     def flush(self) -> None:
         self.cache.reset()
 

@@ -282,16 +282,30 @@ class Scheduler:
             last_token_ids = self.last_tokens[_device_ids(rows, self.runner.device)]
         else:
             last_token_ids = [r.output_ids[-1] for r in reqs]
+        seq_lens = [r.kv_committed_len + 1 for r in reqs]
         forward = make_decode_batch(
             req_pool_indices=rows,
-            seq_lens=[r.kv_committed_len + 1 for r in reqs],
+            seq_lens=seq_lens,
             last_token_ids=last_token_ids,
             out_cache_loc=slots,
             req_to_token_pool=self.runner.req_to_token_pool,
             kv_pool=self.runner.kv_pool,
             attn_backend=self.runner.attn_backend,
         )
+        forward.shared_prefixes = self._shared_prefixes(reqs)
         return StepBatch(forward, reqs, [1] * len(reqs), [None] * len(reqs))
+
+    def _shared_prefixes(self, reqs: list[Req]) -> list[tuple[list[int], int]] | None:
+        """The decode batch's shared-prefix groups, when the backend uses them and they save enough
+        KV reads to pay for running the step outside a CUDA graph."""
+        if (self.config.disable_shared_prefix_decode or len(reqs) < 2
+                or not self.runner.attn_backend.supports_shared_prefix_decode):
+            return None
+        groups = self.cache.shared_prefix_groups(reqs)
+        saved = sum((len(members) - 1) * prefix_len for members, prefix_len in groups)
+        if not groups or saved < max(1, self.config.shared_prefix_decode_min_tokens):
+            return None
+        return groups
 
     def _decodable(self) -> list[Req]:
         """Running requests that need another decode step: not those whose token in flight is
