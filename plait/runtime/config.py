@@ -28,6 +28,9 @@ class ModelConfig:
     disable_cuda_graph: bool = False  # CUDA: decode steps replay captured graphs unless this is set
     cuda_graph_max_bs: int = 256  # largest decode batch captured; larger batches run eager
     enable_torch_compile: bool = False  # torch.compile the norms and MLPs inside the captured decode graphs
+    # CPU, bf16, a GGUF of Q4_0/Q4_1 weights: products of up to 16 rows (decode) read the packed 4-bit
+    # weights instead of the bf16 ones (plait/runtime/layers/int4_linear.py); this turns that off.
+    disable_int4_decode: bool = False
 
 
 @dataclass(frozen=True)

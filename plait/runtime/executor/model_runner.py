@@ -22,6 +22,7 @@ from plait.runtime.attention.base import (
 from plait.runtime.config import MemoryConfig, ModelConfig
 from plait.runtime.executor.cuda_graph_runner import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch, make_decode_batch
+from plait.runtime.layers.int4_linear import attach_int4, int4_available
 from plait.runtime.memory.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from plait.runtime.models.registry import get_model_class
 
@@ -207,8 +208,20 @@ class ModelRunner:
             _init_dummy_weights(model)
         else:
             model.load_weights(self.source.iter_weights())
+            self._attach_int4(model)
         logger.info("weights ready in %.1f s", time.perf_counter() - start)
         return model.eval()
+
+    def _attach_int4(self, model: torch.nn.Module) -> None:
+        """On the CPU in bf16, keep a GGUF's 4-bit weights packed for small-batch products."""
+        if (self.model_config.disable_int4_decode or self.device.type != "cpu" or self.dtype != torch.bfloat16
+                or self.source.load_format != "gguf" or not hasattr(model, "checkpoint_rows") or not int4_available()):
+            return
+        from plait.runtime.model_loader.gguf_file import iter_gguf_q4_weights, open_gguf
+
+        count = attach_int4(model, iter_gguf_q4_weights(open_gguf(self.source.path), self.config))
+        if count:
+            logger.info("%d linear layers also keep their 4-bit GGUF weights for decode-sized products", count)
 
     def _num_kv_slots(self, memory_config: MemoryConfig, *, reserve_bytes: int = 0) -> int:
         """KV tokens that fit. On CUDA, `mem_fraction_static` of the device holds the weights, the KV

@@ -247,3 +247,39 @@ def iter_gguf_weights(reader: GGUFReader, config: dict[str, Any], path: str) -> 
         if permuted and proj in heads:
             tensor = unpermute_rotary_rows(tensor, heads[proj])
         yield name, tensor
+
+
+# 4-bit block types that map exactly onto PyTorch's packed int4 format (`w = (code - 8) * scale + zero`
+# per group of 32 along the input dimension): Q4_0 is `(q - 8) * d`, Q4_1 is `q * d + m`.
+_Q4_BLOCK_BYTES = {QType.Q4_0: 18, QType.Q4_1: 20}
+
+
+def iter_gguf_q4_weights(
+    reader: GGUFReader, config: dict[str, Any]
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield `(hf_name, codes, scale, zero)` for every 2-D Q4_0/Q4_1 tensor, undequantized: codes
+    [out, in] uint8 in 0..15, scale and zero [out, in / 32] float32, with w = (codes - 8) * scale + zero
+    for each group of 32 inputs (rows un-permuted like `iter_gguf_weights`)."""
+    permuted = config["model_type"] == "llama"
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None or t.tensor_type not in _Q4_BLOCK_BYTES or len(t.data.shape) != 2:
+            continue
+        block_bytes = _Q4_BLOCK_BYTES[t.tensor_type]
+        raw = np.asarray(t.data)
+        rows, num_blocks = raw.shape[0], raw.shape[1] // block_bytes
+        blocks = raw.reshape(rows, num_blocks, block_bytes)
+        d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if t.tensor_type == QType.Q4_1:
+            m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            zero, qs = m + 8 * d, blocks[:, :, 4:]
+        else:
+            zero, qs = np.zeros_like(d), blocks[:, :, 2:]
+        # A block's 16 bytes hold its first 16 values in the low nibbles and the last 16 in the high ones.
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, num_blocks * 32)
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (codes, d, zero)]
+        proj = name.split(".")[-2]
+        if permuted and proj in heads:
+            tensors = [unpermute_rotary_rows(x, heads[proj]) for x in tensors]
+        yield name, *tensors

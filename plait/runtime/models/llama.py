@@ -188,14 +188,26 @@ class LlamaForCausalLM(nn.Module):
         # hidden: [n, hidden_size] -> [n, vocab_size] float32 (the product runs in the model's dtype, as the reference does)
         return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
 
-    def _slice_for(self, param: torch.Tensor, shard: str | int) -> torch.Tensor:
+    def _shard_rows(self, shard: str | int) -> tuple[int, int]:
+        """(first row, rows) of a checkpoint tensor's slice of its fused parameter."""
         arch = self.arch
         if shard in ("q", "k", "v"):
             q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-            start, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard]
-        else:
-            start, size = shard * arch.intermediate_size, arch.intermediate_size
-        return param.narrow(0, start, size)
+            return {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard]
+        return shard * arch.intermediate_size, arch.intermediate_size
+
+    def _slice_for(self, param: torch.Tensor, shard: str | int) -> torch.Tensor:
+        return param.narrow(0, *self._shard_rows(shard))
+
+    def checkpoint_rows(self, name: str) -> tuple[str, int] | None:
+        """Where a checkpoint weight lands: (our module's name, its first output row), or None for
+        tensors that are not a module's `weight`."""
+        if not name.endswith(".weight"):
+            return None
+        for ckpt_part, fused_part, shard_id in _STACKED:
+            if f".{ckpt_part}." in name:
+                return name.replace(ckpt_part, fused_part)[: -len(".weight")], self._shard_rows(shard_id)[0]
+        return name[: -len(".weight")], 0
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
