@@ -198,3 +198,28 @@ def test_shared_prefix_decode_matches_reference(dtype):
         assert case.batch.attn_metadata.shared is not None  # the prefix kernel ran
         err = rel_error(out, reference(case))
         assert err < TOL[dtype], (plan, err)
+
+
+def test_shared_prefix_decode_never_reads_uninitialised_scratch(monkeypatch):
+    """Scratch made with torch.empty may hold NaN (it did in a CI run): every float buffer the backend
+    allocates is NaN-filled here, and the result must still be right (rows outside any group are never
+    written by the prefix kernel, and 0 * NaN would survive the merge)."""
+    from tests.attention_cases import make_shared_prefix_case
+
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    g = torch.Generator().manual_seed(5)
+    case = make_shared_prefix_case(plan=[(70, [1, 5, 30]), (0, [40]), (130, [2, 2]), (0, [1])], num_heads=4,
+                                   num_kv_heads=2, head_dim=16, dtype=torch.float32, device="cpu",
+                                   backend=_backend(), generator=g)
+    backend = case.batch.attn_backend
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    backend.init_forward_metadata(case.batch)
+    out = backend.forward(case.q, case.k, case.v, case.layer, case.batch)
+    monkeypatch.setattr(torch, "empty", empty)
+    err = rel_error(out, reference(case))
+    assert err < TOL[torch.float32], err

@@ -342,7 +342,9 @@ def shared_prefix_plan(
         kv_starts=to_device(kv_starts, torch.int32),
         num_splits=num_splits,
         block_n=block_n,
-        prefix_out=torch.empty((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=device),
+        # Zeros, not empty: rows outside any group are never written, and the merge multiplies them by a
+        # weight of 0, which a NaN left in uninitialised memory would survive.
+        prefix_out=torch.zeros((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=device),
         prefix_lse=torch.full((batch_size, num_heads, num_splits), float("-inf"), dtype=torch.float32, device=device),
     )
 
