@@ -234,11 +234,11 @@ class TorchNativeBackend(AttentionBackend):
         flat = kv.kv_indices.reshape(-1)
         k = k_buf.index_select(0, flat).view(shape)  # [n, max_len, num_kv_heads, head_dim]
         v = v_buf.index_select(0, flat).view(shape)
-        if _use_products(q, 1):
-            n, kv_heads = q.shape[0], layer.num_kv_heads
-            qg = q.view(n, kv_heads, -1, q.shape[-1])  # query head h reads KV head h // group
-            out, _ = _products_with_lse(qg, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-                                        None if kv.mask is None else kv.mask[:, None, None, :], layer.scaling)
+        group = layer.num_heads // layer.num_kv_heads
+        if _use_products(q, group):  # the G query heads of a KV head are one product's rows
+            qg = q.view(q.shape[0], layer.num_kv_heads, group, q.shape[-1])
+            out, _ = _attention_with_lse(qg, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+                                         None if kv.mask is None else kv.mask[:, None, None, :], layer.scaling)
             return out.view(q.shape).to(q.dtype)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [n, num_heads, 1, head_dim]
@@ -348,29 +348,8 @@ def _attention_with_lse(
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         out, lse = _CPU_FLASH(q, k, v, is_causal=causal, attn_mask=bias, scale=scale)
         return out.float(), lse
-    return _products_with_lse(q, k, v, mask, scale, bias=bias, causal=causal)
-
-
-def _use_products(q: torch.Tensor, rows: int) -> bool:
-    """Whether attention with `rows` query rows per product runs faster as two matrix products than
-    through PyTorch's fused kernels. On the CPU in bf16/fp16, for decode-sized products (up to 64 rows:
-    a decode query's heads, or a group's queries over its shared prefix), the fused kernels were 1.3-15x
-    slower than the products (2-core AVX-512 machine, docs/benchmarks.md); in float32 they win or tie."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and rows <= 64
-
-
-def _products_with_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    *,
-    bias: torch.Tensor | None = None,
-    causal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_attention_with_lse` as plain operations: scores in float32 (from one rounding of the product
-    in q's dtype), the softmax weights rounded to v's dtype for the second product."""
+    # Plain operations: scores in float32 (from one rounding of the product in q's dtype), the softmax
+    # weights rounded to v's dtype for the second product.
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
@@ -384,6 +363,14 @@ def _products_with_lse(
     total = weights.sum(dim=-1, keepdim=True)
     out = torch.matmul(weights.to(v.dtype), v).float().div_(total)
     return out, (top + total.log()).squeeze(-1)
+
+
+def _use_products(q: torch.Tensor, rows: int) -> bool:
+    """Whether attention with `rows` query rows per product runs faster as two matrix products than
+    through PyTorch's fused kernels. On the CPU in bf16/fp16, for decode-sized products (up to 64 rows:
+    a decode query's heads, or a group's queries over its shared prefix), the fused kernels were 1.3-15x
+    slower than the products (2-core AVX-512 machine, docs/benchmarks.md); in float32 they win or tie."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and rows <= 64
 
 
 # PyTorch's CPU flash attention, which also returns the log-sum-exp the cascade merge needs.
