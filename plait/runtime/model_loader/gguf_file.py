@@ -227,10 +227,16 @@ def unpermute_rotary_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _rotary_heads(config: dict[str, Any], hf_name: str) -> int | None:
+    """The head count whose rotary rows llama.cpp permuted in this tensor (q_proj/k_proj of llama), else None."""
+    if config["model_type"] != "llama":
+        return None
+    proj = hf_name.split(".")[-2]
+    return {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}.get(proj)
+
+
 def iter_gguf_weights(reader: GGUFReader, config: dict[str, Any], path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, float32 tensor)` for every model tensor in the file."""
-    permuted = config["model_type"] == "llama"
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", file=sys.stderr):
         name = hf_name(t.name)
         if name is None:
@@ -243,9 +249,9 @@ def iter_gguf_weights(reader: GGUFReader, config: dict[str, Any], path: str) -> 
         if not array.flags.writeable:  # F32 data is a read-only view into the memory map
             array = array.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        proj = name.split(".")[-2]
-        if permuted and proj in heads:
-            tensor = unpermute_rotary_rows(tensor, heads[proj])
+        heads = _rotary_heads(config, name)
+        if heads is not None:
+            tensor = unpermute_rotary_rows(tensor, heads)
         yield name, tensor
 
 
@@ -260,8 +266,6 @@ def iter_gguf_q4_weights(
     """Yield `(hf_name, codes, scale, zero)` for every 2-D Q4_0/Q4_1 tensor, undequantized: codes
     [out, in] uint8 in 0..15, scale and zero [out, in / 32] float32, with w = (codes - 8) * scale + zero
     for each group of 32 inputs (rows un-permuted like `iter_gguf_weights`)."""
-    permuted = config["model_type"] == "llama"
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None or t.tensor_type not in _Q4_BLOCK_BYTES or len(t.data.shape) != 2:
@@ -279,7 +283,7 @@ def iter_gguf_q4_weights(
         # A block's 16 bytes hold its first 16 values in the low nibbles and the last 16 in the high ones.
         codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, num_blocks * 32)
         tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (codes, d, zero)]
-        proj = name.split(".")[-2]
-        if permuted and proj in heads:
-            tensors = [unpermute_rotary_rows(x, heads[proj]) for x in tensors]
+        heads = _rotary_heads(config, name)
+        if heads is not None:
+            tensors = [unpermute_rotary_rows(x, heads) for x in tensors]
         yield name, *tensors
