@@ -13,12 +13,27 @@ from tests.tiny_models import FAMILIES, InMemorySource, tiny_hf_model
 TOL = 1e-4  # max |difference| relative to the logit scale
 
 
-def make_runner(hf_model, **memory) -> ModelRunner:
-    return ModelRunner(
-        ModelConfig(dtype="float32", device="cpu"),
+# The CPU execution paths: the kernels with the whole stack in one native call (the default), the
+# kernels layer by layer from the model's modules, and PyTorch operations (the reference).
+CPU_PATHS = {
+    "cpu-graph": {},
+    "cpu-kernels-eager": {"disable_cpu_graph": True},
+    "torch": {"disable_cpu_kernels": True},
+}
+
+
+def make_runner(hf_model, path: str = "cpu-graph", **memory) -> ModelRunner:
+    runner = ModelRunner(
+        ModelConfig(dtype="float32", device="cpu", **CPU_PATHS[path]),
         MemoryConfig(max_total_tokens=memory.get("max_total_tokens", 2048), max_running_requests=8),
         source=InMemorySource(hf_model),
     )
+    from plait.runtime.cpu import kernels
+
+    if kernels.available():  # the path asked for is the path that runs
+        assert (runner.cpu_stack is not None) == (path == "cpu-graph")
+        assert runner.use_cpu_kernels == (path != "torch")
+    return runner
 
 
 def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
@@ -41,10 +56,11 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= TOL * scale, f"max diff {err:.3g} vs scale {scale:.3g}"
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(f, p) for f in FAMILIES for p in CPU_PATHS], ids=lambda fp: "-".join(fp))
 def family_pair(request):
-    hf = tiny_hf_model(request.param)
-    return hf, make_runner(hf)
+    family, path = request.param
+    hf = tiny_hf_model(family)
+    return hf, make_runner(hf, path)
 
 
 def test_prefill_logits_match_transformers(family_pair):

@@ -107,9 +107,32 @@ def test_shared_prefixes_decode_through_the_cascade_path(hf_model, reference, mo
         return attend(q, k_buf, v_buf, shared, layer)
 
     monkeypatch.setattr(torch_native, "_attend_shared_prefixes", counting)
-    with make_engine(hf_model) as engine:
+    with make_engine(hf_model, attention_backend="torch_native", disable_cpu_kernels=True) as engine:
         assert run_all(engine, workload()) == reference
     assert calls and max(calls) >= 2  # steps where two groups shared their prefixes in one product
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["cpu-graph", "cpu-kernels-eager"])
+def test_shared_prefixes_decode_through_the_cpu_cascade(hf_model, reference, monkeypatch, graph):
+    """The CPU kernels' backend attends each group's shared prefix once (the scheduler's groups from
+    the prefix tree), in the native stack and layer by layer; outputs stay the reference's."""
+    from plait.runtime.attention.cpu_backend import CpuBackend
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels are not built here")
+    groups_seen = []
+    build = CpuBackend._cascade_metadata
+
+    def counting(self, batch, table, rows, groups):
+        groups_seen.append(len(groups))
+        return build(self, batch, table, rows, groups)
+
+    monkeypatch.setattr(CpuBackend, "_cascade_metadata", counting)
+    with make_engine(hf_model, disable_cpu_graph=not graph) as engine:
+        assert engine.runner.execution["attention_backend"] == "cpu"
+        assert run_all(engine, workload()) == reference
+    assert groups_seen and max(groups_seen) >= 2  # steps where two groups each read their prefix once
 
 
 def test_shared_prefix_groups_read_off_the_tree_match_the_rows(hf_model, reference, monkeypatch):

@@ -66,5 +66,8 @@ class InMemorySource:
         cfg["architectures"] = cfg.get("architectures") or [type(self.model).__name__]
         return cfg
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.model.state_dict().items()
+    def iter_weights(self, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from ((name, t) for name, t in self.model.state_dict().items() if name not in skip)
+
+    def iter_stored_weights(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        return iter(())

@@ -311,12 +311,15 @@ class ModelCosts(NamedTuple):
     @classmethod
     def of(cls, runner: Any) -> ModelCosts:
         arch, model = runner.arch, runner.model
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        embed = model.model.embed_tokens.weight
-        untied_embed_bytes = 0 if arch.tie_word_embeddings else embed.numel() * embed.element_size()
-        params = sum(p.numel() for p in model.parameters())
+        # Parameters, and the CPU kernels' stored weights (buffers; a tied head's is the embedding's).
+        param_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        embed = model.get_submodule(model.embedding_module_name)
+        embed_data = embed.stored.data if hasattr(embed, "stored") else embed.weight
+        embed_params = arch.vocab_size * arch.hidden_size
+        untied_embed_bytes = 0 if arch.tie_word_embeddings else embed_data.numel() * embed_data.element_size()
+        params = runner.num_params
         logits_params = arch.vocab_size * arch.hidden_size
-        body = params - embed.numel() - (0 if arch.tie_word_embeddings else logits_params)
+        body = params - embed_params - (0 if arch.tie_word_embeddings else logits_params)
         return cls(
             weight_read_bytes=param_bytes - untied_embed_bytes,
             body_params=body,

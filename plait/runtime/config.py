@@ -23,14 +23,18 @@ class ModelConfig:
     context_length: int | None = None  # default: the model's max_position_embeddings
     chat_template: str | None = None  # a Jinja template or a path to one; default: the tokenizer's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    attention_backend: str | None = None  # default: triton on CUDA, torch_native on CPU
+    attention_backend: str | None = None  # default: triton on CUDA, cpu with the CPU kernels, else torch_native
     random_seed: int = 0
     disable_cuda_graph: bool = False  # CUDA: decode steps replay captured graphs unless this is set
     cuda_graph_max_bs: int = 256  # largest decode batch captured; larger batches run eager
     enable_torch_compile: bool = False  # torch.compile the norms and MLPs inside the captured decode graphs
-    # CPU, bf16, a GGUF of Q4_0/Q4_1 weights: products of up to 16 rows (decode) read the packed 4-bit
-    # weights instead of the bf16 ones (plait/runtime/layers/int4_linear.py); this turns that off.
-    disable_int4_decode: bool = False
+    # CPU: the model runs on Plait's C++ kernels (weights read in their stored format, e.g. a GGUF's
+    # 4-bit blocks; attention over the KV pool in place; fused small layers) when they are built and
+    # the CPU has AVX2; this turns them off (PyTorch operations on dequantized weights instead).
+    disable_cpu_kernels: bool = False
+    # CPU kernels: a step runs the whole decoder stack in one native call (no per-operation dispatch
+    # from Python; the CPU's counterpart of CUDA graphs); this runs it layer by layer instead.
+    disable_cpu_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ class SchedulerConfig:
     # tokens are read back. The CPU has nothing to overlap; `enable_overlap_schedule` forces it there.
     disable_overlap_schedule: bool = False
     enable_overlap_schedule: bool = False
-    # Shared-prefix decode (attention backends that support it: triton): decoding requests that share
-    # a cached prefix read it once per group, when that saves at least this many KV tokens a step
-    # (such steps run eager, outside the CUDA graphs). docs/gpu-kernels.md.
+    # Shared-prefix decode (attention backends that support it: triton, cpu): decoding requests that
+    # share a cached prefix read it once per group, when that saves at least this many KV tokens a
+    # step. Default: the backend's own threshold (triton 16384, since such steps run eager, outside
+    # the CUDA graphs; cpu 64). docs/gpu-kernels.md.
     disable_shared_prefix_decode: bool = False
-    shared_prefix_decode_min_tokens: int = 16384
+    shared_prefix_decode_min_tokens: int | None = None

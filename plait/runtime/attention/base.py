@@ -28,8 +28,10 @@ class AttentionBackend(ABC):
     # Whether the KV pool may be stored in an 8-bit float type (`--kv-cache-dtype fp8_*`): the kernels
     # cast K/V to the query's dtype as they load them.
     supports_fp8_kv_cache: bool = False
-    # Decode batches may carry `ForwardBatch.shared_prefixes`, which the backend then uses.
+    # Decode batches may carry `ForwardBatch.shared_prefixes`, which the backend then uses, when they
+    # save at least this many KV tokens a step (unless --shared-prefix-decode-min-tokens says otherwise).
     supports_shared_prefix_decode: bool = False
+    shared_prefix_min_saved_tokens: int = 16384
 
     def warm_up(self, kv_pool, req_to_token: torch.Tensor, *, num_heads: int, dtype: torch.dtype) -> None:
         """Called once the pools exist (on CUDA): compile what would otherwise compile mid-serving."""
@@ -99,14 +101,18 @@ class AttentionBackend(ABC):
 ATTENTION_BACKENDS: dict[str, str] = {
     "torch_native": "plait.runtime.attention.torch_native:TorchNativeBackend",
     "triton": "plait.runtime.attention.triton_backend:TritonBackend",
+    "cpu": "plait.runtime.attention.cpu_backend:CpuBackend",
 }
 
 
-def default_attention_backend(device: torch.device) -> str:
-    """`triton` on CUDA when Triton is installed (it ships with PyTorch's CUDA wheels), else `torch_native`."""
+def default_attention_backend(device: torch.device, *, cpu_kernels: bool = False) -> str:
+    """`triton` on CUDA when Triton is installed (it ships with PyTorch's CUDA wheels); `cpu` when the
+    model runs on the CPU kernels; else `torch_native`."""
     import importlib.util
 
-    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch_native"
+    if device.type == "cuda":
+        return "triton" if importlib.util.find_spec("triton") else "torch_native"
+    return "cpu" if cpu_kernels else "torch_native"
 
 
 def create_attention_backend(name: str, **kwargs) -> AttentionBackend:

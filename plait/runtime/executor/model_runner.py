@@ -22,7 +22,7 @@ from plait.runtime.attention.base import (
 from plait.runtime.config import MemoryConfig, ModelConfig
 from plait.runtime.executor.cuda_graph_runner import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch, make_decode_batch
-from plait.runtime.layers.int4_linear import attach_int4, int4_available
+from plait.runtime.cpu import kernels as cpu_kernels
 from plait.runtime.memory.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from plait.runtime.models.registry import get_model_class
 
@@ -90,15 +90,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, config: dict, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, config: dict, device: torch.device, *, cpu_kernels: bool = False) -> torch.dtype:
     if name != "auto":
         if name not in _DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
     if device.type == "cpu":
-        # bf16 pays on CPUs with bf16 instructions (AMX, or AVX-512 BF16: the default model's decode step
-        # at batch 8 took 58 ms against 89 in float32 on a 2-core AVX-512 BF16 machine, prefill 2x as
-        # fast); without them the half-type kernels are slow, and float32 is exact and safe.
+        # The CPU kernels compute in float32 (their weights stay compact: GGUF blocks or 16 bits).
+        # Without them, bf16 pays on CPUs with bf16 instructions (AMX, or AVX-512 BF16: the default
+        # model's decode step at batch 8 took 58 ms against 89 in float32 on a 2-core AVX-512 BF16
+        # machine, prefill 2x as fast); without those the half-type kernels are slow.
+        if cpu_kernels:
+            return torch.float32
         return torch.bfloat16 if _cpu_has_bf16_units() else torch.float32
     config_dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
     return _DTYPES.get(config_dtype, torch.bfloat16) if config_dtype != "float32" else torch.bfloat16
@@ -149,7 +152,11 @@ class ModelRunner:
         self.source = source
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        self.dtype = resolve_dtype(model_config.dtype, self.config, self.device)
+        kernels_ok = (self.device.type == "cpu" and not model_config.disable_cpu_kernels and cpu_kernels.available())
+        self.dtype = resolve_dtype(model_config.dtype, self.config, self.device, cpu_kernels=kernels_ok)
+        # The model runs on the CPU kernels when they can run here and the model computes in float32.
+        self.use_cpu_kernels = kernels_ok and self.dtype == torch.float32
+        self.execution: dict[str, str] = {}  # which paths run, for the startup log and /get_server_info
         self.model = self._load_model()
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
@@ -160,7 +167,11 @@ class ModelRunner:
                 f"({self.arch.max_position_embeddings})"
             )
 
-        backend = model_config.attention_backend or default_attention_backend(self.device)
+        backend = model_config.attention_backend or default_attention_backend(
+            self.device, cpu_kernels=self.use_cpu_kernels)
+        if backend == "cpu" and not self.use_cpu_kernels:
+            raise ValueError("the cpu attention backend needs the CPU kernels (built, an AVX2 CPU) and dtype float32")
+        self.execution["attention_backend"] = backend
         self.attn_backend = create_attention_backend(backend, device=self.device)
         self.kv_dtype = resolve_kv_cache_dtype(model_config.kv_cache_dtype, self.dtype, self.attn_backend)
         self.graph_runner: CudaGraphRunner | None = None
@@ -187,6 +198,7 @@ class ModelRunner:
             self.graph_runner = CudaGraphRunner(
                 self, max_bs=min(graph_max_bs, max_running), enable_torch_compile=model_config.enable_torch_compile
             )
+        self.cpu_stack = self._cpu_stack(model_config)
         self.memory_report = self._memory_report(graph_reserve)
         logger.info(
             "model %s loaded: %s, %.1fM parameters, dtype %s on %s; %s",
@@ -194,34 +206,56 @@ class ModelRunner:
             self.memory_report,
         )
 
+    def _cpu_stack(self, model_config: ModelConfig):
+        """The whole decoder stack as one native call per step (the CPU's "graph"), when it can run."""
+        if not self.use_cpu_kernels or self.execution.get("attention_backend") != "cpu":
+            return None
+        from plait.runtime.cpu.stack import CpuDecoderStack
+
+        reason = "--disable-cpu-graph" if model_config.disable_cpu_graph else CpuDecoderStack.unsupported(
+            self.model, self.kv_pool)
+        if reason is not None:
+            self.execution["cpu_graph"] = f"off ({reason})"
+            return None
+        self.execution["cpu_graph"] = "on"
+        return CpuDecoderStack(self.model, self.kv_pool)
+
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Parameters of the model, counting the CPU kernels' stored matrices (shared ones once)."""
+        from plait.runtime.cpu.linear import CpuEmbedding, CpuLinear
+
+        stored = {id(m.stored): m.stored for m in self.model.modules() if isinstance(m, (CpuLinear, CpuEmbedding))}
+        return (sum(p.numel() for p in self.model.parameters())
+                + sum(w.out_features * w.in_features for w in stored.values()))
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = get_model_class(self.config)
         start = time.perf_counter()
         with torch.device("meta"):
             model = model_cls(self.config).to(self.dtype)
+        # Allocated but untouched: layers that take stored weights below free theirs unwritten.
         model = model.to_empty(device=self.device)
         if self.source.load_format == "dummy":
             _init_dummy_weights(model)
         else:
-            model.load_weights(self.source.iter_weights())
-            self._attach_int4(model)
+            consumed: frozenset[str] = frozenset()
+            if self.use_cpu_kernels:
+                from plait.runtime.cpu.convert import attach_stored
+
+                consumed = attach_stored(model, self.source.iter_stored_weights())
+            model.load_weights(self.source.iter_weights(skip=consumed))
+        if self.use_cpu_kernels:
+            from plait.runtime.cpu.convert import convert_remaining
+
+            summary = convert_remaining(model)
+            self.execution["cpu_kernels"] = cpu_kernels.isa()
+            self.execution["weights"] = summary.describe()
+            logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
+        elif self.device.type == "cpu":
+            self.execution["cpu_kernels"] = "off"
         logger.info("weights ready in %.1f s", time.perf_counter() - start)
         return model.eval()
-
-    def _attach_int4(self, model: torch.nn.Module) -> None:
-        """On the CPU in bf16, keep a GGUF's 4-bit weights packed for small-batch products."""
-        if (self.model_config.disable_int4_decode or self.device.type != "cpu" or self.dtype != torch.bfloat16
-                or self.source.load_format != "gguf" or not hasattr(model, "checkpoint_rows") or not int4_available()):
-            return
-        from plait.runtime.model_loader.gguf_file import iter_gguf_q4_weights, open_gguf
-
-        count = attach_int4(model, iter_gguf_q4_weights(open_gguf(self.source.path), self.config))
-        if count:
-            logger.info("%d linear layers also keep their 4-bit GGUF weights for decode-sized products", count)
 
     def _num_kv_slots(self, memory_config: MemoryConfig, *, reserve_bytes: int = 0) -> int:
         """KV tokens that fit. On CUDA, `mem_fraction_static` of the device holds the weights, the KV
@@ -291,7 +325,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
         stats = self.graph_runner.stats if self.graph_runner is not None else None
         report = MemoryReport(
-            weights_bytes=sum(t.numel() * t.element_size() for t in self.model.parameters()),
+            weights_bytes=sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()]),
             kv_pool_tokens=self.kv_pool.num_slots,
             kv_pool_bytes=self.kv_pool.num_slots * self.kv_bytes_per_token,
             kv_dtype=str(self.kv_dtype).replace("torch.", ""),
@@ -315,7 +349,10 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return LogitsOutput(self.graph_runner.replay(batch), [None] * batch.batch_size)
         batch.attn_backend.init_forward_metadata(batch)
-        hidden = self.model(batch)  # [num_tokens, hidden_size]
+        if self.cpu_stack is not None:
+            hidden = self.cpu_stack.forward(batch, batch.attn_metadata)  # [num_tokens, hidden_size]
+        else:
+            hidden = self.model(batch)
         # Index tensors are built on the host and copied without blocking: a tensor made directly on
         # the device would wait for the queued work (no overlap scheduling).
         last_index = (torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1).to(hidden.device, non_blocking=True)

@@ -85,9 +85,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tupl
     """q, k rotated at the step's positions. The fused path (CUDA) rotates them in place and returns them."""
     # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
     if rotary.cos is None:
-        from plait.runtime.layers.triton_ops import rotary_inplace
+        if rotary.positions.is_cuda:
+            from plait.runtime.layers.triton_ops import rotary_inplace
 
-        rotary_inplace(q, k, rotary.positions, rotary.table)
+            rotary_inplace(q, k, rotary.positions, rotary.table)
+        else:
+            from plait.runtime.cpu import kernels
+
+            kernels.rope_store(q, k, k, rotary.positions, rotary.table, None, None, None)
         return q, k
     return apply_rotary_native(q, k, rotary)
 
@@ -101,13 +106,20 @@ def apply_rotary_and_store(
     v_cache: torch.Tensor,
     cache_loc: torch.Tensor,
 ) -> bool:
-    """On the fused path, rotate q and k in place and store the rotated k and v at `cache_loc` of the
-    layer's KV pool buffers, in one kernel; returns whether it did (False: nothing was done)."""
+    """On the fused path (the Triton kernel on CUDA, the C++ kernel on the CPU), rotate q and k in place
+    and store the rotated k and v at `cache_loc` of the layer's KV pool buffers, in one kernel;
+    returns whether it did (False: nothing was done)."""
     if rotary.cos is not None:
         return False
-    from plait.runtime.layers.triton_ops import rotary_inplace
+    if rotary.positions.is_cuda:
+        from plait.runtime.layers.triton_ops import rotary_inplace
 
-    rotary_inplace(q, k, rotary.positions, rotary.table, v=v, k_cache=k_cache, v_cache=v_cache, cache_loc=cache_loc)
+        rotary_inplace(q, k, rotary.positions, rotary.table, v=v, k_cache=k_cache, v_cache=v_cache,
+                       cache_loc=cache_loc)
+    else:  # CPU kernels (plait/runtime/cpu/layers.py hands out RotaryInputs without cos/sin)
+        from plait.runtime.cpu import kernels
+
+        kernels.rope_store(q, k, v, rotary.positions, rotary.table, k_cache, v_cache, cache_loc)
     return True
 
 

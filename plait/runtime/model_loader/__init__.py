@@ -121,11 +121,16 @@ def _resolve_folder(folder: str) -> ModelSource:
     shards = list_shards(folder)
     tokenizer = _load_tokenizer(folder, generation_config) if has_tokenizer(folder) else None
     return ModelSource(folder, config, generation_config, tokenizer, "safetensors",
-                       weight_reader=lambda: iter_safetensors(shards))
+                       weight_reader=lambda skip: (w for w in iter_safetensors(shards) if w[0] not in skip))
 
 
 def _resolve_gguf(path: str) -> ModelSource:
-    from plait.runtime.model_loader.gguf_file import gguf_config, iter_gguf_weights, open_gguf
+    from plait.runtime.model_loader.gguf_file import (
+        gguf_config,
+        iter_gguf_stored_weights,
+        iter_gguf_weights,
+        open_gguf,
+    )
     from plait.runtime.tokenizer import Tokenizer
 
     reader = open_gguf(path)
@@ -138,7 +143,8 @@ def _resolve_gguf(path: str) -> ModelSource:
         eos = tokenizer.eos_token_ids
         generation_config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return ModelSource(path, config, generation_config, tokenizer, "gguf",
-                       weight_reader=lambda: iter_gguf_weights(reader, config, path))
+                       weight_reader=lambda skip: iter_gguf_weights(reader, config, path, skip=skip),
+                       stored_reader=lambda: iter_gguf_stored_weights(reader, config))
 
 
 def _resolve_dummy(model_path: str) -> ModelSource:

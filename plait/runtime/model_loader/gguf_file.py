@@ -235,12 +235,13 @@ def _rotary_heads(config: dict[str, Any], hf_name: str) -> int | None:
     return {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}.get(proj)
 
 
-def iter_gguf_weights(reader: GGUFReader, config: dict[str, Any], path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, float32 tensor)` for every model tensor in the file."""
-    for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", file=sys.stderr):
+def iter_gguf_weights(
+    reader: GGUFReader, config: dict[str, Any], path: str, *, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, float32 tensor)` for every model tensor in the file not named in `skip`."""
+    tensors = [t for t in reader.tensors if hf_name(t.name) is not None and hf_name(t.name) not in skip]
+    for t in tqdm(tensors, desc="Loading GGUF", unit="tensor", file=sys.stderr, disable=not tensors):
         name = hf_name(t.name)
-        if name is None:
-            continue
         try:
             # Dequantized arrays already come in torch order ([out, in]); GGUF's own shape is reversed.
             array = dequantize(t.data, t.tensor_type)
@@ -255,35 +256,27 @@ def iter_gguf_weights(reader: GGUFReader, config: dict[str, Any], path: str) -> 
         yield name, tensor
 
 
-# 4-bit block types that map exactly onto PyTorch's packed int4 format (`w = (code - 8) * scale + zero`
-# per group of 32 along the input dimension): Q4_0 is `(q - 8) * d`, Q4_1 is `q * d + m`.
-_Q4_BLOCK_BYTES = {QType.Q4_0: 18, QType.Q4_1: 20}
+# Tensor types the CPU kernels read as stored (plait/runtime/cpu/kernels.py names the formats).
+STORED_FORMATS = {QType.F32: "F32", QType.F16: "F16", QType.BF16: "BF16", QType.Q8_0: "Q8_0",
+                  QType.Q4_0: "Q4_0", QType.Q4_1: "Q4_1"}
 
 
-def iter_gguf_q4_weights(
-    reader: GGUFReader, config: dict[str, Any]
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield `(hf_name, codes, scale, zero)` for every 2-D Q4_0/Q4_1 tensor, undequantized: codes
-    [out, in] uint8 in 0..15, scale and zero [out, in / 32] float32, with w = (codes - 8) * scale + zero
-    for each group of 32 inputs (rows un-permuted like `iter_gguf_weights`)."""
+def iter_gguf_stored_weights(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield `(hf_name, format name, tensor)` for every 2-D tensor of a `STORED_FORMATS` type, not
+    dequantized: uint8 [rows, row_bytes] for the block formats (GGUF's blocks, unchanged), the float
+    tensor [rows, cols] otherwise. Rows are un-permuted like `iter_gguf_weights` (blocks lie within
+    rows, so moving whole rows keeps them intact)."""
     for t in reader.tensors:
         name = hf_name(t.name)
-        if name is None or t.tensor_type not in _Q4_BLOCK_BYTES or len(t.data.shape) != 2:
+        if name is None or t.tensor_type not in STORED_FORMATS or len(t.data.shape) != 2:
             continue
-        block_bytes = _Q4_BLOCK_BYTES[t.tensor_type]
-        raw = np.asarray(t.data)
-        rows, num_blocks = raw.shape[0], raw.shape[1] // block_bytes
-        blocks = raw.reshape(rows, num_blocks, block_bytes)
-        d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        if t.tensor_type == QType.Q4_1:
-            m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            zero, qs = m + 8 * d, blocks[:, :, 4:]
-        else:
-            zero, qs = np.zeros_like(d), blocks[:, :, 2:]
-        # A block's 16 bytes hold its first 16 values in the low nibbles and the last 16 in the high ones.
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, num_blocks * 32)
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (codes, d, zero)]
+        rows = int(t.shape[-1])
+        raw = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8).reshape(rows, -1))
+        if t.tensor_type == QType.F32:
+            raw = raw.view(torch.float32)
+        elif t.tensor_type in (QType.F16, QType.BF16):
+            raw = raw.view(torch.float16 if t.tensor_type == QType.F16 else torch.bfloat16)
         heads = _rotary_heads(config, name)
         if heads is not None:
-            tensors = [unpermute_rotary_rows(x, heads) for x in tensors]
-        yield name, *tensors
+            raw = unpermute_rotary_rows(raw, heads).contiguous()
+        yield name, STORED_FORMATS[t.tensor_type], raw

@@ -45,16 +45,25 @@ class ModelSource:
     tokenizer: Tokenizer | None
     load_format: str  # "safetensors" | "gguf" | "dummy"
     # Made by the loader that resolved the source; None means "random weights from the config".
-    weight_reader: Callable[[], WeightIterator] | None = field(default=None, repr=False, compare=False)
+    # Called with the names to skip (tensors the caller has already taken in their stored form).
+    weight_reader: Callable[[frozenset[str]], WeightIterator] | None = field(default=None, repr=False, compare=False)
+    # GGUF only: the 2-D tensors the CPU kernels can read as stored, undequantized (see
+    # `gguf_file.iter_gguf_stored_weights`): `(hf_name, format name, tensor)`.
+    stored_reader: Callable[[], Iterator[tuple[str, str, "torch.Tensor"]]] | None = field(
+        default=None, repr=False, compare=False)
 
-    def iter_weights(self) -> WeightIterator:
+    def iter_weights(self, skip: frozenset[str] = frozenset()) -> WeightIterator:
+        """Every weight not named in `skip`, as float32 (dequantized) or the checkpoint's float type."""
         if self.weight_reader is not None:
-            return self.weight_reader()
+            return self.weight_reader(skip)
         if self.load_format == "dummy":
             from plait.runtime.model_loader.dummy import iter_dummy_weights
 
-            return iter_dummy_weights(self.config)
+            return ((name, t) for name, t in iter_dummy_weights(self.config) if name not in skip)
         raise ModelLoadError(f"{self.path}: ModelSource with load_format={self.load_format!r} has no weight reader")
+
+    def iter_stored_weights(self) -> Iterator[tuple[str, str, "torch.Tensor"]]:
+        return iter(()) if self.stored_reader is None else self.stored_reader()
 
 
 def check_architecture(config: dict[str, Any], where: str) -> str:

@@ -169,6 +169,7 @@ _STACKED = (
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
+    embedding_module_name = "model.embed_tokens"
 
     def __init__(self, config: dict):
         super().__init__()
@@ -176,6 +177,12 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(self.arch)
         if not self.arch.tie_word_embeddings:
             self.lm_head = nn.Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False)
+        # A module computing the logits from the final hidden states, when the weights live elsewhere
+        # than a float `lm_head_weight` (the CPU kernels' stored weights); see `use_logits_head`.
+        self.logits_head: nn.Module | None = None
+
+    def use_logits_head(self, head: nn.Module) -> None:
+        self.logits_head = head
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -186,6 +193,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden_size] -> [n, vocab_size] float32 (the product runs in the model's dtype, as the reference does)
+        if self.logits_head is not None:
+            return self.logits_head(hidden).float()
         return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
 
     def _shard_rows(self, shard: str | int) -> tuple[int, int]:

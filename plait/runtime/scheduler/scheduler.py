@@ -303,7 +303,10 @@ class Scheduler:
             return None
         groups = self.cache.shared_prefix_groups(reqs)
         saved = sum((len(members) - 1) * prefix_len for members, prefix_len in groups)
-        if not groups or saved < max(1, self.config.shared_prefix_decode_min_tokens):
+        min_saved = self.config.shared_prefix_decode_min_tokens
+        if min_saved is None:
+            min_saved = self.runner.attn_backend.shared_prefix_min_saved_tokens
+        if not groups or saved < max(1, min_saved):
             return None
         return groups
 

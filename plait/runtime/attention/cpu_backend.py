@@ -1,0 +1,150 @@
+"""The CPU attention backend: Plait's C++ kernels read K and V from the pool in place.
+
+Each request is one "query sequence" of the kernel: its new tokens' queries over the slots of its
+req_to_token row (the kernel is handed the table itself and each row's offset), causal for
+extend, one query for decode. Nothing is gathered per layer: the metadata (a handful of small
+index tensors) is built once per step and every layer reuses it.
+
+Requests that share a cached prefix (their rows start with the same slots) are attended as a
+cascade in decode: each group's queries read the shared prefix once, in one kernel sequence whose
+rows are all the group's queries, then each request reads only its own suffix; the two partial
+results are merged through their log-sum-exps. That keeps a decode step's KV reads at one copy of
+each shared prefix instead of one per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from plait.runtime.attention.base import AttentionBackend
+from plait.runtime.cpu import kernels
+from plait.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from plait.runtime.layers.attention import RadixAttention
+
+# A decode group attends its shared prefix once only when the prefix is at least this long; below,
+# the second pass and the merge cost more than the keys they save.
+CASCADE_MIN_PREFIX = 64
+
+
+@dataclass
+class _Sequences:
+    """Index tensors of one kernel call (all int64, see `kernels.attention`)."""
+
+    q_rows: torch.Tensor
+    q_off: torch.Tensor
+    q_len: torch.Tensor
+    slots: torch.Tensor
+    slot_off: torch.Tensor
+    kv_len: torch.Tensor
+    causal: bool
+
+
+@dataclass
+class _CpuMetadata:
+    main: _Sequences  # every request over its own KV (after its group's prefix, for cascade members)
+    prefixes: _Sequences | None = None  # cascade: each group's queries over the prefix it shares
+    cascade_rows: torch.Tensor | None = None  # rows whose result merges both passes
+
+
+class CpuBackend(AttentionBackend):
+    stores_kv_with_rotary = True
+    supports_shared_prefix_decode = True
+    shared_prefix_min_saved_tokens = CASCADE_MIN_PREFIX
+
+    def __init__(self, **_: object):
+        self._arange = torch.arange(0)
+
+    def _range(self, n: int) -> torch.Tensor:
+        if self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), dtype=torch.int64)
+        return self._arange[:n]
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        table = batch.req_to_token_pool.req_to_token
+        width = table.shape[1]
+        rows = batch.req_pool_indices_cpu
+        if rows is None:
+            rows = batch.req_pool_indices.tolist()
+        seq_lens = batch.seq_lens_cpu
+        if batch.mode is ForwardMode.DECODE:
+            groups = batch.shared_prefixes or []
+            groups = [(members, n) for members, n in groups if n >= CASCADE_MIN_PREFIX and len(members) > 1]
+            if groups:
+                batch.attn_metadata = self._cascade_metadata(batch, table, rows, groups)
+                return
+            n = batch.batch_size
+            index = self._range(n)
+            main = _Sequences(index, index, torch.ones(n, dtype=torch.int64), table,
+                              torch.tensor(rows, dtype=torch.int64) * width, batch.seq_lens.cpu(), causal=False)
+            batch.attn_metadata = _CpuMetadata(main)
+            return
+        starts = [0]
+        for n in batch.extend_lens_cpu[:-1]:
+            starts.append(starts[-1] + n)
+        main = _Sequences(self._range(batch.num_tokens), torch.tensor(starts, dtype=torch.int64),
+                          torch.tensor(batch.extend_lens_cpu, dtype=torch.int64), table,
+                          torch.tensor(rows, dtype=torch.int64) * width, torch.tensor(seq_lens, dtype=torch.int64),
+                          causal=True)
+        batch.attn_metadata = _CpuMetadata(main)
+
+    def _cascade_metadata(self, batch: ForwardBatch, table: torch.Tensor, rows: list[int],
+                          groups: list[tuple[list[int], int]]) -> _CpuMetadata:
+        width = table.shape[1]
+        seq_lens = batch.seq_lens_cpu
+        start = [0] * batch.batch_size  # where each request's own pass begins in its row
+        member_rows, group_off, group_len, prefix_off, prefix_len = [], [], [], [], []
+        for members, shared in groups:
+            group_off.append(len(member_rows))
+            group_len.append(len(members))
+            member_rows.extend(members)
+            prefix_off.append(rows[members[0]] * width)
+            prefix_len.append(shared)
+            for i in members:
+                start[i] = shared
+        n = batch.batch_size
+        index = self._range(n)
+        main = _Sequences(index, index, torch.ones(n, dtype=torch.int64), table,
+                          torch.tensor([r * width + s for r, s in zip(rows, start)], dtype=torch.int64),
+                          torch.tensor([length - s for length, s in zip(seq_lens, start)], dtype=torch.int64),
+                          causal=False)
+        prefixes = _Sequences(torch.tensor(member_rows, dtype=torch.int64), torch.tensor(group_off, dtype=torch.int64),
+                              torch.tensor(group_len, dtype=torch.int64), table,
+                              torch.tensor(prefix_off, dtype=torch.int64), torch.tensor(prefix_len, dtype=torch.int64),
+                              causal=False)
+        return _CpuMetadata(main, prefixes, torch.tensor(sorted(member_rows), dtype=torch.int64))
+
+    def _attend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch, seqs: _Sequences, *,
+                out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
+        k_buf, v_buf = batch.kv_pool.layer_buffers(layer.layer_id)
+        return kernels.attention(q, k_buf, v_buf, q_rows=seqs.q_rows, q_off=seqs.q_off, q_len=seqs.q_len,
+                                 slots=seqs.slots, slot_off=seqs.slot_off, kv_len=seqs.kv_len, causal=seqs.causal,
+                                 scale=layer.scaling, out=out, lse=lse)
+
+    def forward_extend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
+        return self._attend(q, layer, batch, batch.attn_metadata.main)
+
+    def forward_decode(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
+        meta: _CpuMetadata = batch.attn_metadata
+        if meta.prefixes is None:
+            return self._attend(q, layer, batch, meta.main)
+        rows, heads = q.shape[0], q.shape[1]
+        lse_own = torch.empty((rows, heads), dtype=torch.float32)
+        out = self._attend(q, layer, batch, meta.main, lse=lse_own)
+        lse_prefix = torch.empty((rows, heads), dtype=torch.float32)
+        out_prefix = self._attend(q, layer, batch, meta.prefixes, lse=lse_prefix)
+        r = meta.cascade_rows
+        out[r] = _merge(out_prefix[r], lse_prefix[r], out[r], lse_own[r])
+        return out
+
+
+def _merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """One softmax attention from two over disjoint key sets, by their log-sum-exps ([n, H] each)."""
+    lse = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    w_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    return (o_a * w_a + o_b * w_b) / (w_a + w_b)

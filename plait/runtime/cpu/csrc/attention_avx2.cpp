@@ -1,0 +1,319 @@
+// Attention over the KV pool in place: every query sequence reads its keys and values through its
+// list of slots (a req_to_token row, or a shared prefix), a block of 32 at a time, converted to
+// float32 in cache, with an online softmax; nothing is gathered into per-request copies.
+//
+// Work is split into tasks of (sequence, KV head, block of query rows, range of keys). The G query
+// heads that read one KV head are rows of the same task, so each key is loaded once for all of
+// them. Sequences with few query rows (decode) and long KV are split along the keys as well, so
+// that a single request still keeps every thread busy; their partial results are merged through
+// their log-sum-exps at the end (flash-decoding).
+#pragma GCC target("avx2,fma,f16c")
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "simd_avx2.h"
+
+namespace plait::avx2 {
+namespace {
+
+constexpr int kT = 32;         // keys per block
+constexpr int kMaxRows = 96;   // query rows (query tokens x heads of one KV head) per task
+constexpr int64_t kMinChunk = 128;  // fewest keys in one chunk of a split sequence
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Task {
+    int64_t seq, head, q0, nq;  // query rows q0 .. q0 + nq of the sequence
+    int64_t k0, k1;             // keys k0 .. k1
+    int64_t partial;            // index of its partial result, or -1 when it writes the output itself
+};
+
+struct Scratch {
+    std::vector<float> q, o, s, kt, v, mx, l;
+    void reserve(int64_t rows, int64_t D) {
+        if (int64_t(q.size()) < rows * D) {
+            q.resize(rows * D);
+            o.resize(rows * D);
+        }
+        if (int64_t(s.size()) < rows * kT) s.resize(rows * kT);
+        if (int64_t(kt.size()) < D * kT) {
+            kt.resize(D * kT);
+            v.resize(D * kT);
+        }
+        if (int64_t(mx.size()) < rows) {
+            mx.resize(rows);
+            l.resize(rows);
+        }
+    }
+};
+
+inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Keys t of the block as columns kt[d][t] and values as rows v[t][d], float32; columns and rows
+// past `nt` are zero.
+inline void load_block_kv(const int64_t* slots, int64_t nt, const void* k_cache, const void* v_cache, int fmt,
+                          int64_t Hkv, int64_t head, int64_t D, float* kt, float* v) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t t0 = 0; t0 < kT; t0 += 8) {
+        int64_t base[8];
+        for (int i = 0; i < 8; ++i) base[i] = t0 + i < nt ? (slots[t0 + i] * Hkv + head) * D : -1;
+        for (int64_t d0 = 0; d0 < D; d0 += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; ++i) {
+                if (base[i] < 0) {
+                    r[i] = zero;
+                    _mm256_storeu_ps(v + (t0 + i) * D + d0, zero);
+                } else {
+                    r[i] = load_cache(k_cache, fmt, base[i] + d0);
+                    _mm256_storeu_ps(v + (t0 + i) * D + d0, load_cache(v_cache, fmt, base[i] + d0));
+                }
+            }
+            transpose8(r);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * kT + t0, r[i]);
+        }
+    }
+}
+
+// s[r][0..32) = q[r] . k[t] for up to 3 rows.
+template <int R>
+inline void scores_rows(const float* q, int64_t D, const float* kt, float* s) {
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+        const float* kd = kt + d * kT;
+        __m256 k0 = _mm256_loadu_ps(kd), k1 = _mm256_loadu_ps(kd + 8), k2 = _mm256_loadu_ps(kd + 16),
+               k3 = _mm256_loadu_ps(kd + 24);
+        for (int r = 0; r < R; ++r) {
+            __m256 qv = _mm256_broadcast_ss(q + r * D + d);
+            acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(qv, k2, acc[r][2]);
+            acc[r][3] = _mm256_fmadd_ps(qv, k3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(s + r * kT + 8 * j, acc[r][j]);
+}
+
+// o[r][d0..d0+16) += sum_t p[r][t] v[t][d0..d0+16) for up to 6 rows.
+template <int R>
+inline void accumulate_rows(const float* p, const float* v, int64_t D, int64_t nt, float* o) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m256 acc[R][2];
+        for (int r = 0; r < R; ++r) {
+            acc[r][0] = _mm256_loadu_ps(o + r * D + d0);
+            acc[r][1] = _mm256_loadu_ps(o + r * D + d0 + 8);
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+            __m256 v0 = _mm256_loadu_ps(v + t * D + d0), v1 = _mm256_loadu_ps(v + t * D + d0 + 8);
+            for (int r = 0; r < R; ++r) {
+                __m256 pv = _mm256_broadcast_ss(p + r * kT + t);
+                acc[r][0] = _mm256_fmadd_ps(pv, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(pv, v1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            _mm256_storeu_ps(o + r * D + d0, acc[r][0]);
+            _mm256_storeu_ps(o + r * D + d0 + 8, acc[r][1]);
+        }
+    }
+}
+
+struct Args {
+    const float* q;
+    int64_t q_row_stride;
+    const int64_t *q_rows, *q_off, *q_len, *slots, *slot_off, *kv_len;
+    bool causal;
+    const void *k_cache, *v_cache;
+    int fmt;
+    int64_t Hq, Hkv, D, G;
+    float scale;
+    float *out, *lse;
+};
+
+void run_task(const Args& a, const Task& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
+    const int64_t D = a.D, G = a.G, R = task.nq * G;
+    const int64_t s = task.seq, kv_len = a.kv_len[s], q_len = a.q_len[s];
+    float *qs = sc.q.data(), *o = sc.o.data(), *sp = sc.s.data(), *mx = sc.mx.data(), *l = sc.l.data();
+    // Rows r = i * G + g: query token q0 + i, head head * G + g; pre-scaled.
+    const __m256 scale = _mm256_set1_ps(a.scale);
+    for (int64_t i = 0; i < task.nq; ++i) {
+        const float* src = a.q + a.q_rows[a.q_off[s] + task.q0 + i] * a.q_row_stride + task.head * G * D;
+        for (int64_t e = 0; e < G * D; e += 8)
+            _mm256_storeu_ps(qs + i * G * D + e, _mm256_mul_ps(_mm256_loadu_ps(src + e), scale));
+    }
+    std::fill(o, o + R * D, 0.0f);
+    std::fill(mx, mx + R, kNegInf);
+    std::fill(l, l + R, 0.0f);
+    // Query token i sees keys [0, visible0 + i) (all when not causal).
+    const int64_t visible0 = a.causal ? kv_len - q_len + 1 : kv_len;
+    const int64_t last_visible = std::min(kv_len, visible0 + task.q0 + task.nq - 1);
+    const int64_t* slots = a.slots + a.slot_off[s];
+    for (int64_t t0 = task.k0; t0 < std::min(task.k1, last_visible); t0 += kT) {
+        const int64_t nt = std::min<int64_t>(kT, task.k1 - t0);
+        load_block_kv(slots + t0, nt, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, sc.kt.data(), sc.v.data());
+        for (int64_t r0 = 0; r0 < R; r0 += 3) {
+            switch (std::min<int64_t>(3, R - r0)) {
+                case 1: scores_rows<1>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                case 2: scores_rows<2>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                default: scores_rows<3>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+            }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+            float* sr = sp + r * kT;
+            const int64_t limit = std::min(nt, visible0 + task.q0 + r / G - t0);  // visible keys of this block
+            if (limit <= 0) {  // no visible key in this block: weight 0 everywhere
+                std::fill(sr, sr + kT, 0.0f);
+                continue;
+            }
+            for (int64_t t = limit; t < kT; ++t) sr[t] = kNegInf;
+            __m256 m4 = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(sr), _mm256_loadu_ps(sr + 8)),
+                                      _mm256_max_ps(_mm256_loadu_ps(sr + 16), _mm256_loadu_ps(sr + 24)));
+            const float m_new = std::max(mx[r], hmax(m4));
+            const float alpha = std::exp(mx[r] - m_new);  // 0 for the first visible block
+            const __m256 mv = _mm256_set1_ps(m_new);
+            __m256 sum = _mm256_setzero_ps();
+            for (int j = 0; j < kT; j += 8) {
+                __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+                _mm256_storeu_ps(sr + j, p);
+                sum = _mm256_add_ps(sum, p);
+            }
+            l[r] = l[r] * alpha + hsum(sum);
+            mx[r] = m_new;
+            if (alpha != 1.0f) {
+                const __m256 av = _mm256_set1_ps(alpha);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(o + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(o + r * D + d), av));
+            }
+        }
+        for (int64_t r0 = 0; r0 < R; r0 += 6) {
+            const float* pr = sp + r0 * kT;
+            float* orow = o + r0 * D;
+            switch (std::min<int64_t>(6, R - r0)) {
+                case 1: accumulate_rows<1>(pr, sc.v.data(), D, nt, orow); break;
+                case 2: accumulate_rows<2>(pr, sc.v.data(), D, nt, orow); break;
+                case 3: accumulate_rows<3>(pr, sc.v.data(), D, nt, orow); break;
+                case 4: accumulate_rows<4>(pr, sc.v.data(), D, nt, orow); break;
+                case 5: accumulate_rows<5>(pr, sc.v.data(), D, nt, orow); break;
+                default: accumulate_rows<6>(pr, sc.v.data(), D, nt, orow); break;
+            }
+        }
+    }
+    if (task.partial >= 0) {
+        std::copy(o, o + R * D, partial_o + task.partial * kMaxRows * D);
+        std::copy(mx, mx + R, partial_m + task.partial * kMaxRows);
+        std::copy(l, l + R, partial_l + task.partial * kMaxRows);
+        return;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = a.q_rows[a.q_off[s] + task.q0 + r / G], head = task.head * G + r % G;
+        float* dst = a.out + (row * a.Hq + head) * D;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(o + r * D + d), iv));
+        if (a.lse) a.lse[row * a.Hq + head] = l[r] > 0.0f ? mx[r] + std::log(l[r]) : kNegInf;
+    }
+}
+
+}  // namespace
+
+void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
+               const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
+               int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads) {
+    const int64_t G = Hq / Hkv;
+    const int64_t rows_per_task = std::max<int64_t>(1, kMaxRows / G);
+    Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
+           cache_fmt, Hq, Hkv, D, G, scale, out, lse};
+    // Tasks without splitting the keys first; then split the keys of short-query sequences until
+    // there are a few tasks per thread.
+    int64_t base_tasks = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) base_tasks += Hkv * ((q_len[s] + rows_per_task - 1) / rows_per_task);
+    const int64_t want = 4 * int64_t(nthreads);
+    std::vector<Task> tasks;
+    struct Split { int64_t seq, head, first, count; };
+    std::vector<Split> splits;
+    int64_t num_partials = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        int64_t chunks = 1;
+        if (q_len[s] * G <= 16 && base_tasks < want) {
+            const int64_t per = (want + base_tasks - 1) / base_tasks;
+            chunks = std::max<int64_t>(1, std::min(per, kv_len[s] / kMinChunk));
+        }
+        const int64_t chunk_len = ((kv_len[s] + chunks - 1) / chunks + kT - 1) / kT * kT;
+        for (int64_t h = 0; h < Hkv; ++h) {
+            for (int64_t q0 = 0; q0 < q_len[s]; q0 += rows_per_task) {
+                const int64_t nq = std::min(rows_per_task, q_len[s] - q0);
+                if (chunks == 1) {
+                    tasks.push_back({s, h, q0, nq, 0, kv_len[s], -1});
+                    continue;
+                }
+                splits.push_back({s, h, num_partials, 0});
+                for (int64_t k0 = 0; k0 < kv_len[s]; k0 += chunk_len) {
+                    tasks.push_back({s, h, q0, nq, k0, std::min(kv_len[s], k0 + chunk_len), num_partials++});
+                    splits.back().count++;
+                }
+                // chunked sequences have a single block of query rows (q_len * G <= 16 rows)
+            }
+        }
+    }
+    std::vector<float> partial_o(size_t(num_partials * kMaxRows * D)), partial_m(size_t(num_partials * kMaxRows)),
+        partial_l(size_t(num_partials * kMaxRows));
+    const int64_t num_tasks = int64_t(tasks.size());
+#pragma omp parallel num_threads(nthreads)
+    {
+        static thread_local Scratch sc;
+        sc.reserve(kMaxRows, D);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < num_tasks; ++i)
+            run_task(a, tasks[i], sc, partial_o.data(), partial_m.data(), partial_l.data());
+    }
+    // Merge the chunks of split sequences.
+    for (const Split& sp : splits) {
+        const int64_t s = sp.seq, R = q_len[s] * G;
+        for (int64_t r = 0; r < R; ++r) {
+            float m = kNegInf;
+            for (int64_t c = 0; c < sp.count; ++c) m = std::max(m, partial_m[(sp.first + c) * kMaxRows + r]);
+            const int64_t row = q_rows[q_off[s] + r / G], head = sp.head * G + r % G;
+            float* dst = out + (row * Hq + head) * D;
+            float total = 0.0f;
+            std::fill(dst, dst + D, 0.0f);
+            if (m != kNegInf) {
+                for (int64_t c = 0; c < sp.count; ++c) {
+                    const int64_t p = sp.first + c;
+                    const float w = std::exp(partial_m[p * kMaxRows + r] - m);
+                    if (w == 0.0f) continue;
+                    total += w * partial_l[p * kMaxRows + r];
+                    const float* src = partial_o.data() + (p * kMaxRows + r) * D;
+                    for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
+                }
+                for (int64_t d = 0; d < D; ++d) dst[d] /= total;
+            }
+            if (lse) lse[row * Hq + head] = total > 0.0f ? m + std::log(total) : kNegInf;
+        }
+    }
+}
+
+}  // namespace plait::avx2

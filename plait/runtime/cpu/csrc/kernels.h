@@ -1,0 +1,79 @@
+// Plait's CPU kernels: the products, attention and small fused operations of a decoder step,
+// reading weights in their stored format (GGUF blocks or 16-bit floats) and the KV pool in place.
+//
+// Every kernel takes raw pointers and sizes (the Python side passes tensors' data pointers after
+// checking shapes, dtypes and contiguity) and computes in float32. Threads come from the OpenMP
+// runtime PyTorch already loaded, so the kernels and PyTorch's own operations share one pool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace plait {
+
+// How a weight matrix [N, K] (N output rows of K inputs) is stored. The block formats are GGUF's:
+// each row is K / 32 blocks, each block an fp16 scale `d` (and for Q4_1 an fp16 offset `m`) and its
+// 32 codes: Q8_0 `w = d * q` (int8), Q4_0 `w = d * (q - 8)`, Q4_1 `w = d * q + m` (4-bit, the first 16
+// values in the low nibbles of the 16 bytes, the last 16 in the high nibbles).
+enum WeightFormat : int {
+    kF32 = 0,
+    kBF16 = 1,
+    kF16 = 2,
+    kQ8_0 = 3,
+    kQ4_0 = 4,
+    kQ4_1 = 5,
+};
+
+// KV pool element types.
+enum CacheFormat : int { kCacheF32 = 0, kCacheBF16 = 1, kCacheF16 = 2 };
+
+constexpr int kBlock = 32;  // values per quantization block
+
+inline size_t row_bytes(int fmt, int64_t k) {
+    switch (fmt) {
+        case kF32: return size_t(k) * 4;
+        case kBF16:
+        case kF16: return size_t(k) * 2;
+        case kQ8_0: return size_t(k / kBlock) * 34;
+        case kQ4_0: return size_t(k / kBlock) * 18;
+        case kQ4_1: return size_t(k / kBlock) * 20;
+    }
+    return 0;
+}
+
+namespace avx2 {
+
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x: [M, K] float32, y: rows of `ldy` floats.
+void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
+            float* y, int64_t ldy, int nthreads);
+
+// out[i, :] = w[ids[i], :] as float32.
+void embedding(const int64_t* ids, int64_t n, const uint8_t* w, int fmt, int64_t K, float* out, int nthreads);
+
+// Without residual: out = rmsnorm(x) * weight. With it: residual += x; out = rmsnorm(residual) * weight.
+void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, int64_t H, float eps, float* out,
+             int nthreads);
+
+// out[m, i] = silu(x[m, i]) * x[m, I + i]; x: [M, 2I].
+void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads);
+
+// Rotates q [M, Hq, D] and k [M, Hkv, D] in place (rows `q_stride` / `k_stride` floats apart; the
+// half-split layout, cos/sin from `table` [max_pos, D] as [cos | sin] halves), then stores k and
+// v [M, Hkv, D] (rows `v_stride` apart) into the pool at slots `loc` (pools [slots, Hkv, D]).
+void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
+                int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* positions, const float* table,
+                void* k_cache, void* v_cache, int cache_fmt, const int64_t* loc, int nthreads);
+
+// The attention of a set of "query sequences" over KV slot lists in the pool, one online softmax per
+// (sequence, KV head). Sequence s has `q_len[s]` query rows, listed at `q_rows + q_off[s]` (row
+// indices of q [rows, Hq, D], rows `q_row_stride` floats apart), and attends the `kv_len[s]` slots
+// listed at `slots + slot_off[s]`; when `causal`, its query i sees the first
+// `kv_len[s] - q_len[s] + 1 + i` of them, else all. Writes out [rows, Hq, D] (float32, at the same
+// row indices) and, when lse is not null, the log-sum-exp of the scaled scores [rows, Hq].
+void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
+               const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
+               int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads);
+
+}  // namespace avx2
+}  // namespace plait

@@ -1,0 +1,217 @@
+// Products with weights in their stored format (GGUF blocks or 16-bit floats), float32 math.
+//
+// Few rows (decode): each weight block is decoded once into registers and multiplied with every
+// row of x, so the step reads the weights once, in their compact form. That is what bounds a decode
+// step on a CPU: a 4-bit weight is an eighth of the bytes of a float32 one.
+// Many rows (prefill): a panel of weight rows is decoded into float32 in cache, then multiplied with
+// x by a register-blocked kernel (3 x 4 outputs, each an 8-wide running sum along K).
+#pragma GCC target("avx2,fma,f16c")
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "simd_avx2.h"
+
+namespace plait::avx2 {
+namespace {
+
+constexpr int kGemvRows = 8;  // rows of x handled together by the decode kernel
+// Up to this many rows the decode kernel runs (in passes of kGemvRows); above it, the panel kernel.
+constexpr int64_t kGemvMaxRows = 8;
+constexpr int kPanelRows = 24;  // weight rows decoded into one panel (multiple of kNR)
+constexpr int kMR = 3, kNR = 4;  // panel kernel's block of outputs
+
+// Sums of x over each block of 32 inputs, for the formats with an offset (sum_k x_k (q d + m)).
+void block_sums(const float* x, int64_t M, int64_t K, float* sums) {
+    const int64_t nb = K / kBlock;
+    for (int64_t r = 0; r < M; ++r)
+        for (int64_t b = 0; b < nb; ++b) {
+            const float* p = x + r * K + b * kBlock;
+            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                                     _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
+            sums[r * nb + b] = hsum(s);
+        }
+}
+
+// out[r] = row . x[r] for R rows of x (R <= kGemvRows).
+template <int FMT, int R>
+inline void dot_rows(const uint8_t* row, const float* x, int64_t K, const float* sums, float* out) {
+    const int64_t nb = K / kBlock;
+    __m256 acc[R];
+    float offset[R];
+    for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_setzero_ps();
+        offset[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256 v[4];
+        float d = 1.0f, m = 0.0f;
+        load_block<FMT>(row, b, v, d, m);
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int r = 0; r < R; ++r) {
+            const float* xp = x + r * K + b * kBlock;
+            __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xp));
+            t = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xp + 8), t);
+            t = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xp + 16), t);
+            t = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xp + 24), t);
+            if constexpr (is_block_format<FMT>()) {
+                acc[r] = _mm256_fmadd_ps(t, dv, acc[r]);
+            } else {
+                acc[r] = _mm256_add_ps(acc[r], t);
+            }
+            if constexpr (has_offset<FMT>()) offset[r] += m * sums[r * nb + b];
+        }
+    }
+    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
+}
+
+template <int FMT>
+void gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
+          int64_t ldy, int nthreads) {
+    const size_t stride = row_bytes(FMT, K);
+    std::vector<float> sums;
+    if constexpr (has_offset<FMT>()) {
+        sums.resize(size_t(M * (K / kBlock)));
+        block_sums(x, M, K, sums.data());
+    }
+    const float* s = sums.data();
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = w + n * stride;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t r0 = 0; r0 < M; r0 += kGemvRows) {
+            float out[kGemvRows];
+            const int64_t R = std::min<int64_t>(kGemvRows, M - r0);
+            const float* xr = x + r0 * K;
+            const float* sr = s ? s + r0 * (K / kBlock) : nullptr;
+            switch (R) {
+                case 1: dot_rows<FMT, 1>(row, xr, K, sr, out); break;
+                case 2: dot_rows<FMT, 2>(row, xr, K, sr, out); break;
+                case 3: dot_rows<FMT, 3>(row, xr, K, sr, out); break;
+                case 4: dot_rows<FMT, 4>(row, xr, K, sr, out); break;
+                case 5: dot_rows<FMT, 5>(row, xr, K, sr, out); break;
+                case 6: dot_rows<FMT, 6>(row, xr, K, sr, out); break;
+                case 7: dot_rows<FMT, 7>(row, xr, K, sr, out); break;
+                default: dot_rows<FMT, 8>(row, xr, K, sr, out); break;
+            }
+            for (int64_t r = 0; r < R; ++r) y[(r0 + r) * ldy + n] = out[r] + b;
+        }
+    }
+}
+
+// c[i][j] = a_i . b_j over K for up to kMR rows of a and kNR rows of b (all K-contiguous).
+template <int MR, int NR>
+inline void panel_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, float c[kMR][kNR]) {
+    __m256 acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 av[MR];
+        for (int i = 0; i < MR; ++i) av[i] = _mm256_loadu_ps(a + i * lda + k);
+        for (int j = 0; j < NR; ++j) {
+            const __m256 bv = _mm256_loadu_ps(b + j * ldb + k);
+            for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) c[i][j] = hsum(acc[i][j]);
+}
+
+template <int MR>
+inline void panel_block_rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, int nr,
+                             float c[kMR][kNR]) {
+    switch (nr) {
+        case 1: panel_block<MR, 1>(a, lda, b, ldb, K, c); break;
+        case 2: panel_block<MR, 2>(a, lda, b, ldb, K, c); break;
+        case 3: panel_block<MR, 3>(a, lda, b, ldb, K, c); break;
+        default: panel_block<MR, 4>(a, lda, b, ldb, K, c); break;
+    }
+}
+
+template <int FMT>
+void panel_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
+                int64_t ldy, int nthreads) {
+    const size_t stride = row_bytes(FMT, K);
+    const int64_t num_panels = (N + kPanelRows - 1) / kPanelRows;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> panel;
+        if constexpr (FMT != kF32) panel.resize(size_t(kPanelRows * K));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < num_panels; ++p) {
+            const int64_t n0 = p * kPanelRows;
+            const int64_t rows = std::min<int64_t>(kPanelRows, N - n0);
+            const float* b;
+            if constexpr (FMT == kF32) {
+                b = reinterpret_cast<const float*>(w + n0 * stride);
+            } else {
+                for (int64_t j = 0; j < rows; ++j) dequant_row<FMT>(w + (n0 + j) * stride, K, panel.data() + j * K);
+                b = panel.data();
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+                const int mr = int(std::min<int64_t>(kMR, M - m0));
+                for (int64_t j0 = 0; j0 < rows; j0 += kNR) {
+                    const int nr = int(std::min<int64_t>(kNR, rows - j0));
+                    float c[kMR][kNR];
+                    const float* a = x + m0 * K;
+                    switch (mr) {
+                        case 1: panel_block_rows<1>(a, K, b + j0 * K, K, K, nr, c); break;
+                        case 2: panel_block_rows<2>(a, K, b + j0 * K, K, K, nr, c); break;
+                        default: panel_block_rows<3>(a, K, b + j0 * K, K, K, nr, c); break;
+                    }
+                    for (int i = 0; i < mr; ++i)
+                        for (int j = 0; j < nr; ++j) {
+                            const int64_t n = n0 + j0 + j;
+                            y[(m0 + i) * ldy + n] = c[i][j] + (bias ? bias[n] : 0.0f);
+                        }
+                }
+            }
+        }
+    }
+}
+
+template <int FMT>
+void linear_fmt(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
+                int64_t ldy, int nthreads) {
+    if (M <= kGemvMaxRows) {
+        gemv<FMT>(x, M, K, w, N, bias, y, ldy, nthreads);
+    } else {
+        panel_gemm<FMT>(x, M, K, w, N, bias, y, ldy, nthreads);
+    }
+}
+
+template <int FMT>
+void embedding_fmt(const int64_t* ids, int64_t n, const uint8_t* w, int64_t K, float* out, int nthreads) {
+    const size_t stride = row_bytes(FMT, K);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 16)
+    for (int64_t i = 0; i < n; ++i) dequant_row<FMT>(w + ids[i] * stride, K, out + i * K);
+}
+
+}  // namespace
+
+void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias, float* y,
+            int64_t ldy, int nthreads) {
+    switch (fmt) {
+        case kF32: linear_fmt<kF32>(x, M, K, w, N, bias, y, ldy, nthreads); break;
+        case kBF16: linear_fmt<kBF16>(x, M, K, w, N, bias, y, ldy, nthreads); break;
+        case kF16: linear_fmt<kF16>(x, M, K, w, N, bias, y, ldy, nthreads); break;
+        case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, nthreads); break;
+        case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, nthreads); break;
+        case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, nthreads); break;
+    }
+}
+
+void embedding(const int64_t* ids, int64_t n, const uint8_t* w, int fmt, int64_t K, float* out, int nthreads) {
+    switch (fmt) {
+        case kF32: embedding_fmt<kF32>(ids, n, w, K, out, nthreads); break;
+        case kBF16: embedding_fmt<kBF16>(ids, n, w, K, out, nthreads); break;
+        case kF16: embedding_fmt<kF16>(ids, n, w, K, out, nthreads); break;
+        case kQ8_0: embedding_fmt<kQ8_0>(ids, n, w, K, out, nthreads); break;
+        case kQ4_0: embedding_fmt<kQ4_0>(ids, n, w, K, out, nthreads); break;
+        case kQ4_1: embedding_fmt<kQ4_1>(ids, n, w, K, out, nthreads); break;
+    }
+}
+
+}  // namespace plait::avx2

@@ -1,0 +1,214 @@
+// Python bindings of the CPU kernels: plain functions over integers (data pointers, sizes) and
+// floats, called through METH_FASTCALL so a call costs well under a microsecond. The Python side
+// (plait/runtime/cpu/kernels.py) checks every tensor before handing its pointer over. Each call
+// releases the GIL while it computes.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string>
+
+#include "kernels.h"
+#include "stack.h"
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+// Argument readers; on a wrong type they set the Python error, which the caller checks once.
+int64_t i64(PyObject* o) { return PyLong_AsLongLong(o); }
+template <typename T>
+T* ptr(PyObject* o) {
+    return reinterpret_cast<T*>(static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(o)));
+}
+float f32(PyObject* o) { return static_cast<float>(PyFloat_AsDouble(o)); }
+
+bool check_args(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, expected, nargs);
+        return false;
+    }
+    return true;
+}
+
+PyObject* done() {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+}
+
+PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_has_avx2() ? "avx2" : "none"); }
+
+// linear(x, M, K, w, fmt, N, bias, y, ldy, nthreads)
+PyObject* py_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("linear", n, 10)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto w = ptr<const uint8_t>(a[3]);
+    int fmt = int(i64(a[4]));
+    auto N = i64(a[5]);
+    auto bias = ptr<const float>(a[6]);
+    auto y = ptr<float>(a[7]);
+    auto ldy = i64(a[8]);
+    int nthreads = int(i64(a[9]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::linear(x, M, K, w, fmt, N, bias, y, ldy, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// embedding(ids, n, w, fmt, K, out, nthreads)
+PyObject* py_embedding(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("embedding", n, 7)) return nullptr;
+    auto ids = ptr<const int64_t>(a[0]);
+    auto count = i64(a[1]);
+    auto w = ptr<const uint8_t>(a[2]);
+    int fmt = int(i64(a[3]));
+    auto K = i64(a[4]);
+    auto out = ptr<float>(a[5]);
+    int nthreads = int(i64(a[6]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::embedding(ids, count, w, fmt, K, out, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// rmsnorm(x, residual, weight, M, H, eps, out, nthreads)
+PyObject* py_rmsnorm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("rmsnorm", n, 8)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto residual = ptr<float>(a[1]);
+    auto weight = ptr<const float>(a[2]);
+    auto M = i64(a[3]), H = i64(a[4]);
+    float eps = f32(a[5]);
+    auto out = ptr<float>(a[6]);
+    int nthreads = int(i64(a[7]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::rmsnorm(x, residual, weight, M, H, eps, out, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// silu_mul(x, M, I, out, nthreads)
+PyObject* py_silu_mul(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("silu_mul", n, 5)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), I = i64(a[2]);
+    auto out = ptr<float>(a[3]);
+    int nthreads = int(i64(a[4]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::silu_mul(x, M, I, out, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// rope_store(q, k, v, M, Hq, Hkv, D, q_stride, k_stride, v_stride, positions, table, k_cache, v_cache,
+//            cache_fmt, loc, nthreads)
+PyObject* py_rope_store(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("rope_store", n, 17)) return nullptr;
+    auto q = ptr<float>(a[0]);
+    auto k = ptr<float>(a[1]);
+    auto v = ptr<const float>(a[2]);
+    auto M = i64(a[3]), Hq = i64(a[4]), Hkv = i64(a[5]), D = i64(a[6]);
+    auto qs = i64(a[7]), ks = i64(a[8]), vs = i64(a[9]);
+    auto positions = ptr<const int64_t>(a[10]);
+    auto table = ptr<const float>(a[11]);
+    auto kc = ptr<void>(a[12]);
+    auto vc = ptr<void>(a[13]);
+    int fmt = int(i64(a[14]));
+    auto loc = ptr<const int64_t>(a[15]);
+    int nthreads = int(i64(a[16]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::rope_store(q, k, v, M, Hq, Hkv, D, qs, ks, vs, positions, table, kc, vc, fmt,
+                                                   loc, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// attention(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, num_seqs, causal, k_cache,
+//           v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse, nthreads)
+PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("attention", n, 20)) return nullptr;
+    auto q = ptr<const float>(a[0]);
+    auto q_row_stride = i64(a[1]);
+    auto q_rows = ptr<const int64_t>(a[2]);
+    auto q_off = ptr<const int64_t>(a[3]);
+    auto q_len = ptr<const int64_t>(a[4]);
+    auto slots = ptr<const int64_t>(a[5]);
+    auto slot_off = ptr<const int64_t>(a[6]);
+    auto kv_len = ptr<const int64_t>(a[7]);
+    auto num_seqs = i64(a[8]);
+    bool causal = PyObject_IsTrue(a[9]) == 1;
+    auto kc = ptr<const void>(a[10]);
+    auto vc = ptr<const void>(a[11]);
+    int fmt = int(i64(a[12]));
+    auto Hq = i64(a[13]), Hkv = i64(a[14]), D = i64(a[15]);
+    float scale = f32(a[16]);
+    auto out = ptr<float>(a[17]);
+    auto lse = ptr<float>(a[18]);
+    int nthreads = int(i64(a[19]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::attention(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
+                                                  num_seqs, causal, kc, vc, fmt, Hq, Hkv, D, scale, out, lse,
+                                                  nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// decoder_stack(args, layers, eps, scale): pointers to the int64 argument block and layer table.
+PyObject* py_decoder_stack(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("decoder_stack", n, 4)) return nullptr;
+    auto args = ptr<const int64_t>(a[0]);
+    auto layers = ptr<const int64_t>(a[1]);
+    float eps = f32(a[2]), scale = f32(a[3]);
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::decoder_stack(args, layers, eps, scale);
+    Py_END_ALLOW_THREADS return done();
+}
+
+PyObject* names_tuple(const char* const* names, int count) {
+    PyObject* t = PyTuple_New(count);
+    if (t == nullptr) return nullptr;
+    for (int i = 0; i < count; ++i) {
+        // "kMainQRows" -> "main_q_rows"
+        std::string out;
+        for (const char* c = names[i] + 1; *c; ++c) {
+            if (*c >= 'A' && *c <= 'Z') {
+                if (!out.empty()) out += '_';
+                out += char(*c - 'A' + 'a');
+            } else {
+                out += *c;
+            }
+        }
+        PyTuple_SET_ITEM(t, i, PyUnicode_FromString(out.c_str()));
+    }
+    return t;
+}
+
+#define PLAIT_NAME_ENTRY(name) #name,
+const char* const kStackFieldNames[] = {PLAIT_STACK_FIELDS(PLAIT_NAME_ENTRY)};
+const char* const kLayerFieldNames[] = {PLAIT_LAYER_FIELDS(PLAIT_NAME_ENTRY)};
+#undef PLAIT_NAME_ENTRY
+
+PyObject* py_stack_fields(PyObject*, PyObject*) { return names_tuple(kStackFieldNames, plait::kNumStackFields); }
+PyObject* py_layer_fields(PyObject*, PyObject*) { return names_tuple(kLayerFieldNames, plait::kNumLayerFields); }
+
+PyMethodDef methods[] = {
+    {"stack_fields", py_stack_fields, METH_NOARGS, "Names of decoder_stack's argument fields, in order."},
+    {"layer_fields", py_layer_fields, METH_NOARGS, "Names of decoder_stack's per-layer fields, in order."},
+    {"decoder_stack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_decoder_stack)), METH_FASTCALL,
+     nullptr},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU: 'avx2' or 'none'."},
+    {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL, nullptr},
+    {"embedding", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_embedding)), METH_FASTCALL, nullptr},
+    {"rmsnorm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rmsnorm)), METH_FASTCALL, nullptr},
+    {"silu_mul", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_silu_mul)), METH_FASTCALL, nullptr},
+    {"rope_store", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rope_store)), METH_FASTCALL, nullptr},
+    {"attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_attention)), METH_FASTCALL, nullptr},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_kernels", "Plait's CPU kernels (see kernels.h).", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__kernels() { return PyModule_Create(&module_def); }

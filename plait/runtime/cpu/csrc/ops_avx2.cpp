@@ -1,0 +1,103 @@
+// The small operations of a decoder layer, each one pass over its data: RMSNorm with the residual
+// add, SiLU-and-multiply, and rotary embedding fused with the store of K and V into the pool.
+#pragma GCC target("avx2,fma,f16c")
+
+#include <omp.h>
+
+#include "simd_avx2.h"
+
+namespace plait::avx2 {
+
+void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, int64_t H, float eps, float* out,
+             int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= 16)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * H;
+        float* rr = residual ? residual + m * H : nullptr;
+        float* orow = out + m * H;
+        __m256 ss = _mm256_setzero_ps();
+        int64_t h = 0;
+        for (; h + 8 <= H; h += 8) {
+            __m256 v = _mm256_loadu_ps(xr + h);
+            if (rr) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(rr + h));
+                _mm256_storeu_ps(rr + h, v);
+            }
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        float sum = hsum(ss);
+        for (; h < H; ++h) {
+            float v = xr[h];
+            if (rr) {
+                v += rr[h];
+                rr[h] = v;
+            }
+            sum += v * v;
+        }
+        const float* src = rr ? rr : xr;
+        const float inv = 1.0f / std::sqrt(sum / float(H) + eps);
+        const __m256 iv = _mm256_set1_ps(inv);
+        h = 0;
+        for (; h + 8 <= H; h += 8)
+            _mm256_storeu_ps(orow + h,
+                             _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + h), iv), _mm256_loadu_ps(weight + h)));
+        for (; h < H; ++h) orow[h] = (src[h] * inv) * weight[h];
+    }
+}
+
+void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 neg = _mm256_set1_ps(-0.0f);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * I >= 16384)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* g = x + m * 2 * I;
+        const float* u = g + I;
+        float* o = out + m * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 e = exp_ps(_mm256_xor_ps(gv, neg));
+            __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+}
+
+namespace {
+
+// x (D floats) rotated in place: [x1 cos - x2 sin, x2 cos + x1 sin] over its two halves.
+inline void rotate(float* x, const float* cs, int64_t half) {
+    for (int64_t i = 0; i < half; i += 8) {
+        __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(cs + half + i);
+        __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
+        _mm256_storeu_ps(x + i, _mm256_fmsub_ps(x1, c, _mm256_mul_ps(x2, s)));
+        _mm256_storeu_ps(x + half + i, _mm256_fmadd_ps(x2, c, _mm256_mul_ps(x1, s)));
+    }
+}
+
+}  // namespace
+
+void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_stride,
+                int64_t k_stride, int64_t v_stride, const int64_t* positions, const float* table, void* k_cache,
+                void* v_cache, int cache_fmt, const int64_t* loc, int nthreads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= 16)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* cs = table + positions[m] * D;
+        for (int64_t h = 0; h < Hq; ++h) rotate(q + m * q_stride + h * D, cs, half);
+        for (int64_t h = 0; h < Hkv; ++h) {
+            float* kh = k + m * k_stride + h * D;
+            rotate(kh, cs, half);
+            if (k_cache == nullptr) continue;
+            const float* vh = v + m * v_stride + h * D;
+            const int64_t dst = (loc[m] * Hkv + h) * D;
+            for (int64_t i = 0; i < D; i += 8) {
+                store_cache(k_cache, cache_fmt, dst + i, _mm256_loadu_ps(kh + i));
+                store_cache(v_cache, cache_fmt, dst + i, _mm256_loadu_ps(vh + i));
+            }
+        }
+    }
+}
+
+}  // namespace plait::avx2

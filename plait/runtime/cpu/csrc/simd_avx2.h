@@ -1,0 +1,182 @@
+// AVX2 building blocks shared by the kernels: loads and stores of 16-bit floats, GGUF block decoding,
+// a vectorized exp, horizontal sums. Included only by files compiled for AVX2 + FMA + F16C.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace plait::avx2 {
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    s = _mm_add_ss(s, sh);
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline __m256 load_bf16(const uint16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+static inline __m256 load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Round to nearest even, as PyTorch's float -> bfloat16 conversion does (NaN stays NaN).
+static inline __m128i to_bf16(__m256 x) {
+    __m256i bits = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), nan);
+    __m256i hi = _mm256_srli_epi32(rounded, 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    return packed;
+}
+
+static inline __m256 load_cache(const void* base, int fmt, int64_t index) {
+    switch (fmt) {
+        case kCacheBF16: return load_bf16(static_cast<const uint16_t*>(base) + index);
+        case kCacheF16: return load_f16(static_cast<const uint16_t*>(base) + index);
+        default: return _mm256_loadu_ps(static_cast<const float*>(base) + index);
+    }
+}
+
+static inline void store_cache(void* base, int fmt, int64_t index, __m256 x) {
+    switch (fmt) {
+        case kCacheBF16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + index), to_bf16(x));
+            break;
+        case kCacheF16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + index),
+                             _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            break;
+        default: _mm256_storeu_ps(static_cast<float*>(base) + index, x);
+    }
+}
+
+// exp(x) for a vector, relative error ~2 ulp over the range softmax uses (x <= 0); exp(-inf) = 0.
+static inline __m256 exp_ps(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    // x = n ln2 + r, |r| <= ln2 / 2
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    // exp(r) by its Taylor polynomial to degree 7 (error below float rounding for |r| <= 0.35)
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    // Below the clamp the true value is 0 (or a denormal): return 0, as exp(-inf) must be.
+    return _mm256_and_ps(result, _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
+}
+
+// ---- GGUF blocks -> four vectors of 8 floats (the block's 32 values before scale and offset) ----
+
+static inline void decode_q4(const uint8_t* qs, __m256 v[4]) {
+    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(raw, mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+static inline void decode_q8(const int8_t* qs, __m256 v[4]) {
+    for (int i = 0; i < 4; ++i) {
+        __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * i));
+        v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    }
+}
+
+// The 32 values of block `b` of a row in any format, scaled: w = v * d + m for the block formats.
+// Float formats return d = 1, m = 0 (the caller's templates skip both).
+template <int FMT>
+static inline void load_block(const uint8_t* row, int64_t b, __m256 v[4], float& d, float& m) {
+    if constexpr (FMT == kF32) {
+        const float* p = reinterpret_cast<const float*>(row) + b * kBlock;
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(p + 8 * i);
+    } else if constexpr (FMT == kBF16) {
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + b * kBlock;
+        for (int i = 0; i < 4; ++i) v[i] = load_bf16(p + 8 * i);
+    } else if constexpr (FMT == kF16) {
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + b * kBlock;
+        for (int i = 0; i < 4; ++i) v[i] = load_f16(p + 8 * i);
+    } else if constexpr (FMT == kQ8_0) {
+        const uint8_t* blk = row + b * 34;
+        uint16_t h;
+        std::memcpy(&h, blk, 2);
+        d = fp16_to_f32(h);
+        decode_q8(reinterpret_cast<const int8_t*>(blk + 2), v);
+    } else if constexpr (FMT == kQ4_0) {
+        const uint8_t* blk = row + b * 18;
+        uint16_t h;
+        std::memcpy(&h, blk, 2);
+        d = fp16_to_f32(h);
+        m = -8.0f * d;
+        decode_q4(blk + 2, v);
+    } else {  // kQ4_1
+        const uint8_t* blk = row + b * 20;
+        uint16_t h[2];
+        std::memcpy(h, blk, 4);
+        d = fp16_to_f32(h[0]);
+        m = fp16_to_f32(h[1]);
+        decode_q4(blk + 4, v);
+    }
+}
+
+template <int FMT>
+constexpr bool is_block_format() {
+    return FMT == kQ8_0 || FMT == kQ4_0 || FMT == kQ4_1;
+}
+
+template <int FMT>
+constexpr bool has_offset() {
+    return FMT == kQ4_0 || FMT == kQ4_1;
+}
+
+// Row `n` of a weight in float32 (K values).
+template <int FMT>
+static inline void dequant_row(const uint8_t* row, int64_t K, float* out) {
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+        __m256 v[4];
+        float d = 1.0f, m = 0.0f;
+        load_block<FMT>(row, b, v, d, m);
+        if constexpr (is_block_format<FMT>()) {
+            __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+            for (int i = 0; i < 4; ++i) v[i] = _mm256_fmadd_ps(v[i], dv, mv);
+        }
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * kBlock + 8 * i, v[i]);
+    }
+}
+
+}  // namespace plait::avx2

@@ -1,0 +1,41 @@
+// The argument block of `decoder_stack`: a step's pointers and sizes as one int64 array (fields
+// below, in this order), and one row of int64s per layer for its weights. The Python side builds
+// both by field name (`stack_fields()` / `layer_fields()` return the names in order), so the two
+// never drift apart.
+#pragma once
+
+#include <cstdint>
+
+namespace plait {
+
+#define PLAIT_STACK_FIELDS(X)                                                                        \
+    X(kNumLayers) X(kTokens) X(kHidden) X(kHeads) X(kKvHeads) X(kHeadDim) X(kIntermediate)           \
+    X(kCacheFmt) X(kNumThreads)                                                                     \
+    /* activations and scratch, float32: x, residual [T, H]; qkv [T, (Hq + 2 Hkv) D]; attn and  */  \
+    /* out_prefix [T, Hq D]; normed [T, H]; gate_up [T, 2 I]; act [T, I]; lse_* [T, Hq]          */  \
+    X(kX) X(kResidual) X(kQkv) X(kAttn) X(kNormed) X(kGateUp) X(kAct)                               \
+    X(kPositions) X(kRopeTable) X(kLoc)                                                             \
+    /* every request over its own keys (see `attention` in kernels.h) */                            \
+    X(kMainQRows) X(kMainQOff) X(kMainQLen) X(kMainSlots) X(kMainSlotOff) X(kMainKvLen)             \
+    X(kMainNumSeqs) X(kMainCausal)                                                                  \
+    /* cascade decode: each group over its shared prefix (kPreNumSeqs = 0: none), merged into   */  \
+    /* the rows kCascadeRows through the two passes' log-sum-exps                              */  \
+    X(kPreQRows) X(kPreQOff) X(kPreQLen) X(kPreSlots) X(kPreSlotOff) X(kPreKvLen) X(kPreNumSeqs)     \
+    X(kCascadeRows) X(kNumCascadeRows) X(kOutPrefix) X(kLsePrefix) X(kLseOwn)
+
+#define PLAIT_LAYER_FIELDS(X)                                                                        \
+    X(kQkvW) X(kQkvFmt) X(kQkvBias) X(kOW) X(kOFmt) X(kGateUpW) X(kGateUpFmt) X(kDownW) X(kDownFmt)  \
+    X(kInNorm) X(kPostNorm) X(kQNorm) X(kKNorm) X(kKCache) X(kVCache)
+
+#define PLAIT_ENUM_ENTRY(name) name,
+enum StackField : int { PLAIT_STACK_FIELDS(PLAIT_ENUM_ENTRY) kNumStackFields };
+enum LayerField : int { PLAIT_LAYER_FIELDS(PLAIT_ENUM_ENTRY) kNumLayerFields };
+#undef PLAIT_ENUM_ENTRY
+
+namespace avx2 {
+// Runs all layers of the stack for one step (see stack_avx2.cpp): on return `x` and `residual`
+// hold the last layer's output and the running sum, for the final norm.
+void decoder_stack(const int64_t* args, const int64_t* layers, float eps, float scale);
+}  // namespace avx2
+
+}  // namespace plait

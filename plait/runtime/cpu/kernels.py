@@ -1,0 +1,216 @@
+"""Typed entry points to Plait's CPU kernels (`csrc/`, built by `pip install` as `_kernels`).
+
+The kernels take raw data pointers; every function here checks the tensors it hands over (device,
+dtype, contiguity, shapes), so a wrong call is a Python exception, never a bad memory access. They
+compute in float32 and run on the OpenMP threads PyTorch uses (`torch.set_num_threads`).
+
+`available()` says whether the kernels can run on this machine (built, and the CPU has AVX2, FMA
+and F16C); `PLAIT_DISABLE_CPU_KERNELS=1` turns them off for comparison runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import torch
+
+try:  # imported after torch: the kernels then share PyTorch's OpenMP runtime (one thread pool)
+    from plait.runtime.cpu import _kernels as _ext
+except ImportError:  # not built on this platform
+    _ext = None
+
+
+class WeightFormat(enum.IntEnum):
+    """How a weight matrix [N, K] is stored (the block formats are GGUF's, 32 values a block)."""
+
+    F32 = 0
+    BF16 = 1
+    F16 = 2
+    Q8_0 = 3
+    Q4_0 = 4
+    Q4_1 = 5
+
+    @property
+    def block_bytes(self) -> int | None:
+        """Bytes per block of 32 values (block formats), None for the float formats."""
+        return {WeightFormat.Q8_0: 34, WeightFormat.Q4_0: 18, WeightFormat.Q4_1: 20}.get(self)
+
+    def row_bytes(self, k: int) -> int:
+        if self.block_bytes is not None:
+            return k // 32 * self.block_bytes
+        return k * {WeightFormat.F32: 4, WeightFormat.BF16: 2, WeightFormat.F16: 2}[self]
+
+
+_FLOAT_FORMATS = {torch.float32: WeightFormat.F32, torch.bfloat16: WeightFormat.BF16, torch.float16: WeightFormat.F16}
+CACHE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def isa() -> str:
+    """The instruction set the kernels use here ("avx2"), or "none"."""
+    return _ext.isa() if _ext is not None else "none"
+
+
+def available() -> bool:
+    return _ext is not None and _ext.isa() != "none" and os.environ.get("PLAIT_DISABLE_CPU_KERNELS", "") in ("", "0")
+
+
+def float_format(dtype: torch.dtype) -> WeightFormat:
+    return _FLOAT_FORMATS[dtype]
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> None:
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU tensor")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
+           bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 times the stored weight [N, K] transposed (+ bias): [M, N] float32.
+
+    `weight` holds the rows in format `fmt`: uint8 [N, row_bytes] for block formats, the float
+    tensor [N, K] itself otherwise. `out`, if given, is a [M, N] float32 tensor to write into."""
+    _check(x, "x", torch.float32)
+    _check(weight, "weight")
+    m, k = x.shape
+    if k % 32 or weight.numel() * weight.element_size() != out_features * fmt.row_bytes(k):
+        raise ValueError(f"weight of {weight.numel() * weight.element_size()} bytes does not hold "
+                         f"[{out_features}, {k}] in {fmt.name}")
+    if bias is not None:
+        _check(bias, "bias", torch.float32)
+    if out is None:
+        out = torch.empty((m, out_features), dtype=torch.float32)
+    else:
+        _check(out, "out", torch.float32)
+        assert out.shape == (m, out_features)
+    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), int(fmt), out_features,
+                0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
+    return out
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, dim: int) -> torch.Tensor:
+    """Rows `ids` of the stored table [V, dim], as float32 [len(ids), dim]."""
+    _check(ids, "ids", torch.int64)
+    _check(weight, "weight")
+    out = torch.empty((ids.numel(), dim), dtype=torch.float32)
+    _ext.embedding(ids.data_ptr(), ids.numel(), weight.data_ptr(), int(fmt), dim, out.data_ptr(), _threads())
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """rmsnorm(x) * weight; with `residual`, first `residual += x` (in place) and normalise that."""
+    _check(x, "x", torch.float32)
+    _check(weight, "weight", torch.float32)
+    if residual is not None:
+        _check(residual, "residual", torch.float32)
+        assert residual.shape == x.shape
+    out = torch.empty_like(x)
+    m, h = x.shape
+    _ext.rmsnorm(x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(), m, h, eps,
+                 out.data_ptr(), _threads())
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x [M, 2I] laid out as [gate | up]: [M, I]."""
+    _check(x, "x", torch.float32)
+    m, two_i = x.shape
+    out = torch.empty((m, two_i // 2), dtype=torch.float32)
+    _ext.silu_mul(x.data_ptr(), m, two_i // 2, out.data_ptr(), _threads())
+    return out
+
+
+def _row_stride(t: torch.Tensor, name: str) -> int:
+    # t: [M, H, D] view whose heads and elements are contiguous, rows any distance apart
+    if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        raise ValueError(f"{name} must be float32 on the CPU with contiguous heads")
+    return t.stride(0)
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+               k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, loc: torch.Tensor | None) -> None:
+    """Rotate q [M, Hq, D] and k [M, Hkv, D] in place (half-split rotary, `table` [max_pos, D] as
+    [cos | sin]); then, if a cache is given, store k and v [M, Hkv, D] at slots `loc` of the pool
+    buffers [slots, Hkv, D] (converted to the pool's dtype)."""
+    m, hq, d = q.shape
+    hkv = k.shape[1]
+    qs, ks, vs = _row_stride(q, "q"), _row_stride(k, "k"), _row_stride(v, "v")
+    _check(positions, "positions", torch.int64)
+    _check(table, "table", torch.float32)
+    if d % 16 or table.shape[1] != d:
+        raise ValueError("rotary head size must be a multiple of 16 and match the table")
+    if k_cache is None:
+        _ext.rope_store(q.data_ptr(), k.data_ptr(), v.data_ptr(), m, hq, hkv, d, qs, ks, vs, positions.data_ptr(),
+                        table.data_ptr(), 0, 0, 0, 0, _threads())
+        return
+    _check(k_cache, "k_cache")
+    _check(v_cache, "v_cache")
+    _check(loc, "loc", torch.int64)
+    if k_cache.dtype not in CACHE_FORMATS or k_cache.shape[1:] != (hkv, d) or v_cache.shape != k_cache.shape:
+        raise ValueError("KV pool buffers must be [slots, Hkv, D] in float32, bfloat16 or float16")
+    _ext.rope_store(q.data_ptr(), k.data_ptr(), v.data_ptr(), m, hq, hkv, d, qs, ks, vs, positions.data_ptr(),
+                    table.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), CACHE_FORMATS[k_cache.dtype],
+                    loc.data_ptr(), _threads())
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, q_rows: torch.Tensor,
+              q_off: torch.Tensor, q_len: torch.Tensor, slots: torch.Tensor, slot_off: torch.Tensor,
+              kv_len: torch.Tensor, causal: bool, scale: float, out: torch.Tensor | None = None,
+              lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of query sequences over slot lists of the pool (see `attention` in csrc/kernels.h).
+
+    q: [rows, Hq, D] float32 (heads contiguous, rows any distance apart); k_cache, v_cache: [slots, Hkv, D]; per sequence s: its query rows
+    `q_rows[q_off[s] : q_off[s] + q_len[s]]` and its keys `slots.flatten()[slot_off[s] :][: kv_len[s]]`.
+    Returns out [rows, Hq, D] float32 (rows no sequence lists are left as they were); fills `lse`
+    [rows, Hq] with the log-sum-exp of the scaled scores when given. Bounds are the caller's
+    contract: the metadata builders derive them from the batch.
+    """
+    rows, hq, d = q.shape
+    q_row_stride = _row_stride(q, "q")
+    for name, t in (("q_rows", q_rows), ("q_off", q_off), ("q_len", q_len), ("slots", slots),
+                    ("slot_off", slot_off), ("kv_len", kv_len)):
+        _check(t, name, torch.int64)
+    _check(k_cache, "k_cache")
+    _check(v_cache, "v_cache")
+    hkv = k_cache.shape[1]
+    if k_cache.dtype not in CACHE_FORMATS or k_cache.shape[2] != d or hq % hkv or d % 16:
+        raise ValueError("bad attention shapes")
+    if out is None:
+        out = torch.empty((rows, hq, d), dtype=torch.float32)
+    else:
+        _check(out, "out", torch.float32)
+    if lse is not None:
+        _check(lse, "lse", torch.float32)
+    num_seqs = q_len.numel()
+    _ext.attention(q.data_ptr(), q_row_stride, q_rows.data_ptr(), q_off.data_ptr(), q_len.data_ptr(), slots.data_ptr(),
+                   slot_off.data_ptr(), kv_len.data_ptr(), num_seqs, causal, k_cache.data_ptr(), v_cache.data_ptr(),
+                   CACHE_FORMATS[k_cache.dtype], hq, hkv, d, scale, out.data_ptr(),
+                   0 if lse is None else lse.data_ptr(), _threads())
+    return out
+
+
+def stack_fields() -> tuple[str, ...]:
+    """Names of `decoder_stack`'s argument fields, in their order (see csrc/stack.h)."""
+    return _ext.stack_fields()
+
+
+def layer_fields() -> tuple[str, ...]:
+    """Names of `decoder_stack`'s per-layer fields, in their order."""
+    return _ext.layer_fields()
+
+
+def decoder_stack(args: torch.Tensor, layers: torch.Tensor, eps: float, scale: float) -> None:
+    """Run every layer of a decoder stack for one step (plait/runtime/cpu/stack.py builds the
+    argument block `args` and the per-layer table `layers`, int64, and keeps what they point at alive)."""
+    _check(args, "args", torch.int64)
+    _check(layers, "layers", torch.int64)
+    if args.numel() != len(stack_fields()) or layers.dim() != 2 or layers.shape[1] != len(layer_fields()):
+        raise ValueError("decoder_stack argument block or layer table has the wrong size")
+    _ext.decoder_stack(args.data_ptr(), layers.data_ptr(), eps, scale)

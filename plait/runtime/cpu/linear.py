@@ -1,0 +1,94 @@
+"""Linear layers and embeddings whose weights stay in their stored format on the CPU.
+
+A decode step on a CPU is bound by reading the weights, so the kernels read them as the checkpoint
+stores them: a GGUF's Q4_0/Q4_1/Q8_0 blocks (4.5 to 8.5 bits a weight), or 16-bit floats, decoded
+in registers and multiplied in float32. `StoredWeight` is such a matrix; `CpuLinear` and
+`CpuEmbedding` use one in place of `nn.Linear` / `nn.Embedding` (a tied LM head shares its
+embedding's `StoredWeight`, as the checkpoint does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.runtime.cpu import kernels
+from plait.runtime.cpu.kernels import WeightFormat
+
+
+@dataclass
+class StoredWeight:
+    """A weight matrix [out_features, in_features] in format `fmt`.
+
+    `data` is uint8 [out_features, row_bytes] for block formats, else the float tensor itself."""
+
+    data: torch.Tensor
+    fmt: WeightFormat
+    out_features: int
+    in_features: int
+
+    def __post_init__(self) -> None:
+        assert self.data.is_contiguous() and self.in_features % 32 == 0
+        nbytes = self.data.numel() * self.data.element_size()
+        assert nbytes == self.out_features * self.fmt.row_bytes(self.in_features), "weight bytes do not match its shape"
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "StoredWeight":
+        """Keep a float weight in 16 bits when that loses nothing (a bf16 or fp16 checkpoint loaded
+        into float32), else as it is."""
+        weight = weight.detach().contiguous()
+        if weight.dtype == torch.float32:
+            for half in (torch.bfloat16, torch.float16):
+                candidate = weight.to(half)
+                if torch.equal(candidate.float(), weight):
+                    weight = candidate
+                    break
+        return cls(weight, kernels.float_format(weight.dtype), weight.shape[0], weight.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out_features, in_features] (tests, fallbacks)."""
+        ids = torch.arange(self.out_features, dtype=torch.int64)
+        return kernels.embedding(ids, self.data, self.fmt, self.in_features)
+
+
+class CpuLinear(nn.Module):
+    """y = x W^T + b with W a `StoredWeight`; x and y float32."""
+
+    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.stored = weight
+        self.register_buffer("packed", weight.data, persistent=False)  # counted by memory reports
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features]
+        flat = x.reshape(-1, self.in_features)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.stored.fmt.name}"
+
+
+class CpuEmbedding(nn.Module):
+    def __init__(self, weight: StoredWeight):
+        super().__init__()
+        self.stored = weight
+        self.register_buffer("packed", weight.data, persistent=False)
+        self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [n] int64 -> [n, embedding_dim] float32
+        return kernels.embedding(ids.contiguous(), self.stored.data, self.stored.fmt, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.stored.fmt.name}"

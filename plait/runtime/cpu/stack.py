@@ -1,0 +1,140 @@
+"""The CPU "graph": a model's whole decoder stack run by one native call per step.
+
+A small model's CPU step is thousands of small operations; dispatching each from Python (module
+calls, tensor checks, allocations) costs about as much as computing it. `CpuDecoderStack` hands
+the step to `decoder_stack` (csrc/stack_avx2.cpp) instead, which runs every layer over the same
+kernels the layer modules call. It plays the part CUDA graphs play on a GPU, without their
+padding or capture: each batch shape runs as it comes, so nothing is compiled at start-up.
+
+Built once from a model converted to the kernels (`convert.py`) and the KV pool: every layer's
+weight and cache pointers go into one int64 table. Per step, the arguments (activation buffers,
+positions, slots, the attention backend's index tensors) go into one int64 block, by field name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.runtime.cpu import kernels
+from plait.runtime.cpu.layers import CpuRMSNorm, CpuRotaryEmbedding
+from plait.runtime.cpu.linear import CpuEmbedding, CpuLinear
+
+_FIELDS = {name: i for i, name in enumerate(kernels.stack_fields())} if kernels.available() else {}
+_LAYER_FIELDS = {name: i for i, name in enumerate(kernels.layer_fields())} if kernels.available() else {}
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class CpuDecoderStack:
+    """Runs `model.model` (embedding, layers, final norm) for a batch in one native call."""
+
+    def __init__(self, model: nn.Module, kv_pool) -> None:
+        reason = self.unsupported(model, kv_pool)
+        assert reason is None, reason
+        arch = model.arch
+        self.arch = arch
+        decoder = model.model
+        self.embed: CpuEmbedding = decoder.embed_tokens
+        self.norm: CpuRMSNorm = decoder.norm
+        self.rope_table = decoder.rotary._table(torch.device("cpu"))
+        self.cache_fmt = kernels.CACHE_FORMATS[kv_pool.dtype]
+        self.eps = float(arch.rms_norm_eps)
+        self.scale = float(arch.head_dim**-0.5)
+        table = torch.zeros((arch.num_layers, len(_LAYER_FIELDS)), dtype=torch.int64)
+        self._keep: list[torch.Tensor] = []  # everything the table points at stays alive with it
+        for i, layer in enumerate(decoder.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            k_buf, v_buf = kv_pool.layer_buffers(i)
+            row = {
+                "qkv_w": attn.qkv_proj.stored.data, "qkv_fmt": int(attn.qkv_proj.stored.fmt),
+                "qkv_bias": attn.qkv_proj.bias, "o_w": attn.o_proj.stored.data, "o_fmt": int(attn.o_proj.stored.fmt),
+                "gate_up_w": mlp.gate_up_proj.stored.data, "gate_up_fmt": int(mlp.gate_up_proj.stored.fmt),
+                "down_w": mlp.down_proj.stored.data, "down_fmt": int(mlp.down_proj.stored.fmt),
+                "in_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                "q_norm": attn.q_norm.weight if arch.qk_norm else None,
+                "k_norm": attn.k_norm.weight if arch.qk_norm else None,
+                "k_cache": k_buf, "v_cache": v_buf,
+            }
+            for name, value in row.items():
+                if isinstance(value, int):
+                    table[i, _LAYER_FIELDS[name]] = value
+                else:
+                    table[i, _LAYER_FIELDS[name]] = _ptr(value)
+                    if value is not None:
+                        self._keep.append(value)
+        self.layer_table = table
+
+    @staticmethod
+    def unsupported(model: nn.Module, kv_pool) -> str | None:
+        """Why the stack cannot run this model (None: it can)."""
+        if not kernels.available():
+            return "the CPU kernels are not available"
+        decoder = getattr(model, "model", None)
+        if decoder is None or not hasattr(model, "arch"):
+            return f"{type(model).__name__} is not a Llama-family decoder"
+        if not isinstance(decoder.embed_tokens, CpuEmbedding) or not isinstance(decoder.rotary, CpuRotaryEmbedding):
+            return "the embedding or rotary embedding is not on the kernels"
+        if kv_pool.dtype not in kernels.CACHE_FORMATS:
+            return f"KV pool dtype {kv_pool.dtype} is not read by the kernels"
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if not isinstance(proj, CpuLinear):
+                    return "a projection is not on the kernels"
+            if attn.o_proj.bias is not None or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+                return "biases outside the QKV projection"
+        return None
+
+    @torch.inference_mode()
+    def forward(self, batch, meta) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden] of `batch`, given the CPU attention backend's
+        metadata `meta` for it."""
+        arch = self.arch
+        num_tokens = batch.num_tokens
+        x = self.embed(batch.input_ids)  # [T, H]
+        residual = torch.empty_like(x)
+        hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        bufs = {
+            "qkv": torch.empty((num_tokens, (hq + 2 * hkv) * d)),
+            "attn": torch.empty((num_tokens, hq * d)),
+            "normed": torch.empty((num_tokens, arch.hidden_size)),
+            "gate_up": torch.empty((num_tokens, 2 * arch.intermediate_size)),
+            "act": torch.empty((num_tokens, arch.intermediate_size)),
+        }
+        positions = batch.positions.contiguous()
+        loc = batch.out_cache_loc.contiguous()
+        values = {
+            "num_layers": arch.num_layers, "tokens": num_tokens, "hidden": arch.hidden_size, "heads": hq,
+            "kv_heads": hkv, "head_dim": d, "intermediate": arch.intermediate_size, "cache_fmt": self.cache_fmt,
+            "num_threads": torch.get_num_threads(),
+            "x": x, "residual": residual, "positions": positions, "rope_table": self.rope_table, "loc": loc,
+            **bufs,
+        }
+        main = meta.main
+        values.update({
+            "main_q_rows": main.q_rows, "main_q_off": main.q_off, "main_q_len": main.q_len,
+            "main_slots": main.slots, "main_slot_off": main.slot_off, "main_kv_len": main.kv_len,
+            "main_num_seqs": main.q_len.numel(), "main_causal": int(main.causal),
+        })
+        if meta.prefixes is not None:
+            pre = meta.prefixes
+            values.update({
+                "pre_q_rows": pre.q_rows, "pre_q_off": pre.q_off, "pre_q_len": pre.q_len, "pre_slots": pre.slots,
+                "pre_slot_off": pre.slot_off, "pre_kv_len": pre.kv_len, "pre_num_seqs": pre.q_len.numel(),
+                "cascade_rows": meta.cascade_rows, "num_cascade_rows": meta.cascade_rows.numel(),
+                "out_prefix": torch.empty((num_tokens, hq * d)), "lse_prefix": torch.empty((num_tokens, hq)),
+                "lse_own": torch.empty((num_tokens, hq)),
+            })
+        args = torch.zeros(len(_FIELDS), dtype=torch.int64)
+        keep = []
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                assert value.is_contiguous() and value.device.type == "cpu", name
+                keep.append(value)
+                value = value.data_ptr()
+            args[_FIELDS[name]] = value
+        kernels.decoder_stack(args, self.layer_table, self.eps, self.scale)
+        return self.norm(x, residual)[0]

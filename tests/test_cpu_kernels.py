@@ -1,0 +1,165 @@
+"""Plait's CPU kernels against PyTorch references: products over every stored weight format (GGUF
+blocks made with the `gguf` package, whose dequantizer is the reference), the small fused layers,
+rotary + KV store, and attention over slot lists of the pool (causal, split along the keys, every
+KV dtype, log-sum-exps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+from plait.runtime.cpu import kernels
+from plait.runtime.cpu.kernels import WeightFormat
+from plait.runtime.cpu.linear import StoredWeight
+from plait.runtime.layers.activation import SiluAndMul
+from plait.runtime.layers.norm import RMSNorm
+from plait.runtime.layers.rotary import RotaryEmbedding, apply_rotary_native
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built or no AVX2 here")
+
+BLOCK_TYPES = {WeightFormat.Q8_0: QT.Q8_0, WeightFormat.Q4_0: QT.Q4_0, WeightFormat.Q4_1: QT.Q4_1}
+
+
+def gguf_weight(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored bytes [N, row_bytes], the reference float32 weight the file means)."""
+    raw = quantize(w.numpy(), BLOCK_TYPES[fmt])
+    ref = torch.from_numpy(dequantize(raw, BLOCK_TYPES[fmt]).astype(np.float32)).reshape(w.shape)
+    return torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8), ref
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", list(WeightFormat), ids=lambda f: f.name)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # the decode kernel's passes, then the panel kernel
+def test_linear_matches_the_dequantized_product(fmt, rows):
+    torch.manual_seed(rows)
+    n, k = 100, 320
+    w = torch.randn(n, k)
+    if fmt.block_bytes is not None:
+        data, ref_w = gguf_weight(w, fmt)
+    else:
+        dtype = {WeightFormat.F32: torch.float32, WeightFormat.BF16: torch.bfloat16, WeightFormat.F16: torch.float16}[fmt]
+        data = w.to(dtype).contiguous()
+        ref_w = data.float()
+    bias = torch.randn(n)
+    x = torch.randn(rows, k)
+    out = kernels.linear(x, data, fmt, n, bias=bias)
+    assert rel_err(out, x.double() @ ref_w.double().T + bias.double()) < 1e-5
+    # The embedding reads rows of the same stored matrix.
+    ids = torch.tensor([0, 7, n - 1])
+    assert torch.equal(kernels.embedding(ids, data, fmt, k), ref_w[ids])
+
+
+@needs_kernels
+def test_linear_refuses_a_weight_of_the_wrong_size():
+    with pytest.raises(ValueError, match="does not hold"):
+        kernels.linear(torch.randn(2, 64), torch.zeros(10, 36, dtype=torch.uint8), WeightFormat.Q4_1, 10)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.linear(torch.randn(2, 64).double(), torch.randn(10, 64), WeightFormat.F32, 10)
+
+
+@needs_kernels
+def test_stored_weight_keeps_float_weights_in_16_bits_only_when_lossless():
+    exact = torch.randn(8, 64).bfloat16().float()
+    assert StoredWeight.from_float(exact).fmt is WeightFormat.BF16
+    assert StoredWeight.from_float(torch.randn(8, 64)).fmt is WeightFormat.F32
+    assert torch.equal(StoredWeight.from_float(exact).dequantize(), exact)
+
+
+@needs_kernels
+def test_rmsnorm_and_silu_match_the_reference_layers():
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96)
+    x, residual = torch.randn(5, 96), torch.randn(5, 96)
+    ref_out, ref_residual = norm.forward_native(x, residual.clone())
+    ours_residual = residual.clone()
+    out = kernels.rmsnorm(x, norm.weight, 1e-5, residual=ours_residual)
+    assert rel_err(out, ref_out) < 1e-6 and torch.allclose(ours_residual, ref_residual)
+    assert rel_err(kernels.rmsnorm(x, norm.weight, 1e-5), norm.forward_native(x)) < 1e-6
+    gate_up = torch.randn(4, 2 * 200) * 6  # large magnitudes: exp's range ends
+    assert rel_err(kernels.silu_mul(gate_up), SiluAndMul().forward_native(gate_up)) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_store_rotates_and_stores(cache_dtype):
+    torch.manual_seed(1)
+    tokens, hq, hkv, d = 6, 4, 2, 32
+    rotary = RotaryEmbedding(d, max_position=64, base=10000.0)
+    positions = torch.tensor([0, 5, 9, 33, 2, 63])
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d)  # q, k, v as views of one product, as in the model
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    ref_q, ref_k = apply_rotary_native(q.clone(), k.clone(), RotaryEmbedding.cos_sin(rotary, positions))
+    k_cache = torch.zeros(20, hkv, d, dtype=cache_dtype)
+    v_cache = torch.zeros(20, hkv, d, dtype=cache_dtype)
+    loc = torch.tensor([3, 1, 19, 4, 7, 10])
+    kernels.rope_store(q, k, v, positions, rotary._table(torch.device("cpu")), k_cache, v_cache, loc)
+    assert rel_err(q, ref_q) < 1e-6 and rel_err(k, ref_k) < 1e-6
+    # the pool holds the rotated k (rounded to its dtype as PyTorch rounds) and v
+    assert torch.equal(k_cache[loc], k.to(cache_dtype)) and torch.equal(v_cache[loc], v.to(cache_dtype))
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[loc] = False
+    assert not k_cache[untouched].any()
+
+
+def reference_attention(q, k_cache, v_cache, slots, causal, scale):
+    """q [n, Hq, D] over keys k_cache[slots]: output [n, Hq, D] and lse [n, Hq], in float64."""
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    k = k_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)  # [Hq, L, D]
+    v = v_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+    scores = q.double().transpose(0, 1) @ k.transpose(1, 2) * scale  # [Hq, n, L]
+    n, length = q.shape[0], len(slots)
+    if causal:
+        hidden = torch.arange(length)[None, :] > (length - n + torch.arange(n))[:, None]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(0, 1), torch.logsumexp(scores, -1).transpose(0, 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_over_slot_lists(cache_dtype, causal):
+    torch.manual_seed(2)
+    hq, hkv, d, pool = 6, 2, 64, 3000
+    k_cache = torch.randn(pool, hkv, d).to(cache_dtype)
+    v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
+    # (query rows, keys): decode-like (one query; long ones are split along the keys), extend-like
+    # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
+    shapes = [(1, 1), (1, 37), (1, 2500), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]
+    total = sum(n for n, _ in shapes)
+    q = torch.randn(total, hq, d)
+    q_rows = torch.randperm(total)  # a sequence's queries need not be adjacent rows
+    slot_lists = [torch.randperm(pool - 1)[:length] + 1 for _, length in shapes]
+    q_off = torch.tensor([0] + [n for n, _ in shapes[:-1]]).cumsum(0)
+    slot_off = torch.tensor([0] + [length for _, length in shapes[:-1]]).cumsum(0)
+    lse = torch.empty(total, hq)
+    out = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
+                            q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
+                            slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
+                            causal=causal, scale=d**-0.5, lse=lse)
+    for i, (n, _) in enumerate(shapes):
+        rows = q_rows[q_off[i] : q_off[i] + n]
+        ref_out, ref_lse = reference_attention(q[rows], k_cache, v_cache, slot_lists[i], causal, d**-0.5)
+        assert (out[rows].double() - ref_out).abs().max() < 2e-6
+        assert (lse[rows].double() - ref_lse).abs().max() < 2e-6
+
+
+def test_the_kernels_are_built_wherever_they_can_run():
+    """An install on x86-64 Linux builds the extension; on a CPU with AVX2, FMA and F16C it runs.
+    (If this fails, `pip install` could not compile plait/runtime/cpu/csrc: see its build log.)"""
+    import platform
+    import sys
+
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        pytest.skip("the kernels are built for x86-64 Linux only")
+    flags = open("/proc/cpuinfo").read().split()
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        pytest.skip("this CPU lacks AVX2/FMA/F16C")
+    assert kernels.isa() == "avx2"
