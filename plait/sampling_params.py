@@ -7,11 +7,16 @@ this dataclass; nobody re-lists its fields. It imports no torch so the frontend 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 # Below this temperature sampling is greedy (SGLang's rule).
 GREEDY_TEMPERATURE = 1e-6
+MAX_LOGIT_BIAS = 100  # OpenAI's range for logit_bias values
+MAX_INT32 = 2**31 - 1
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # a logit_bias key; longer digit strings are no token id
 
 
 class SamplingParamsError(ValueError):
@@ -58,17 +63,20 @@ class SamplingParams:
         fill keys the request does not give. Unknown keys are an error, so typos are not
         silently ignored. `sampling_seed` is accepted as an alias of `seed`.
         """
+        if d is not None and not isinstance(d, dict):
+            raise SamplingParamsError(f"sampling_params must be an object, got {_kind(d)}")
         d = dict(d or {})
         if "sampling_seed" in d and d.get("seed") is None:
             d["seed"] = d.pop("sampling_seed")
         d.pop("sampling_seed", None)
         names = set(cls.field_names())
-        unknown = sorted(k for k in d if k not in names)
+        unknown = sorted(str(k) for k in d if k not in names)
         if unknown:
             raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         kwargs = {k: v for k, v in (defaults or {}).items() if k in names and v is not None}
         kwargs.update({k: v for k, v in d.items() if v is not None})
         params = cls(**kwargs)
+        params.check_types()
         params.normalize()
         params.verify()
         return params
@@ -83,18 +91,61 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
+    def check_types(self) -> None:
+        """Raise SamplingParamsError unless every field has a type `normalize` and `verify` can
+        work on (request data is untrusted: a `logit_bias` of 3 must be a clear error, not a crash)."""
+
+        def bad(name: str, expected: str) -> None:
+            raise SamplingParamsError(f"{name} must be {expected}, got {_kind(getattr(self, name))}")
+
+        for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+            if not _is_number(getattr(self, name)):
+                bad(name, "a number")
+        for name in ("top_k", "min_new_tokens", "n"):
+            if not _is_int(getattr(self, name)):
+                bad(name, "an integer")
+        for name in ("max_new_tokens", "seed", "stream_interval"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                bad(name, "an integer")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a boolean")
+        for name in ("stop", "stop_regex"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+                bad(name, "a string or a list of strings")
+        if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", "a list of token ids")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "an object mapping token ids to biases")
+            for key, bias in self.logit_bias.items():
+                if not (_is_int(key) or (isinstance(key, str) and _TOKEN_ID.fullmatch(key))):
+                    raise SamplingParamsError(f"logit_bias keys must be token ids, got {str(key)[:40]!r}")
+                if not _is_number(bias):
+                    raise SamplingParamsError(f"logit_bias values must be numbers, got {_kind(bias)} for token {key}")
+        for name in ("regex", "ebnf"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                bad(name, "a string")
+        for name in ("json_schema", "structural_tag"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, dict)):
+                bad(name, "a string or an object")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            bad("custom_params", "an object")
+
     def normalize(self) -> None:
         """Bring equivalent spellings to one form (a single stop string becomes a list, ...)."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if isinstance(self.stop_regex, str):
             self.stop_regex = [self.stop_regex]
-        self.stop = [s for s in self.stop if s != ""]
+        self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        if self.json_schema is not None and not isinstance(self.json_schema, str):
-            import json
+        for name in ("json_schema", "structural_tag"):
+            if isinstance(getattr(self, name), dict):
+                import json
 
-            self.json_schema = json.dumps(self.json_schema)
+                setattr(self, name, json.dumps(getattr(self, name)))
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.temperature < GREEDY_TEMPERATURE:
@@ -117,6 +168,8 @@ class SamplingParams:
 
         for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
             check_type(name, (int, float))
+            if not math.isfinite(getattr(self, name)):
+                bad(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("top_k", "min_new_tokens", "n"):
             check_type(name, (int,))
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
@@ -133,8 +186,8 @@ class SamplingParams:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not -1 <= self.top_k <= MAX_INT32:
+            bad(f"top_k must be -1 (disabled) or in [1, {MAX_INT32}], got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
         if not -2 <= self.frequency_penalty <= 2:
@@ -147,10 +200,19 @@ class SamplingParams:
             bad(f"n must be >= 1, got {self.n}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad(f"seed must fit in 64 bits, got {self.seed}")
+        if self.stream_interval is not None and not 1 <= self.stream_interval <= MAX_INT32:
+            bad(f"stream_interval must be >= 1, got {self.stream_interval}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
             bad("stop must be a string or a list of strings")
+        if any(s == "" for s in self.stop):
+            bad("stop strings must not be empty")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be a list of non-negative integers")
+        for t, bias in (self.logit_bias or {}).items():
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                bad(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias} for token {t}")
         constraints = [k for k in ("regex", "json_schema", "ebnf", "structural_tag") if getattr(self, k) is not None]
         if len(constraints) > 1:
             bad(f"only one constraint may be given, got {', '.join(constraints)}")
@@ -161,3 +223,18 @@ class SamplingParams:
             for t in (self.logit_bias or {}):
                 if not 0 <= t < vocab_size:
                     bad(f"logit_bias token {t} is outside the vocabulary (size {vocab_size})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # An integer too large for a float is no number a sampler can use (float() would overflow).
+    return isinstance(value, float) or (_is_int(value) and abs(value) < 2**1000)
+
+
+def _kind(value: Any) -> str:
+    """How an error message names a wrong value: short, and never the whole of a huge one."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"

@@ -68,7 +68,7 @@ def test_truncated_output_says_length(tiny_engine):
 
 
 def test_bad_constraints_are_rejected_with_reasons(tiny_engine):
-    from plait.runtime.tokenizer_manager import InvalidRequestError
+    from plait.runtime.frontend.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="regex"):
         tiny_engine.generate("x", {"regex": "([0-9"})

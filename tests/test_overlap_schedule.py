@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from plait.runtime.engine import Engine
-from plait.runtime.scheduler.io import AbortRequest, GenerateRequest
+from plait.runtime.frontend.messages import AbortRequest, GenerateRequest
 from plait.runtime.scheduler.scheduler import Scheduler
 from plait.sampling_params import SamplingParams
 from tests.tiny_models import InMemorySource, tiny_hf_model
@@ -80,8 +80,8 @@ def run_both(source, run, *, drop: tuple[str, ...] = (), **options) -> tuple[lis
             assert engine.scheduler.overlap is overlap
             results.append(comparable(run(engine), drop))
             assert_drained(engine)
-            infos.append(engine.get_server_info())
-    assert infos[0]["overlapped_steps"] == 0 and infos[1]["overlapped_steps"] > 0
+            infos.append(engine.get_server_info()["internal_states"][0])
+    assert infos[0]["scheduler"]["overlapped_steps"] == 0 and infos[1]["scheduler"]["overlapped_steps"] > 0
     assert_same(results[0], results[1])
     return results[0], results[1], infos
 
@@ -130,8 +130,8 @@ def test_requests_ending_by_length_take_no_extra_step(hf_model):
     ps = prompts(seed=1)
     params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
     _, _, infos = run_both(source, lambda e: e.generate(input_ids=ps, sampling_params=params))
-    assert infos[0]["decode_steps"] == infos[1]["decode_steps"]
-    assert infos[0]["generated_tokens"] == infos[1]["generated_tokens"] == 12 * len(ps)
+    assert infos[0]["scheduler"]["decode_steps"] == infos[1]["scheduler"]["decode_steps"]
+    assert infos[0]["scheduler"]["generated_tokens"] == infos[1]["scheduler"]["generated_tokens"] == 12 * len(ps)
 
 
 @pytest.mark.parametrize("options", [{"chunked_prefill_size": 16}, {"max_running_requests": 3},
@@ -200,7 +200,7 @@ def test_tiny_pool_retracts_and_evicts(hf_model):
     _, _, infos = run_both(source, lambda e: e.generate(input_ids=ps, sampling_params=params),
                            drop=SCHEDULE_DEPENDENT, max_total_tokens=160, chunked_prefill_size=32)
     for info in infos:
-        assert info["retractions"] > 0 and info["evicted_tokens"] > 0, info
+        assert info["scheduler"]["retractions"] > 0 and info["cache"]["evicted_tokens"] > 0, info
 
 
 def test_retraction_with_stops_under_a_tiny_pool(hf_model):
@@ -213,7 +213,7 @@ def test_retraction_with_stops_under_a_tiny_pool(hf_model):
     params = {"max_new_tokens": 30, "temperature": 0, "stop_token_ids": stops}
     off, _, infos = run_both(source, lambda e: e.generate(input_ids=ps, sampling_params=params), drop=SCHEDULE_DEPENDENT,
                              max_total_tokens=120, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
-    assert infos[1]["retractions"] > 0
+    assert infos[1]["scheduler"]["retractions"] > 0
     assert {r["meta_info"]["finish_reason"]["type"] for r in off} == {"stop", "length"}
 
 
@@ -363,4 +363,4 @@ def test_constrained_requests_with_jump_forward(text_source):
     for r in (off[0], off[3]):
         if r["meta_info"]["finish_reason"]["type"] == "stop":
             assert set(json.loads(r["text"])) == {"name", "age"}
-    assert infos[1]["grammar_jumps"] > 0
+    assert infos[1]["grammar"]["jumps"] > 0

@@ -57,18 +57,20 @@ def greedy_params(output_len: int) -> dict[str, Any]:
 
 def run_plait(engine: Any, requests: Sequence[BenchRequest]) -> RunResult:
     """All requests in one `generate` call; the hit rate is the delta of the engine's counters."""
-    before = engine.get_server_info()
+    before = _counters(engine.get_server_info())
     start = time.perf_counter()
     outs = engine.generate(input_ids=[r.prompt_ids for r in requests],
                            sampling_params=[greedy_params(r.output_len) for r in requests])
     duration = time.perf_counter() - start
-    after = engine.get_server_info()
+    info_after = engine.get_server_info()
+    after = _counters(info_after)
     metas = [o["meta_info"] for o in outs]
     wrong = sum(m["completion_tokens"] != r.output_len for m, r in zip(metas, requests))
-    keys = ("schedule_policy", "prefix_cache", "max_total_tokens", "max_running_requests", "dtype", "device")
-    counters = ("steps", "extend_steps", "decode_steps", "retractions", "evicted_tokens")
-    info = {k: after.get(k) for k in keys}
-    info.update({k: after[k] - before.get(k, 0) for k in counters if isinstance(after.get(k), (int, float))})
+    keys = ("schedule_policy", "prefix_cache", "max_running_requests", "dtype", "device")
+    info: dict[str, Any] = {k: info_after.get(k) for k in keys}
+    info["max_total_tokens"] = info_after["max_total_num_tokens"]
+    info.update({k: after[k] - before.get(k, 0) for k in ("steps", "extend_steps", "decode_steps", "retractions",
+                                                          "evicted_tokens")})
     info["meta_cached_tokens"] = sum(m.get("cached_tokens", 0) for m in metas)
     info["memory"] = engine.runner.memory_report._asdict()
     return RunResult(
@@ -81,6 +83,12 @@ def run_plait(engine: Any, requests: Sequence[BenchRequest]) -> RunResult:
     )
 
 
+def _counters(server_info: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's step counters and the cache's token counters, from the server info."""
+    state = server_info["internal_states"][0]
+    return {**state["scheduler"], **state["cache"]}
+
+
 def warm_up_plait(engine: Any, token_ids: Sequence[int], num_requests: int) -> None:
     """SGLang's warm-up (random 256-token prompts, 16 out), then an empty cache for the real run."""
     rng = random.Random(12345)
@@ -88,7 +96,6 @@ def warm_up_plait(engine: Any, token_ids: Sequence[int], num_requests: int) -> N
     engine.generate(input_ids=prompts, sampling_params=[greedy_params(16)] * num_requests)
     if not engine.flush_cache():
         raise RuntimeError("could not flush the prefix cache after the warm-up")
-    time.sleep(0.2)  # the flush is a message to the scheduler thread; let it land before measuring
 
 
 # ---- the OpenAI-compatible backend -------------------------------------------------------------------

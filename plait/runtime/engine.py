@@ -1,24 +1,25 @@
 """`plait.Engine`: the runtime in-process, without HTTP.
 
-The scheduler runs on a background thread (PyTorch releases the GIL in its kernels); `generate`
-submits requests and waits for, streams, or awaits their outputs.
+The Engine is the front end (`plait.runtime.frontend`) over the in-process transport: the same
+request normalisation, validation, rid tracking, driver loop and server-info snapshot as the HTTP
+server, with the scheduler on a background thread instead of in another process. A bad request
+raises the error the server would answer with (`InvalidRequestError` for its 400s), and leaves
+the engine working.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
 from typing import Any, AsyncIterator, Iterator
 
 from plait.runtime.config import RuntimeConfig
 from plait.runtime.executor.model_runner import ModelRunner
-from plait.runtime.scheduler.io import AbortRequest, FlushCacheRequest, RequestOutput
-from plait.runtime.scheduler.scheduler import Scheduler
-from plait.runtime.tokenizer_manager import GenerateInput, InvalidRequestError, RequestState, normalize
+from plait.runtime.frontend.errors import InvalidRequestError, SchedulerUnavailable
+from plait.runtime.frontend.front_end import FrontEnd
+from plait.runtime.frontend.tracker import RequestGroup
+from plait.runtime.frontend.transport import InProcessTransport
 
-logger = logging.getLogger(__name__)
+STARTUP_TIMEOUT_S = 60.0
 
 
 class Engine:
@@ -35,61 +36,14 @@ class Engine:
         self.config = RuntimeConfig.from_options(**options)
         self.runner = ModelRunner(self.config.model, self.config.memory, source=source)
         self.tokenizer = self.runner.tokenizer
-        self.scheduler = Scheduler(self.runner, self.config.scheduler, on_output=self._on_output)
-        self._states: dict[str, RequestState] = {}
-        self._listeners: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="plait-scheduler", daemon=True)
-        self._error: BaseException | None = None
-        self._thread.start()
+        self.transport = InProcessTransport(self.runner, self.config)
+        self.scheduler = self.transport.driver.scheduler
+        self.front = FrontEnd(self.transport)
+        self.front.start()
+        self.front.ready_event.wait(STARTUP_TIMEOUT_S)
+        self.front.check_available()
 
-    # ---- the scheduler thread -----------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            self.scheduler.run_forever(self._stop)
-        except BaseException as e:  # surface to every waiting caller instead of hanging them
-            logger.exception("scheduler failed")
-            self._error = e
-            with self._lock:
-                for listener in self._listeners.values():
-                    listener(None)
-
-    def _on_output(self, outputs: list[RequestOutput]) -> None:
-        with self._lock:
-            for out in outputs:
-                state = self._states.get(out.rid)
-                if state is None:
-                    continue
-                state.add(out)
-                listener = self._listeners.get(out.rid)
-                if out.finished:
-                    self._states.pop(out.rid, None)
-                    self._listeners.pop(out.rid, None)
-                if listener is not None:
-                    listener(state)
-
-    def _submit(self, inp: GenerateInput, listener_factory) -> tuple[list[RequestState], bool]:
-        if self._error is not None:
-            raise RuntimeError("the scheduler has stopped") from self._error
-        requests, is_batch = normalize(inp, self.tokenizer, default_sampling=self._default_sampling())
-        states = [RequestState(r, self.tokenizer) for r in requests]
-        with self._lock:
-            for state in states:
-                if state.request.rid in self._states:
-                    raise InvalidRequestError(f"a request with rid {state.request.rid!r} is already running")
-            for state in states:
-                self._states[state.request.rid] = state
-                self._listeners[state.request.rid] = listener_factory(state)
-        for state in states:
-            self.scheduler.submit(state.request)
-        return states, is_batch
-
-    def _default_sampling(self) -> dict:
-        gen = self.runner.source.generation_config
-        return {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in gen}
-
-    # ---- public API ---------------------------------------------------------------------------
+    # ---- generation ---------------------------------------------------------------------------
     def generate(
         self,
         prompt: str | list[str] | None = None,
@@ -105,130 +59,76 @@ class Engine:
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict back) or a batch (a list). With `stream=True`, an iterator
         of cumulative snapshots of one request (`text` so far, `meta_info` current)."""
-        inp = GenerateInput(
+        group, is_batch = self._submit(_input(
             text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            token_ids_logprob=token_ids_logprob, return_text_in_logprobs=return_text_in_logprobs, stream=stream,
-        )
+            token_ids_logprob=token_ids_logprob, return_text_in_logprobs=return_text_in_logprobs, stream=stream))
         if stream:
-            return self._stream(inp)
-        done: dict[str, threading.Event] = {}
-
-        def factory(state: RequestState):
-            event = done.setdefault(state.request.rid, threading.Event())
-            return lambda s: event.set() if (s is None or s.finished) else None
-
-        states, is_batch = self._submit(inp, factory)
-        for state in states:
-            done[state.request.rid].wait()
-            if self._error is not None and not state.finished:
-                raise RuntimeError("the scheduler has stopped") from self._error
-        results = [s.result() for s in states]
-        return results if is_batch else results[0]
-
-    def _stream(self, inp: GenerateInput) -> Iterator[dict]:
-        updates: queue.SimpleQueue = queue.SimpleQueue()
-        states, is_batch = self._submit(inp, lambda state: lambda s: updates.put(s))
-        if is_batch:
-            self.abort_request("")
-            raise InvalidRequestError("streaming takes one prompt with n = 1")
-        state = states[0]
+            return self._stream(group)
         try:
-            while True:
-                s = updates.get()
-                if s is None:
-                    raise RuntimeError("the scheduler has stopped") from self._error
-                yield s.result()
-                if s.finished:
-                    return
+            group.sync_wait()
         finally:
-            if not state.finished:
-                self.abort_request(state.request.rid)
+            self.front.finish(group)
+        return _results(group, is_batch)
+
+    def _submit(self, data: dict[str, Any]) -> tuple[RequestGroup, bool]:
+        states, is_batch = self.front.prepare(data)
+        if data.get("stream") and is_batch:
+            raise InvalidRequestError("streaming takes one prompt with n = 1")
+        return self.front.submit(states), is_batch
+
+    def _stream(self, group: RequestGroup) -> Iterator[dict]:
+        state = group.states[0]
+        try:
+            for _ in group.sync_updates():
+                if state.finished:
+                    group.raise_errors()
+                yield state.result()
+        finally:
+            self.front.finish(group)
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False, **kw):
         """Async variant of `generate`: awaits the result, or with `stream=True` returns an async iterator."""
+        data = _input(text=prompt, sampling_params=sampling_params, input_ids=input_ids, stream=stream, **kw)
+        group, is_batch = self._submit(data)
         if stream:
-            return self._async_stream(prompt, sampling_params, input_ids, **kw)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future] = []
-
-        def factory(state: RequestState):
-            fut = loop.create_future()
-            futures.append(fut)
-
-            def on(s):
-                if (s is None or s.finished) and not fut.done():
-                    loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(s))
-
-            return on
-
-        inp = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, **kw)
-        states, is_batch = self._submit(inp, factory)
-        await asyncio.gather(*futures)
-        if self._error is not None and not all(s.finished for s in states):
-            raise RuntimeError("the scheduler has stopped") from self._error
-        results = [s.result() for s in states]
-        return results if is_batch else results[0]
-
-    async def _async_stream(self, prompt, sampling_params, input_ids, **kw) -> AsyncIterator[dict]:
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue = asyncio.Queue()
-        inp = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, stream=True, **kw)
-        states, is_batch = self._submit(
-            inp, lambda state: lambda s: loop.call_soon_threadsafe(updates.put_nowait, s)
-        )
-        if is_batch:
-            raise InvalidRequestError("streaming takes one prompt with n = 1")
+            return self._async_stream(group)
         try:
-            while True:
-                s = await updates.get()
-                if s is None:
-                    raise RuntimeError("the scheduler has stopped") from self._error
-                yield s.result()
-                if s.finished:
-                    return
+            await group.wait()
         finally:
-            if not states[0].finished:
-                self.abort_request(states[0].request.rid)
+            self.front.finish(group)
+        return _results(group, is_batch)
 
-    def abort_request(self, rid: str = "") -> None:
-        """Abort one request by rid, or all with ""; its KV is freed at once."""
-        self.scheduler.submit(AbortRequest(rid))
+    async def _async_stream(self, group: RequestGroup) -> AsyncIterator[dict]:
+        state = group.states[0]
+        try:
+            async for _ in group.updates():
+                if state.finished:
+                    group.raise_errors()
+                yield state.result()
+        finally:
+            self.front.finish(group)
+
+    # ---- control ------------------------------------------------------------------------------
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> list[str]:
+        """Abort the request with exactly this rid (and the copies `n > 1` or a batch made of it), or
+        every request with `abort_all` (or an empty rid); its KV is freed at once. Returns the rids
+        aborted (empty for abort_all)."""
+        if abort_all or rid == "":
+            self.front.abort_all()
+            return []
+        return self.front.abort(rid)
 
     def flush_cache(self) -> bool:
-        """Drop the prefix cache (only when idle); returns whether it was flushed."""
-        if self.scheduler.has_work:
-            return False
-        self.scheduler.submit(FlushCacheRequest())
-        return True
+        """Drop the prefix cache and compiled grammars (only when idle); returns whether it was flushed."""
+        return self.front.flush_cache().result(timeout=60)
 
     def get_server_info(self) -> dict[str, Any]:
-        cache = self.scheduler.cache.cache
-        stats = cache.stats
-        return {
-            "model_path": self.runner.source.path,
-            "dtype": str(self.runner.dtype).replace("torch.", ""),
-            "device": str(self.runner.device),
-            "max_total_tokens": self.runner.kv_pool.num_slots,
-            "max_running_requests": self.scheduler.max_running,
-            "context_length": self.runner.context_length,
-            "schedule_policy": self.scheduler.policy.name,
-            "prefix_cache": type(cache).__name__,
-            "cache_hit_rate": stats.hit_rate,
-            "cached_tokens_total": stats.prefill_cached_tokens,
-            "prompt_tokens_total": stats.prefill_input_tokens,
-            "tokens_in_cache": cache.total_size,
-            "evicted_tokens": stats.evicted_tokens,
-            "free_slots": self.runner.allocator.num_free_slots,
-            **self.scheduler.stats,
-            **{f"grammar_{k}": v for k, v in self.scheduler.constraints.stats.items()},
-        }
+        """The same dict as the HTTP server's `/get_server_info` (docs/serving.md describes it)."""
+        return self.front.query_info().result(timeout=60)
 
     def shutdown(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        self.scheduler.constraints.shutdown()
+        self.transport.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -238,6 +138,19 @@ class Engine:
 
     def __del__(self) -> None:
         try:
-            self._stop.set()
+            self.transport.close(timeout=0)
         except Exception:
             pass
+
+
+def _input(**fields: Any) -> dict[str, Any]:
+    """The `/generate` body these keyword arguments stand for (None: not given)."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _results(group: RequestGroup, is_batch: bool) -> dict | list[dict]:
+    if group.failure is not None:
+        raise SchedulerUnavailable(group.failure)
+    group.raise_errors()
+    results = [s.result() for s in group.states]
+    return results if is_batch else results[0]

@@ -144,10 +144,17 @@ class Runtime:
         self.endpoint.stop_profile()
 
     def get_tokenizer(self) -> Any:
+        """The served model's Hugging Face tokenizer, read the way the server reads it (a GGUF
+        file's tokenizer is in its metadata, which `AutoTokenizer` cannot take as a path)."""
+        info = self.endpoint.model_info
+        path = info.get("tokenizer_path") or info.get("model_path")
+        if isinstance(path, str) and path.endswith(".gguf"):
+            from plait.runtime.tokenizer import Tokenizer
+
+            return Tokenizer.from_gguf(path).hf
         from transformers import AutoTokenizer
 
-        info = self.endpoint.model_info
-        return AutoTokenizer.from_pretrained(info.get("tokenizer_path") or info.get("model_path"))
+        return AutoTokenizer.from_pretrained(path)
 
     def generate(self, prompt: str | list[str], sampling_params: dict | None = None, return_logprob: bool = False,
                  logprob_start_len: int | None = None, top_logprobs_num: int | None = None,

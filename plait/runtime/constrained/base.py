@@ -139,6 +139,11 @@ class GrammarMatcher(ABC):
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (jump-forward retokenization needs it)."""
 
+    def error(self) -> str | None:
+        """Why the grammar engine gave up on this request (a size limit it hit while following the
+        grammar), or None. Engines that never give up need not override it."""
+        return None
+
 
 class GrammarBackend(ABC):
     """Compiles constraints for one tokenizer. `compile` may run on any thread (the manager calls it

@@ -133,6 +133,12 @@ class LLGuidanceMatcher(GrammarMatcher):
             assert self._m.rollback(num_tokens), self._m.get_error()
             self._terminated = False
 
+    def error(self) -> str | None:
+        if not self._m.is_error():
+            return None
+        # The first line; the rest is a dump of the parser's state.
+        return next((line.strip() for line in self._m.get_error().splitlines() if line.strip()), "unknown error")
+
 
 class LLGuidanceBackend(GrammarBackend):
     name = "llguidance"

@@ -24,6 +24,7 @@ import torch
 from plait.runtime.constrained.base import (
     CompiledGrammar,
     GrammarBackend,
+    GrammarError,
     GrammarKey,
     GrammarMatcher,
     backend_class,
@@ -92,7 +93,10 @@ class GrammarManager:
         return future
 
     def _compile(self, key: GrammarKey) -> CompiledGrammar:
-        return self._backend.result().compile(key)
+        backend = self._backend.result()
+        compiled = backend.compile(key)
+        probe(backend, compiled)
+        return compiled
 
     def new_matcher(self, compiled: CompiledGrammar) -> GrammarMatcher:
         return self.backend.new_matcher(compiled)
@@ -128,6 +132,36 @@ class GrammarManager:
         bitmask = torch.full((len(matchers), bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
         self.backend.fill_bitmasks(rows, bitmask)
         return bitmask
+
+
+PROBE_STEPS = 8
+
+
+def probe(backend: GrammarBackend, compiled: CompiledGrammar, *, steps: int = PROBE_STEPS) -> None:
+    """Follow the grammar for its first few tokens (always the lowest allowed id) on a throwaway
+    matcher; raise GrammarError if it allows only an empty output or if the engine gives up.
+
+    Engines build their automata lazily: a regex like `(c{1000}){1000}` compiles, then exceeds the
+    engine's size limits at its first token. Found here, on the compile worker, it is refused
+    like a syntax error (HTTP 400) before the request generates anything."""
+    kind = compiled.key.kind
+    matcher = backend.new_matcher(compiled)
+    bitmask = torch.empty((1, bitmask_width(backend.vocab_size)), dtype=torch.int32)
+    stops = set(backend.stop_token_ids)
+    for step in range(steps):
+        bitmask.fill_(-1)
+        matcher.fill_bitmask(bitmask, 0)
+        allowed = unpack_bitmask(bitmask, backend.vocab_size)[0].nonzero().flatten().tolist()
+        token = next((t for t in allowed if t not in stops), None)
+        if token is None:
+            if step == 0 and not allowed:
+                raise GrammarError(f"invalid {kind}: it allows no output at all")
+            if step == 0:
+                raise GrammarError(f"invalid {kind}: it allows only an empty output")
+            return
+        if not matcher.accept_token(token):
+            reason = matcher.error() or "the grammar engine refused a token it allowed"
+            raise GrammarError(f"invalid {kind}: the grammar engine cannot follow it ({reason})")
 
 
 def bitmask_width(vocab_size: int) -> int:

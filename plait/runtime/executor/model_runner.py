@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -219,6 +219,19 @@ class ModelRunner:
             return None
         self.execution["cpu_graph"] = "on"
         return CpuDecoderStack(self.model, self.kv_pool)
+
+    def execution_info(self) -> dict[str, Any]:
+        """Which model-execution path runs (`internal_states[0].execution` of the server info):
+        `self.execution`, filled as the paths are chosen, plus the settings every path has."""
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "kv_cache_dtype": str(self.kv_dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "cuda_graph": self.graph_runner is not None,
+            "cuda_graph_batch_sizes": list(self.memory_report.graph_batch_sizes),
+            "torch_compile": self.graph_runner is not None and self.model_config.enable_torch_compile,
+            **self.execution,
+        }
 
     @property
     def num_params(self) -> int:

@@ -47,7 +47,7 @@ class CacheManager:
         limit = req.match_limit()
         match = self.cache.match_prefix(req.fill_ids[:limit])
         req.prefix_len = int(match.slot_ids.numel())
-        req._match = match  # type: ignore[attr-defined]  # consumed by admit()
+        req.pending_match = match  # consumed by admit()
         return req.prefix_len
 
     def admit(self, req: Req) -> bool:
@@ -55,7 +55,8 @@ class CacheManager:
         row = self.req_to_token_pool.alloc()
         if row is None:
             return False
-        match = req._match  # type: ignore[attr-defined]
+        match = req.pending_match
+        assert match is not None, "match() comes before admit()"
         self.cache.lock(match.last_node)
         req.req_pool_idx = row
         req.last_node = match.last_node
@@ -64,7 +65,7 @@ class CacheManager:
         if req.prefix_len:
             self.req_to_token_pool.write(row, 0, match.slot_ids.to(self.allocator.device, non_blocking=True))
         self._host_rows[row] = match.slot_ids.tolist()
-        del req._match  # type: ignore[attr-defined]
+        req.pending_match = None
         return True
 
     def commit_admission(self, req: Req) -> None:

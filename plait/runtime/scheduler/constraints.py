@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from plait.runtime.constrained.manager import GrammarManager
 
 logger = logging.getLogger(__name__)
+
+
+class GrammarRefusal(NamedTuple):
+    message: str
+    status: int  # 400: the constraint's fault; 500: ours
 
 
 class ConstraintTracker:
@@ -57,7 +62,7 @@ class ConstraintTracker:
         if self.tokenizer is None:
             return "constrained decoding needs a tokenizer, and this model has none"
         future: Future = self.manager.request(req.params)
-        req.grammar_future = future  # type: ignore[attr-defined]
+        req.grammar_future = future
         self.pending.append(req)
         future.add_done_callback(lambda _: self.wake())
         return None
@@ -66,7 +71,8 @@ class ConstraintTracker:
         """Requests whose grammar is ready (matcher attached), and failures (req, message, status)."""
         ready, failed, still = [], [], []
         for req in self.pending:
-            future: Future = req.grammar_future  # type: ignore[attr-defined]
+            future = req.grammar_future
+            assert future is not None
             if not future.done():
                 still.append(req)
                 continue
@@ -77,7 +83,8 @@ class ConstraintTracker:
                 logger.error("grammar compilation failed: %r", error)
                 failed.append((req, f"grammar compilation failed: {error}", 500))
             else:
-                req.matcher = self.manager.new_matcher(future.result())  # type: ignore[attr-defined]
+                req.matcher = self.manager.new_matcher(future.result())
+                req.grammar_future = None
                 self.try_jump(req)  # a forced opening (`{"name": "`) joins the first prefill
                 ready.append(req)
         self.pending = still
@@ -90,7 +97,7 @@ class ConstraintTracker:
 
     def mask(self, reqs: list[Req], device: torch.device) -> torch.Tensor | None:
         """Allowed-token mask [bs, vocab] for the batch, or None when no row is constrained."""
-        matchers = [getattr(r, "matcher", None) for r in reqs]
+        matchers = [r.matcher for r in reqs]
         if all(m is None for m in matchers):
             return None
         start = time.perf_counter()
@@ -99,24 +106,27 @@ class ConstraintTracker:
         self.stats["mask_seconds"] += time.perf_counter() - start
         return mask
 
-    def accept(self, req: Req, token_id: int) -> str | None:
-        """Advance the matcher by the sampled token; an error message if the grammar refuses it."""
-        matcher = getattr(req, "matcher", None)
+    def accept(self, req: Req, token_id: int) -> GrammarRefusal | None:
+        """Advance the matcher by the sampled token; why not, if the grammar refuses it."""
+        matcher = req.matcher
         if matcher is None:
             return None
         if not matcher.accept_token(token_id):
-            return f"internal error: the grammar refused sampled token {token_id}"
+            reason = matcher.error()
+            if reason is not None:  # the engine hit a limit following the request's grammar: its fault
+                return GrammarRefusal(f"the constraint exceeds the grammar engine's limits: {reason}", 400)
+            return GrammarRefusal(f"internal error: the grammar refused sampled token {token_id}", 500)
         return None
 
     def terminated(self, req: Req) -> bool:
-        matcher = getattr(req, "matcher", None)
+        matcher = req.matcher
         return matcher is not None and matcher.is_terminated()
 
     def try_jump(self, req: Req, *, release_kv: Callable[[Req], None] | None = None) -> bool:
         """Append the grammar's forced continuation without decoding. True when the request's
         tokens changed: it must then run its new tail as an extend (the caller re-queues it).
         `release_kv` is called first, while the request's ids still match its KV."""
-        matcher = getattr(req, "matcher", None)
+        matcher = req.matcher
         if not self.jump_forward or matcher is None or req.msg.return_logprob or req.finished:
             return False
         forced = matcher.find_jump_forward()

@@ -20,7 +20,7 @@ from plait.runtime.sampling.logprobs import (
     token_logprobs,
     top_logprobs,
 )
-from plait.runtime.scheduler.io import RequestOutput
+from plait.runtime.frontend.messages import RequestOutput
 from plait.runtime.scheduler.request import Req
 
 

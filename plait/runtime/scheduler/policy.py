@@ -50,7 +50,7 @@ def _dfs_weight(queue: list[Req], cache: CacheManager) -> list[Req]:
     nodes = {}
     for req in queue:
         cache.match(req)
-        node = req._match.last_node  # type: ignore[attr-defined]
+        node = req.pending_match.last_node
         by_node[id(node)].append(req)
         while node is not None:  # every ancestor's subtree holds this request
             weight[id(node)] += 1

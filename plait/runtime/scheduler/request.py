@@ -5,10 +5,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from plait.runtime.scheduler.io import GenerateRequest
+from plait.runtime.frontend.messages import GenerateRequest
 
 if TYPE_CHECKING:
-    from plait.runtime.cache.base import TreeNode
+    from concurrent.futures import Future
+
+    from plait.runtime.cache.base import MatchResult, TreeNode
+    from plait.runtime.constrained.base import CompiledGrammar, GrammarMatcher
     from plait.runtime.detokenizer import IncrementalDetokenizer
 
 
@@ -26,6 +29,14 @@ class Req:
       `len(fill_ids)` or, until the token is appended, `len(fill_ids) + 1`.
     """
 
+    # Every field is declared here; nothing else may attach state to a request.
+    __slots__ = (
+        "msg", "rid", "params", "prompt_ids", "output_ids", "eos_token_ids", "arrival_time", "first_token_time",
+        "req_pool_idx", "kv_committed_len", "prefix_len", "cached_tokens", "cache_protected_len", "last_node",
+        "pending_match", "inflight", "times_passed_over", "num_retractions", "admitted_once", "grammar_future",
+        "matcher", "finish_reason", "detokenizer", "pending", "input_logprobs_done",
+    )
+
     def __init__(self, msg: GenerateRequest, *, eos_token_ids: list[int]):
         self.msg = msg
         self.rid = msg.rid
@@ -42,11 +53,15 @@ class Req:
         self.cached_tokens = 0  # reported prefix hit of the first admission
         self.cache_protected_len = 0
         self.last_node: TreeNode | None = None
+        self.pending_match: MatchResult | None = None  # looked up by the admission round, until admitted
         # scheduling
         self.inflight = 0
         self.times_passed_over = 0  # admission rounds in which others were admitted but not this one
         self.num_retractions = 0
         self.admitted_once = False
+        # constrained decoding: the grammar compiling, then the request's position in it
+        self.grammar_future: Future[CompiledGrammar] | None = None
+        self.matcher: GrammarMatcher | None = None
         # outputs
         self.finish_reason: dict[str, Any] | None = None
         self.detokenizer: IncrementalDetokenizer | None = None

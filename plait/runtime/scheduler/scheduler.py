@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from typing import Callable
 
 import torch
@@ -38,12 +37,15 @@ from plait.runtime.sampling.sampler import Sampler, SamplingBatchInfo
 from plait.runtime.scheduler.batch import StepBatch
 from plait.runtime.scheduler.cache_manager import CacheManager
 from plait.runtime.scheduler.constraints import ConstraintTracker
-from plait.runtime.scheduler.io import (
+from plait.runtime.frontend.errors import InvalidRequestError
+from plait.runtime.frontend.messages import (
+    STATUS_BAD_REQUEST,
+    STATUS_INTERNAL_ERROR,
     AbortRequest,
-    FlushCacheRequest,
     GenerateRequest,
     RequestOutput,
 )
+from plait.runtime.frontend.validate import Limits, validate
 from plait.runtime.scheduler.output import (
     append_token,
     compute_input_logprobs,
@@ -101,11 +103,13 @@ class Scheduler:
         self.last_tokens = (
             torch.zeros(self.max_running + 1, dtype=torch.int64, device=runner.device) if self.overlap else None
         )
+        self.limits = Limits(context_length=runner.context_length, vocab_size=runner.vocab_size,
+                             max_total_tokens=runner.kv_pool.num_slots)
         self.stats = {"steps": 0, "extend_steps": 0, "decode_steps": 0, "retractions": 0, "generated_tokens": 0,
                       "overlapped_steps": 0}
 
     # ---- input, from any thread -------------------------------------------------------------
-    def submit(self, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
+    def submit(self, msg: GenerateRequest | AbortRequest) -> None:
         self.inbox.put(msg)
 
     @property
@@ -113,15 +117,6 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunked or self.constraints.pending) or self.inflight is not None
 
     # ---- the loop -------------------------------------------------------------------------------
-    def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            if not (self.waiting or self.running or self.chunked or self.inflight is not None):  # idle, or grammars compiling
-                try:
-                    self.inbox.put(self.inbox.get(timeout=0.05))  # sleep until something arrives
-                except queue.Empty:
-                    continue
-            self.step()
-
     def step(self) -> None:
         self.stats["steps"] += 1
         self._receive()
@@ -152,49 +147,50 @@ class Scheduler:
             if isinstance(msg, GenerateRequest):
                 self._add_request(msg)
             elif isinstance(msg, AbortRequest):
-                self._abort(msg.rid)
-            elif isinstance(msg, FlushCacheRequest):
-                if self.has_work:
-                    logger.warning("flush_cache ignored: requests are running")
-                else:
-                    self.cache.flush()
-                    self.constraints.clear()
+                self._abort(msg.rid, message=msg.message, status_code=msg.status_code)
         ready, failed = self.constraints.poll()
         self.waiting.extend(ready)
         for req, message, status in failed:
             self._reject(req, message, status)
 
     def _add_request(self, msg: GenerateRequest) -> None:
-        req = Req(msg, eos_token_ids=self.eos_token_ids)
-        error = self._validate(req)
-        if error:
-            self._reject(req, error, 400)
+        """Admit a request to the queue, or reject it alone: nothing in a request's data may stop
+        the loop. The front end ran the same `validate`; this is the defensive copy."""
+        try:
+            validate(msg, self.limits, check_grammar=False)
+            req = Req(msg, eos_token_ids=self.eos_token_ids)
+            req.detokenizer = new_detokenizer(req, self.runner.tokenizer)
+        except InvalidRequestError as e:
+            self._reject_message(msg, str(e), STATUS_BAD_REQUEST)
             return
-        req.detokenizer = new_detokenizer(req, self.runner.tokenizer)
+        except Exception as e:  # a bug, but one that must fail this request only
+            logger.exception("could not admit request %s", getattr(msg, "rid", "?"))
+            self._reject_message(msg, f"internal error while admitting the request: {e}", STATUS_INTERNAL_ERROR)
+            return
         if self.constraints.needs_grammar(req):
             error = self.constraints.submit(req)  # joins `waiting` once its grammar is compiled
             if error:
-                self._reject(req, error, 400)
+                self._reject(req, error, STATUS_BAD_REQUEST)
             return
         self.waiting.append(req)
 
+    def _reject_message(self, msg: GenerateRequest, message: str, status: int) -> None:
+        rid = msg.rid if isinstance(getattr(msg, "rid", None), str) else ""
+        self.on_output([RequestOutput(rid=rid, new_text="", new_output_ids=[], finished=True, finish_reason={
+            "type": "abort", "message": message, "status_code": status, "err_type": _err_type(status)})])
+
     def _reject(self, req: Req, message: str, status: int) -> None:
-        err_type = "BadRequest" if status < 500 else "InternalServerError"
-        req.finish_reason = {"type": "abort", "message": message, "status_code": status, "err_type": err_type}
+        req.finish_reason = {"type": "abort", "message": message, "status_code": status, "err_type": _err_type(status)}
         self.cache.release(req)
         self.on_output([take_output(req)])
 
-    def _validate(self, req: Req) -> str | None:
-        prompt_len = len(req.prompt_ids)
-        if prompt_len == 0:
-            return "the prompt is empty"
-        if prompt_len >= self.runner.context_length:
-            return f"the prompt has {prompt_len} tokens, which does not fit the context length {self.runner.context_length}"
-        if prompt_len + 1 > self.runner.kv_pool.num_slots:
-            return f"the prompt has {prompt_len} tokens, more than the KV cache holds ({self.runner.kv_pool.num_slots})"
-        if any(not 0 <= t < self.runner.vocab_size for t in req.prompt_ids):
-            return f"input_ids must be in [0, {self.runner.vocab_size})"
-        return None
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache and the compiled grammars; only when no request is in the scheduler."""
+        if self.has_work or not self.inbox.empty():
+            return False
+        self.cache.flush()
+        self.constraints.clear()
+        return True
 
     # ---- scheduling: needs only lengths ----------------------------------------------------------
     def _schedule(self) -> StepBatch | None:
@@ -379,7 +375,7 @@ class Scheduler:
                 prompt_ids=[r.prompt_ids for r in reqs],
                 stop_token_ids_for_min=[
                     # A grammar's mask may allow only a stop token; min_new_tokens must not forbid it.
-                    [] if getattr(r, "matcher", None) is not None
+                    [] if r.matcher is not None
                     else ([] if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids
                     for r in reqs
                 ],
@@ -418,7 +414,7 @@ class Scheduler:
                     continue
                 error = self.constraints.accept(req, token_id)
                 if error:
-                    req.finish_reason = {"type": "abort", "message": error, "status_code": 500}
+                    req.finish_reason = {"type": "abort", "message": error.message, "status_code": error.status}
                     continue
                 append_token(req, token_id, context_length=self.runner.context_length)
                 if not req.finished and self.constraints.terminated(req):
@@ -455,7 +451,7 @@ class Scheduler:
             self.on_output(outputs)
 
     # ---- aborts, integrity ---------------------------------------------------------------------------
-    def _abort(self, rid: str) -> None:
+    def _abort(self, rid: str, *, message: str, status_code: int) -> None:
         def match(r: Req) -> bool:
             return rid == "" or r.rid == rid
 
@@ -469,7 +465,7 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if not match(r)]
         self.running = [r for r in self.running if not match(r)]
         for req in victims:
-            req.finish_reason = {"type": "abort", "message": "aborted by the client", "status_code": 499}
+            req.finish_reason = {"type": "abort", "message": message, "status_code": status_code}
             self.cache.release(req)
         self.on_output([take_output(r) for r in victims])
 
@@ -487,6 +483,10 @@ class Scheduler:
 def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
     """An index tensor on the device without waiting for the device (`torch.tensor(..., device=)` would)."""
     return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _err_type(status: int) -> str:
+    return "BadRequest" if status < 500 else "InternalServerError"
 
 
 _WAKE = object()  # put into the inbox to wake a sleeping loop (a grammar finished compiling)

@@ -2,7 +2,8 @@
 
     python -m plait.launch_server --model-path PATH [--port 30000] ...   (or `plait serve ...`)
 
-Two processes talk over ZMQ with the typed messages of `plait.runtime.scheduler.io` and
-`messages.py`: the HTTP process (FastAPI + uvicorn: validation, tokenization, streaming, metrics)
-and the scheduler process (the model, the prefix cache, the scheduler loop, detokenization).
+Two processes talk over ZMQ with the typed messages of `plait.runtime.frontend.messages`: the
+HTTP process (FastAPI + uvicorn: the front end that `plait.Engine` uses too, streaming, OpenAI
+shapes, metrics) and the scheduler process (`plait.runtime.frontend.scheduler_process`: the model,
+the prefix cache, the scheduler loop, detokenization).
 """

@@ -29,6 +29,7 @@ class ServerConfig:
     stats_log_interval: float = 5.0  # seconds between stats lines while busy; 0: none
     shutdown_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long to finish, then are aborted
     health_check_timeout: float = 20.0  # /health_generate gives up after this many seconds
+    max_request_body_bytes: int = 4 << 20  # larger request bodies are refused with 413
     # How the model writes tool calls (OpenAI chat `tools`); default: the format its chat template uses
     tool_call_parser: str | None = None
 
@@ -43,6 +44,8 @@ class ServerConfig:
         if self.tool_call_parser is not None and self.tool_call_parser not in _tool_call_parsers():
             raise ValueError(f"--tool-call-parser must be one of {', '.join(_tool_call_parsers())},"
                              f" got {self.tool_call_parser!r}")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError(f"--max-request-body-bytes must be at least 1024, got {self.max_request_body_bytes}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 

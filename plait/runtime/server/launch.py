@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -89,10 +90,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, ipc_dir: str) -> int:
+    from plait.runtime.frontend.front_end import FrontEnd
+    from plait.runtime.frontend.scheduler_process import SchedulerProcessArgs, run_scheduler_process
+    from plait.runtime.frontend.zmq_transport import ZmqTransport
     from plait.runtime.server.app import ServerState, create_app
     from plait.runtime.server.metrics import ServerMetrics
-    from plait.runtime.server.scheduler_client import SchedulerClient
-    from plait.runtime.server.scheduler_process import SchedulerProcessArgs, run_scheduler_process
 
     requests_address, outputs_address = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
     # Idle OpenMP workers of the scheduler process would spin on the cores the HTTP process needs for
@@ -122,19 +124,23 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
 
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{port}"
-    client = SchedulerClient(requests_address, outputs_address, process=process, on_dead=on_dead)
-    state = ServerState(client, config, options, ServerMetrics(config.model_name(options.get("model_path"))))
-    client.metrics = state.metrics
+    transport = ZmqTransport(requests_address, outputs_address, process=process)
+    metrics = ServerMetrics(config.model_name(options.get("model_path")))
+    server_args = {k: v for k, v in dataclasses.asdict(config).items() if k != "api_key"}
+    front = FrontEnd(transport, server_args=server_args, observer=metrics, on_dead=on_dead)
+    state = ServerState(front, config, options, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        client.start()
+        front.start()
         announcer = asyncio.create_task(_announce_when_ready(state, url))
         try:
             yield
         finally:
             announcer.cancel()
-            await client.close()
+            alive = front.dead is None and front.ready is not None
+            front.dead = front.dead or "the server is shutting down"
+            await transport.close(tell_scheduler=alive)
 
     app = create_app(state, lifespan=lifespan)
     uv_config = uvicorn.Config(app, log_config=None, log_level=config.log_level, access_log=config.log_requests,
@@ -147,19 +153,20 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
             process.terminate()
             process.join(5)
     if exit_code["value"]:
-        logger.error("exiting: %s", client.dead)
+        logger.error("exiting: %s", front.dead)
     return exit_code["value"]
 
 
 async def _announce_when_ready(state: Any, url: str) -> None:
-    client = state.client
-    await client.ready_event.wait()
-    if client.dead is not None:
+    front = state.front
+    while not front.ready_event.is_set():
+        await asyncio.sleep(0.05)
+    if front.dead is not None:
         return
     start = time.monotonic()
-    if not await client.health_generate(timeout=max(state.config.health_check_timeout, 60.0)):
-        if client.dead is None:
-            client.fail("the warm-up generation failed")
+    if not await state.health_generate(timeout=max(state.config.health_check_timeout, 60.0)):
+        if front.dead is None:
+            front.fail("the warm-up generation failed")
         return
     state.serving = True
     logger.debug("warm-up generation took %.2f s", time.monotonic() - start)
@@ -168,20 +175,20 @@ async def _announce_when_ready(state: Any, url: str) -> None:
 
 def _drain(state: Any, server: Any) -> None:
     """On SIGTERM/SIGINT: in-flight requests get --shutdown-timeout seconds, then are aborted."""
-    client = state.client
+    front = state.front
     loop = server.loop
     if loop is None:
         return
 
     async def drain() -> None:
         deadline = time.monotonic() + state.config.shutdown_timeout
-        if client.num_in_flight:
-            logger.info("shutting down: waiting for %d in-flight requests", client.num_in_flight)
-        while client.num_in_flight and time.monotonic() < deadline:
+        if front.num_in_flight:
+            logger.info("shutting down: waiting for %d in-flight requests", front.num_in_flight)
+        while front.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if client.num_in_flight:
-            logger.warning("shutting down: aborting %d requests still running", client.num_in_flight)
-            client.abort("")
+        if front.num_in_flight:
+            logger.warning("shutting down: aborting %d requests still running", front.num_in_flight)
+            state.drain_abort_all()
 
     loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
 

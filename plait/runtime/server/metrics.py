@@ -12,8 +12,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from plait.runtime.scheduler.io import RequestOutput
-from plait.runtime.server.messages import SchedulerStats
+from plait.runtime.frontend.messages import RequestOutput, SchedulerStats
+from plait.runtime.frontend.tracker import HEALTH_CHECK_PREFIX, RequestState
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0, 640.0)
@@ -53,6 +53,8 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between two output tokens", _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to last token", _LATENCY_BUCKETS)
+        self.num_preparing_reqs = gauge(
+            "num_preparing_reqs", "HTTP requests being parsed and tokenized (off the event loop)")
 
     def on_stats(self, stats: SchedulerStats) -> None:
         self.num_running_reqs.set(stats.num_running)
@@ -61,7 +63,12 @@ class ServerMetrics:
         self.cache_hit_rate.set(stats.cache_hit_rate)
         self.gen_throughput.set(stats.gen_throughput)
 
-    def on_output(self, timing: "RequestTiming", out: RequestOutput) -> None:
+    def on_output(self, state: RequestState, out: RequestOutput) -> None:
+        if out.rid.startswith(HEALTH_CHECK_PREFIX):
+            return
+        if state.timing is None:
+            state.timing = RequestTiming()
+        timing = state.timing
         now = time.monotonic()
         num_new = len(out.new_output_ids)
         if num_new:

@@ -1,7 +1,8 @@
 """OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions.
 
-Requests are converted into `GenerateInput` (sampling fields into `SamplingParams` names) and run
-like `/generate`. Responses are built by one `_Choice` per generated sequence that hands out what
+Requests are converted into `/generate` input (sampling fields into `SamplingParams` names) and run
+through the same front end as `/generate`; parsing, the chat template and tokenization run off
+the event loop. Responses are built by one `_Choice` per generated sequence that hands out what
 is new since its last call; the non-streaming response is the same call made once at the end,
 so streamed and non-streamed text and logprobs cannot differ.
 """
@@ -13,13 +14,17 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
+from plait.runtime.frontend.errors import SchedulerUnavailable
+from plait.runtime.frontend.tracker import RequestGroup, RequestState
 from plait.runtime.server.app import (
     JSON,
     SSE_DONE,
     EventStream,
     ServerState,
+    body_schema,
     check_errors,
     parse,
     read_json,
@@ -27,15 +32,15 @@ from plait.runtime.server.app import (
     sse,
 )
 from plait.runtime.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from plait.runtime.server.scheduler_client import RequestGroup, SchedulerUnavailable
 from plait.runtime.server.tool_parser import ToolCallStream, merge_tool_deltas
 from plait.runtime.server.tools import ToolPlan, plan_tools
-from plait.runtime.tokenizer_manager import GenerateInput, RequestState
 
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-def register(app: FastAPI, state: ServerState) -> None:
+def register(app: FastAPI, state: ServerState) -> list[type[BaseModel]]:
+    """Add the routes; returns the request-body models they read (for /openapi.json)."""
+
     @app.get("/v1/models")
     async def list_models() -> Response:
         return JSON({"object": "list", "data": [_model_card(state)]})
@@ -45,75 +50,89 @@ def register(app: FastAPI, state: ServerState) -> None:
         state.check_model(model_id)
         return JSON(_model_card(state))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        req = parse(CompletionRequest, await read_json(request))
-        _check_common(state, req)
-        if req.suffix:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise ApiError(400, "best_of is not supported (only best_of equal to n)", param="best_of")
-        text, ids = _completion_prompt(req.prompt)
-        want_logprobs = req.logprobs is not None
-        inp = GenerateInput(
-            text=text, input_ids=ids, sampling_params=_sampling(req, 16 if req.max_tokens is None else req.max_tokens),
-            rid=req.rid or uuid.uuid4().hex,
-            return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
-            logprob_start_len=0 if req.echo and want_logprobs else -1, stream=req.stream,
-        )
-        states, _ = state.prepare(inp)
-        tokens = _TokenStrings(state.ready.tokenizer)
-        prompts = text if isinstance(text, list) else [text] if text is not None else None
+        data = await read_json(request, state)
+        req, states, choices, rid = await state.run_cpu(_prepare_completion, state, data)
+        return await _respond(state, request, req, states, choices, "text_completion", "cmpl-" + rid)
 
-        def echo(i: int) -> str | None:
-            if not req.echo:
-                return None
-            if prompts is not None:
-                return prompts[i // req.n]
-            return tokens.decode(states[i].request.input_ids)
-
-        choices = [_Choice(i, s, tokens, chat=False, echo=echo(i)) for i, s in enumerate(states)]
-        return await _respond(state, request, req, states, choices, "text_completion", "cmpl-" + inp.rid)
-
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        req = parse(ChatCompletionRequest, await read_json(request))
-        _check_common(state, req)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        tools, ids = _chat_prompt(state, req)
-        max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_new is None:  # OpenAI's default: until the context is full
-            max_new = max(1, state.ready.context_length - len(ids))
-        params = _sampling(req, max_new)
-        fmt = req.response_format
-        if fmt is not None and fmt.type != "text":
-            if req.json_schema or req.regex or req.ebnf:
-                raise ApiError(400, "give either response_format or one of json_schema/regex/ebnf",
-                               param="response_format")
-            schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
-            params["json_schema"] = schema if schema is not None else {"type": "object"}
-        if tools.json_schema is not None:
-            given = next((k for k in ("json_schema", "regex", "ebnf") if k in params), None)
-            if given is not None:
-                given = "response_format" if fmt is not None and fmt.type != "text" else given
-                raise ApiError(400, f"tool_choice {req.tool_choice!r} constrains the output to tool calls; it cannot"
-                                    f" be combined with {given}", param="tool_choice")
-            params["json_schema"] = tools.json_schema
-        inp = GenerateInput(
-            input_ids=ids, sampling_params=params, rid=req.rid or uuid.uuid4().hex, return_logprob=req.logprobs,
-            top_logprobs_num=req.top_logprobs or 0, stream=req.stream,
-        )
-        states, _ = state.prepare(inp)
-        tokens = _TokenStrings(state.ready.tokenizer)
-        choices = [_Choice(i, s, tokens, chat=True,
-                           tools=ToolCallStream(tools.parser, max_calls=tools.max_calls) if tools.parser else None)
-                   for i, s in enumerate(states)]
-        return await _respond(state, request, req, states, choices, "chat.completion", "chatcmpl-" + inp.rid)
+        data = await read_json(request, state)
+        req, states, choices, rid = await state.run_cpu(_prepare_chat, state, data)
+        return await _respond(state, request, req, states, choices, "chat.completion", "chatcmpl-" + rid)
+
+    return [CompletionRequest, ChatCompletionRequest]
+
+
+def _prepare_completion(state: ServerState, data: dict[str, Any]) -> tuple[Any, list[RequestState], list, str]:
+    req = parse(CompletionRequest, data)
+    _check_common(state, req)
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, "best_of is not supported (only best_of equal to n)", param="best_of")
+    text, ids = _completion_prompt(req.prompt)
+    want_logprobs = req.logprobs is not None
+    rid = req.rid or uuid.uuid4().hex
+    inp = {
+        "text": text, "input_ids": ids, "rid": rid, "stream": req.stream,
+        "sampling_params": _sampling(req, 16 if req.max_tokens is None else req.max_tokens),
+        "return_logprob": want_logprobs, "top_logprobs_num": req.logprobs or 0,
+        "logprob_start_len": 0 if req.echo and want_logprobs else -1,
+    }
+    states, _ = state.prepare({k: v for k, v in inp.items() if v is not None})
+    tokens = _TokenStrings(state.ready.tokenizer)
+    prompts = text if isinstance(text, list) else [text] if text is not None else None
+
+    def echo(i: int) -> str | None:
+        if not req.echo:
+            return None
+        if prompts is not None:
+            return prompts[i // req.n]
+        return tokens.decode(states[i].request.input_ids)
+
+    choices = [_Choice(i, s, tokens, chat=False, echo=echo(i)) for i, s in enumerate(states)]
+    return req, states, choices, rid
+
+
+def _prepare_chat(state: ServerState, data: dict[str, Any]) -> tuple[Any, list[RequestState], list, str]:
+    req = parse(ChatCompletionRequest, data)
+    _check_common(state, req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tools, ids = _chat_prompt(state, req)
+    max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_new is None:  # OpenAI's default: until the context is full
+        max_new = max(1, state.ready.limits.context_length - len(ids))
+    params = _sampling(req, max_new)
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if req.json_schema or req.regex or req.ebnf:
+            raise ApiError(400, "give either response_format or one of json_schema/regex/ebnf",
+                           param="response_format")
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
+        params["json_schema"] = schema if schema is not None else {"type": "object"}
+    if tools.json_schema is not None:
+        given = next((k for k in ("json_schema", "regex", "ebnf") if k in params), None)
+        if given is not None:
+            given = "response_format" if fmt is not None and fmt.type != "text" else given
+            raise ApiError(400, f"tool_choice {req.tool_choice!r} constrains the output to tool calls; it cannot"
+                                f" be combined with {given}", param="tool_choice")
+        params["json_schema"] = tools.json_schema
+    rid = req.rid or uuid.uuid4().hex
+    states, _ = state.prepare({"input_ids": ids, "sampling_params": params, "rid": rid,
+                               "return_logprob": req.logprobs, "top_logprobs_num": req.top_logprobs or 0,
+                               "stream": req.stream})
+    tokens = _TokenStrings(state.ready.tokenizer)
+    choices = [_Choice(i, s, tokens, chat=True,
+                       tools=ToolCallStream(tools.parser, max_calls=tools.max_calls) if tools.parser else None)
+               for i, s in enumerate(states)]
+    return req, states, choices, rid
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    context = state.client.ready.context_length if state.client.ready else None
+    context = state.front.ready.limits.context_length if state.front.ready else None
     return {"id": state.model_name, "object": "model", "created": int(state.started_at), "owned_by": "plait",
             "root": state.model_name, "max_model_len": context}
 
@@ -189,6 +208,7 @@ async def _respond(state: ServerState, request: Request, req: Any, states: list[
     group = state.submit(states)
     header = {"id": response_id, "object": kind, "created": int(time.time()), "model": state.model_name}
     if req.stream:
+        await state.start_stream(request, group)
         return EventStream(_stream(state, req, group, choices, header), state, group)
     await state.wait(request, group)
     check_errors(states)

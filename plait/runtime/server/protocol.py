@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-MAX_N = 128  # samples per prompt
+from plait.runtime.frontend.inputs import StrictModel
+
+MAX_N = 128  # samples per prompt (validate.Limits.max_n checks it for /generate)
 MAX_LOGPROBS = 20  # top alternatives per position (OpenAI allows 20)
-MAX_BATCH = 1024  # sequences per HTTP request, after n-expansion
 
 
 class ApiError(Exception):
@@ -36,35 +37,7 @@ class ApiError(Exception):
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable"}
 
 
-def validation_error(e: ValidationError) -> ApiError:
-    """A 400 naming the offending fields and what is wrong with them."""
-    by_field: dict[str, list[dict]] = {}
-    for err in e.errors():
-        by_field.setdefault(str(err["loc"][0]) if err["loc"] else "", []).append(err)
-    parts = []
-    for name, errors in list(by_field.items())[:3]:
-        parts.append(_describe(name, errors))
-    more = f" (and {len(by_field) - 3} more fields)" if len(by_field) > 3 else ""
-    return ApiError(400, "invalid request: " + "; ".join(parts) + more, param=next(iter(by_field), None) or None)
-
-
-def _describe(name: str, errors: list[dict]) -> str:
-    first = errors[0]
-    if first["type"] == "extra_forbidden":
-        return f"{name}: unknown field"
-    if first["type"] == "missing" and len(first["loc"]) == 1:
-        return f"{name}: field required"
-    if len(errors) > 1 and all(len(err["loc"]) > 1 for err in errors):
-        # A union: pydantic tried each member type; say which types were expected.
-        tags = list(dict.fromkeys(str(err["loc"][1]) for err in errors))
-        if all(not t.isdigit() for t in tags):
-            return f"{name}: must be of type {' or '.join(tags)}"
-    loc = ".".join(str(x) for x in first["loc"])
-    return f"{loc}: {first['msg']}"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+_Strict = StrictModel
 
 
 class StreamOptions(_Strict):
@@ -101,23 +74,6 @@ class _SamplingFields(_Strict):
     json_schema: str | dict[str, Any] | None = None
     ebnf: str | None = None
     rid: str | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError(f"at most 16 stop sequences, got {len(v)}")
-        return v
 
 
 class CompletionRequest(_SamplingFields):
@@ -201,39 +157,19 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
 
 
-class GenerateRequestBody(_Strict):
-    """SGLang's `/generate` body. The fields `GenerateInput` has are passed on as they are;
-    `normalize()` checks their per-item shapes and the sampling parameters."""
+class AbortRequestBody(_Strict):
+    rid: str = ""
+    abort_all: bool = False
 
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
-    rid: str | list[str] | None = None
-    return_logprob: bool | list[bool] | None = False
-    logprob_start_len: int | list[int] | None = None
-    top_logprobs_num: int | list[int] | None = None
-    token_ids_logprob: list[int] | list[list[int]] | None = None
-    return_text_in_logprobs: bool | None = False
-    stream: bool | None = False
-    # Accepted, no effect here.
-    log_metrics: bool | None = None
-    priority: int | None = None
-    modalities: list[str] | None = None
-    custom_labels: dict[str, Any] | None = None
-    no_logs: bool | None = None
-    # Features this server does not have: refused when given.
-    input_embeds: Any = None
-    image_data: Any = None
-    video_data: Any = None
-    audio_data: Any = None
-    lora_path: Any = None
-    session_params: Any = None
-    return_hidden_states: Any = None
-    custom_logit_processor: Any = None
 
-    def unsupported_field(self) -> str | None:
-        for name in ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "session_params",
-                     "return_hidden_states", "custom_logit_processor"):
-            if getattr(self, name) not in (None, False, [], {}):
-                return name
-        return None
+class TokenizeRequest(_Strict):
+    prompt: str | list[str] | None = None
+    text: str | list[str] | None = None  # an alias of prompt
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+    skip_special_tokens: bool = False
+    model: str | None = None

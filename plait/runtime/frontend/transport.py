@@ -1,0 +1,101 @@
+"""How the front end reaches its scheduler: the interface, and the in-process transport of the `Engine`.
+
+A transport carries `ToScheduler` messages one way and hands every `FromScheduler` message to the
+front end's `deliver` callback the other way, on the transport's own thread or event loop. A
+scheduler that dies shows up as a `SchedulerFailed` message like any other. The HTTP server's
+transport, over ZMQ to a scheduler process, is in `zmq_transport.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Callable
+
+from plait.runtime.frontend.driver import SchedulerDriver
+from plait.runtime.frontend.messages import FromScheduler, SchedulerFailed, Shutdown, ToScheduler
+
+if TYPE_CHECKING:
+    from plait.runtime.config import RuntimeConfig
+    from plait.runtime.executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+Deliver = Callable[[FromScheduler], None]
+
+
+class Transport(ABC):
+    @abstractmethod
+    def start(self, deliver: Deliver) -> None:
+        """Start carrying messages; every message from the scheduler goes to `deliver`."""
+
+    @abstractmethod
+    def send(self, msg: ToScheduler) -> None:
+        """Never blocks (an abort may be sent from a `finally` of a cancelled task)."""
+
+
+class InProcessTransport(Transport):
+    """The scheduler driver on a thread of this process. Messages to it go through a queue; its
+    messages are delivered by a direct call on its thread (the front end's tracker is thread-safe).
+
+    The thread, not the caller's, runs the model: PyTorch releases the GIL in its kernels, and on a
+    loaded 2-core machine torch's CPU kernels launched from the main thread ran several times slower
+    than from another thread."""
+
+    def __init__(self, runner: ModelRunner, config: RuntimeConfig):
+        self._inbox: queue.SimpleQueue[ToScheduler] = queue.SimpleQueue()
+        self._deliver: Deliver | None = None
+        self.driver = SchedulerDriver(runner, config, _QueueChannel(self))
+        self._thread = threading.Thread(target=self._run, name="plait-scheduler", daemon=True)
+
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._thread.start()
+
+    def send(self, msg: ToScheduler) -> None:
+        self._inbox.put(msg)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Abort what is running, stop the driver and wait for its thread."""
+        if self._thread.is_alive():
+            self._inbox.put(Shutdown())
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self.driver.run()
+        except BaseException as e:  # surface to every waiting caller instead of hanging them
+            logger.exception("the scheduler failed")
+            self._emit(SchedulerFailed(f"the scheduler has stopped: {type(e).__name__}: {e}"))
+        finally:
+            self.driver.scheduler.constraints.shutdown()
+
+    def _emit(self, msg: FromScheduler) -> None:
+        assert self._deliver is not None
+        self._deliver(msg)
+
+
+class _QueueChannel:
+    def __init__(self, transport: InProcessTransport):
+        self.transport = transport
+
+    def receive(self, timeout: float) -> list[ToScheduler]:
+        inbox = self.transport._inbox
+        try:
+            msgs = [inbox.get(timeout=timeout) if timeout > 0 else inbox.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                msgs.append(inbox.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    def send(self, msg: FromScheduler) -> None:
+        self.transport._emit(msg)
