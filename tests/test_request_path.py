@@ -436,3 +436,26 @@ def test_fuzz_from_the_request_schemas_gives_no_5xx(server):
         time.sleep(0.2)
         info = json.loads(server.get("/get_server_info")[1])["internal_states"][0]
     assert info["debug"]["integrity"]["ok"] and info["debug"]["integrity"]["leaked_slots"] == 0, info["debug"]
+
+
+# ---- one server-info shape ----------------------------------------------------------------------------------
+def test_engine_and_http_server_info_have_one_shape(server, engine):
+    remote = json.loads(server.get("/get_server_info")[1])
+    local = engine.get_server_info()
+    server_only = {"host", "port", "tp_size", "dp_size", "served_model_name", "log_level", "log_requests",
+                   "enable_metrics", "stats_log_interval", "shutdown_timeout", "health_check_timeout",
+                   "tool_call_parser", "max_request_body_bytes"}
+    assert set(remote) - set(local) == server_only
+    assert set(local) <= set(remote)
+    assert "api_key" not in remote
+    for info in (local, remote):
+        assert isinstance(info["version"], str) and info["context_length"] == 1024
+        assert len(info["internal_states"]) == 1
+        state = info["internal_states"][0]
+        assert {"hit_rate", "tokens_in_cache", "free_slots", "total_slots"} <= set(state["cache"])
+        assert {"weights_bytes", "kv_pool_tokens"} <= set(state["memory"])
+        assert {"dtype", "int4_decode_layers", "cuda_graph", "torch_compile"} <= set(state["execution"])
+        assert state["execution"]["dtype"] == "float32"
+        assert state["debug"]["integrity"]["ok"], state["debug"]
+    assert local["internal_states"][0].keys() == remote["internal_states"][0].keys()
+    assert local["max_total_num_tokens"] == remote["max_total_num_tokens"] == 16384

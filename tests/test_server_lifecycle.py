@@ -70,7 +70,9 @@ def test_503_until_ready_then_sigterm_finishes_or_aborts_requests(tiny_model):
         assert not thread.is_alive()
         assert srv.proc.wait(60) == 0, srv.output
         assert short_events[-1]["meta_info"]["finish_reason"]["type"] == "length", srv.output  # in the grace time
-        assert long_events[-1]["meta_info"]["finish_reason"]["type"] == "abort"  # aborted after it
+        reason = long_events[-1]["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and reason["status_code"] == 503  # aborted after it, and says why
+        assert "shutting down" in reason["message"]
         assert long_events[-1]["meta_info"]["completion_tokens"] < 7000
         assert "request " in srv.output and "finished " in srv.output  # --log-requests
         assert "tok/s, cache hit rate" in srv.output  # the periodic stats line while busy
@@ -111,3 +113,46 @@ def test_scheduler_death_fails_pending_requests_and_exits(tiny_model):
         assert "exited unexpectedly" in srv.output
     finally:
         srv.stop()
+
+
+def test_orphaned_scheduler_exits_within_a_second_even_mid_request(tiny_model):
+    """kill -9 of the HTTP process during a long generation: the scheduler process must not run on."""
+    srv = ServerProcess("--model-path", tiny_model, "--dtype", "float32", "--max-total-tokens", "16384")
+    try:
+        srv.wait_ready()
+        scheduler = srv.scheduler_pid()
+        endless = {"text": "long", "stream": True,
+                   "sampling_params": {"max_new_tokens": 7000, "ignore_eos": True, "temperature": 0}}
+        events: list = []
+        started = threading.Event()
+
+        def client() -> None:
+            try:
+                asyncio.run(_stream(srv.url + "/generate", endless, events, started))
+            except (HttpError, OSError):
+                pass  # the server died under it
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        assert started.wait(60)
+        time.sleep(0.5)  # decoding, well inside the request
+        assert _alive(scheduler)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while _alive(scheduler) and time.monotonic() - killed < 5:
+            time.sleep(0.02)
+        gone_after = time.monotonic() - killed
+        assert not _alive(scheduler), "the scheduler process outlived its parent by 5 s"
+        assert gone_after < 1.0, gone_after
+    finally:
+        srv.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
