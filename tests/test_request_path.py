@@ -454,7 +454,7 @@ def test_engine_and_http_server_info_have_one_shape(server, engine):
         state = info["internal_states"][0]
         assert {"hit_rate", "tokens_in_cache", "free_slots", "total_slots"} <= set(state["cache"])
         assert {"weights_bytes", "kv_pool_tokens"} <= set(state["memory"])
-        assert {"dtype", "int4_decode_layers", "cuda_graph", "torch_compile"} <= set(state["execution"])
+        assert {"dtype", "attention_backend", "cuda_graph", "torch_compile"} <= set(state["execution"])
         assert state["execution"]["dtype"] == "float32"
         assert state["debug"]["integrity"]["ok"], state["debug"]
     assert local["internal_states"][0].keys() == remote["internal_states"][0].keys()
