@@ -9,7 +9,6 @@ the engine working.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator, Iterator
 
 from plait.runtime.config import RuntimeConfig
