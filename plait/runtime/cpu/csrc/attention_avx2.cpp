@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "simd_avx2.h"
+#include "team.h"
 
 namespace plait::avx2 {
 namespace {
@@ -25,12 +26,6 @@ constexpr int kT = 32;         // keys per block
 constexpr int kMaxRows = 96;   // query rows (query tokens x heads of one KV head) per task
 constexpr int64_t kMinChunk = 128;  // fewest keys in one chunk of a split sequence
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-struct Task {
-    int64_t seq, head, q0, nq;  // query rows q0 .. q0 + nq of the sequence
-    int64_t k0, k1;             // keys k0 .. k1
-    int64_t partial;            // index of its partial result, or -1 when it writes the output itself
-};
 
 struct Scratch {
     std::vector<float> q, o, s, kt, v, mx, l;
@@ -153,7 +148,7 @@ struct Args {
     float *out, *lse;
 };
 
-void run_task(const Args& a, const Task& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
+void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
     const int64_t D = a.D, G = a.G, R = task.nq * G;
     const int64_t s = task.seq, kv_len = a.kv_len[s], q_len = a.q_len[s];
     float *qs = sc.q.data(), *o = sc.o.data(), *sp = sc.s.data(), *mx = sc.mx.data(), *l = sc.l.data();
@@ -237,83 +232,101 @@ void run_task(const Args& a, const Task& task, Scratch& sc, float* partial_o, fl
     }
 }
 
+// Splits the work into tasks (see the top of the file); run by one thread.
+void plan_tasks(const Args& a, int64_t num_seqs, int nthreads, TeamScratch& ts) {
+    const int64_t G = a.G, Hkv = a.Hkv, D = a.D;
+    const int64_t rows_per_task = std::max<int64_t>(1, kMaxRows / G);
+    // Tasks without splitting the keys first; then split the keys of short-query sequences until
+    // there are a few tasks per thread.
+    int64_t base_tasks = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) base_tasks += Hkv * ((a.q_len[s] + rows_per_task - 1) / rows_per_task);
+    const int64_t want = 4 * int64_t(nthreads);
+    ts.tasks.clear();
+    ts.splits.clear();
+    int64_t num_partials = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t q_len = a.q_len[s], kv_len = a.kv_len[s];
+        int64_t chunks = 1;
+        if (q_len * G <= 16 && base_tasks < want) {
+            const int64_t per = (want + base_tasks - 1) / base_tasks;
+            chunks = std::max<int64_t>(1, std::min(per, kv_len / kMinChunk));
+        }
+        const int64_t chunk_len = ((kv_len + chunks - 1) / chunks + kT - 1) / kT * kT;
+        for (int64_t h = 0; h < Hkv; ++h) {
+            for (int64_t q0 = 0; q0 < q_len; q0 += rows_per_task) {
+                const int64_t nq = std::min(rows_per_task, q_len - q0);
+                if (chunks == 1) {
+                    ts.tasks.push_back({s, h, q0, nq, 0, kv_len, -1});
+                    continue;
+                }
+                // chunked sequences have a single block of query rows (q_len * G <= 16 rows)
+                ts.splits.push_back({s, h, num_partials, 0});
+                for (int64_t k0 = 0; k0 < kv_len; k0 += chunk_len) {
+                    ts.tasks.push_back({s, h, q0, nq, k0, std::min(kv_len, k0 + chunk_len), num_partials++});
+                    ts.splits.back().count++;
+                }
+            }
+        }
+    }
+    ts.partial_o.resize(size_t(num_partials * kMaxRows * D));
+    ts.partial_m.resize(size_t(num_partials * kMaxRows));
+    ts.partial_l.resize(size_t(num_partials * kMaxRows));
+}
+
+// Merges the chunks of one split (sequence, head) through their log-sum-exps.
+void merge_split(const Args& a, const AttentionSplit& sp, const TeamScratch& ts) {
+    const int64_t s = sp.seq, R = a.q_len[s] * a.G, D = a.D;
+    for (int64_t r = 0; r < R; ++r) {
+        float m = kNegInf;
+        for (int64_t c = 0; c < sp.count; ++c) m = std::max(m, ts.partial_m[(sp.first + c) * kMaxRows + r]);
+        const int64_t row = a.q_rows[a.q_off[s] + r / a.G], head = sp.head * a.G + r % a.G;
+        float* dst = a.out + (row * a.Hq + head) * D;
+        float total = 0.0f;
+        std::fill(dst, dst + D, 0.0f);
+        if (m != kNegInf) {
+            for (int64_t c = 0; c < sp.count; ++c) {
+                const int64_t p = sp.first + c;
+                const float w = std::exp(ts.partial_m[p * kMaxRows + r] - m);
+                if (w == 0.0f) continue;
+                total += w * ts.partial_l[p * kMaxRows + r];
+                const float* src = ts.partial_o.data() + (p * kMaxRows + r) * D;
+                for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
+            }
+            for (int64_t d = 0; d < D; ++d) dst[d] /= total;
+        }
+        if (a.lse) a.lse[row * a.Hq + head] = total > 0.0f ? m + std::log(total) : kNegInf;
+    }
+}
+
 }  // namespace
+
+void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
+                    const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
+                    int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt,
+                    int64_t Hq, int64_t Hkv, int64_t D, float scale, float* out, float* lse, TeamScratch& ts) {
+    const Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
+                 cache_fmt, Hq, Hkv, D, Hq / Hkv, scale, out, lse};
+#pragma omp single
+    plan_tasks(a, num_seqs, omp_get_num_threads(), ts);
+    static thread_local Scratch sc;
+    sc.reserve(kMaxRows, D);
+    const int64_t num_tasks = int64_t(ts.tasks.size());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_tasks; ++i)
+        run_task(a, ts.tasks[i], sc, ts.partial_o.data(), ts.partial_m.data(), ts.partial_l.data());
+    const int64_t num_splits = int64_t(ts.splits.size());
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_splits; ++i) merge_split(a, ts.splits[i], ts);
+}
 
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
                int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads) {
-    const int64_t G = Hq / Hkv;
-    const int64_t rows_per_task = std::max<int64_t>(1, kMaxRows / G);
-    Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
-           cache_fmt, Hq, Hkv, D, G, scale, out, lse};
-    // Tasks without splitting the keys first; then split the keys of short-query sequences until
-    // there are a few tasks per thread.
-    int64_t base_tasks = 0;
-    for (int64_t s = 0; s < num_seqs; ++s) base_tasks += Hkv * ((q_len[s] + rows_per_task - 1) / rows_per_task);
-    const int64_t want = 4 * int64_t(nthreads);
-    std::vector<Task> tasks;
-    struct Split { int64_t seq, head, first, count; };
-    std::vector<Split> splits;
-    int64_t num_partials = 0;
-    for (int64_t s = 0; s < num_seqs; ++s) {
-        int64_t chunks = 1;
-        if (q_len[s] * G <= 16 && base_tasks < want) {
-            const int64_t per = (want + base_tasks - 1) / base_tasks;
-            chunks = std::max<int64_t>(1, std::min(per, kv_len[s] / kMinChunk));
-        }
-        const int64_t chunk_len = ((kv_len[s] + chunks - 1) / chunks + kT - 1) / kT * kT;
-        for (int64_t h = 0; h < Hkv; ++h) {
-            for (int64_t q0 = 0; q0 < q_len[s]; q0 += rows_per_task) {
-                const int64_t nq = std::min(rows_per_task, q_len[s] - q0);
-                if (chunks == 1) {
-                    tasks.push_back({s, h, q0, nq, 0, kv_len[s], -1});
-                    continue;
-                }
-                splits.push_back({s, h, num_partials, 0});
-                for (int64_t k0 = 0; k0 < kv_len[s]; k0 += chunk_len) {
-                    tasks.push_back({s, h, q0, nq, k0, std::min(kv_len[s], k0 + chunk_len), num_partials++});
-                    splits.back().count++;
-                }
-                // chunked sequences have a single block of query rows (q_len * G <= 16 rows)
-            }
-        }
-    }
-    std::vector<float> partial_o(size_t(num_partials * kMaxRows * D)), partial_m(size_t(num_partials * kMaxRows)),
-        partial_l(size_t(num_partials * kMaxRows));
-    const int64_t num_tasks = int64_t(tasks.size());
+    TeamScratch ts;
 #pragma omp parallel num_threads(nthreads)
-    {
-        static thread_local Scratch sc;
-        sc.reserve(kMaxRows, D);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < num_tasks; ++i)
-            run_task(a, tasks[i], sc, partial_o.data(), partial_m.data(), partial_l.data());
-    }
-    // Merge the chunks of split sequences.
-    for (const Split& sp : splits) {
-        const int64_t s = sp.seq, R = q_len[s] * G;
-        for (int64_t r = 0; r < R; ++r) {
-            float m = kNegInf;
-            for (int64_t c = 0; c < sp.count; ++c) m = std::max(m, partial_m[(sp.first + c) * kMaxRows + r]);
-            const int64_t row = q_rows[q_off[s] + r / G], head = sp.head * G + r % G;
-            float* dst = out + (row * Hq + head) * D;
-            float total = 0.0f;
-            std::fill(dst, dst + D, 0.0f);
-            if (m != kNegInf) {
-                for (int64_t c = 0; c < sp.count; ++c) {
-                    const int64_t p = sp.first + c;
-                    const float w = std::exp(partial_m[p * kMaxRows + r] - m);
-                    if (w == 0.0f) continue;
-                    total += w * partial_l[p * kMaxRows + r];
-                    const float* src = partial_o.data() + (p * kMaxRows + r) * D;
-                    for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
-                }
-                for (int64_t d = 0; d < D; ++d) dst[d] /= total;
-            }
-            if (lse) lse[row * Hq + head] = total > 0.0f ? m + std::log(total) : kNegInf;
-        }
-    }
+    attention_team(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, num_seqs, causal, k_cache,
+                   v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse, ts);
 }
 
 }  // namespace plait::avx2

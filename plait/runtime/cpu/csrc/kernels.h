@@ -41,6 +41,13 @@ inline size_t row_bytes(int fmt, int64_t k) {
     return 0;
 }
 
+// Team forms: every kernel below is also available as `<name>_team(..., TeamScratch&)`, which splits
+// its work over the threads of the enclosing OpenMP parallel region (orphaned worksharing, ending in
+// a barrier) and must be called by all of them. `decoder_stack` runs a whole step in one region
+// that way, so threads are woken once per step rather than once per operation. The plain forms
+// open their own region of `nthreads`.
+struct TeamScratch;
+
 namespace avx2 {
 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x: [M, K] float32, y: rows of `ldy` floats.

@@ -4,13 +4,15 @@
 
 #include <omp.h>
 
+#include <algorithm>
+
 #include "simd_avx2.h"
+#include "team.h"
 
 namespace plait::avx2 {
 
-void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, int64_t H, float eps, float* out,
-             int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= 16)
+void rmsnorm_team(const float* x, float* residual, const float* weight, int64_t M, int64_t H, float eps, float* out) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * H;
         float* rr = residual ? residual + m * H : nullptr;
@@ -45,22 +47,26 @@ void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, in
     }
 }
 
-void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads) {
+void silu_mul_team(const float* x, int64_t M, int64_t I, float* out) {
     const __m256 one = _mm256_set1_ps(1.0f);
     const __m256 neg = _mm256_set1_ps(-0.0f);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * I >= 16384)
-    for (int64_t m = 0; m < M; ++m) {
+    // Pieces of 256 values of one row, so that a single row (decode) is shared by the threads too.
+    constexpr int64_t kPiece = 256;
+    const int64_t pieces = (I + kPiece - 1) / kPiece;
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < M * pieces; ++job) {
+        const int64_t m = job / pieces, i0 = job % pieces * kPiece, i1 = std::min(I, i0 + kPiece);
         const float* g = x + m * 2 * I;
         const float* u = g + I;
         float* o = out + m * I;
-        int64_t i = 0;
-        for (; i + 8 <= I; i += 8) {
+        int64_t i = i0;
+        for (; i + 8 <= i1; i += 8) {
             __m256 gv = _mm256_loadu_ps(g + i);
             __m256 e = exp_ps(_mm256_xor_ps(gv, neg));
             __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
             _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
         }
-        for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+        for (; i < i1; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
 }
 
@@ -78,11 +84,11 @@ inline void rotate(float* x, const float* cs, int64_t half) {
 
 }  // namespace
 
-void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_stride,
-                int64_t k_stride, int64_t v_stride, const int64_t* positions, const float* table, void* k_cache,
-                void* v_cache, int cache_fmt, const int64_t* loc, int nthreads) {
+void rope_store_team(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
+                     int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* positions,
+                     const float* table, void* k_cache, void* v_cache, int cache_fmt, const int64_t* loc) {
     const int64_t half = D / 2;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= 16)
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
         const float* cs = table + positions[m] * D;
         for (int64_t h = 0; h < Hq; ++h) rotate(q + m * q_stride + h * D, cs, half);
@@ -98,6 +104,27 @@ void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64
             }
         }
     }
+}
+
+// ---- the plain forms: one parallel region each ----
+
+void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, int64_t H, float eps, float* out,
+             int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (M >= 16)
+    rmsnorm_team(x, residual, weight, M, H, eps, out);
+}
+
+void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (M * I >= 16384)
+    silu_mul_team(x, M, I, out);
+}
+
+void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_stride,
+                int64_t k_stride, int64_t v_stride, const int64_t* positions, const float* table, void* k_cache,
+                void* v_cache, int cache_fmt, const int64_t* loc, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (M >= 16)
+    rope_store_team(q, k, v, M, Hq, Hkv, D, q_stride, k_stride, v_stride, positions, table, k_cache, v_cache,
+                    cache_fmt, loc);
 }
 
 }  // namespace plait::avx2

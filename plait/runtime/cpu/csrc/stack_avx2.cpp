@@ -16,6 +16,7 @@
 
 #include "simd_avx2.h"
 #include "stack.h"
+#include "team.h"
 
 namespace plait::avx2 {
 namespace {
@@ -26,7 +27,8 @@ T* field_ptr(const int64_t* a, int f) {
 }
 
 // RMSNorm of each of `heads` vectors of D in every row (Qwen3's q/k norm), in place.
-void head_rmsnorm(float* x, int64_t T, int64_t row_stride, int64_t heads, int64_t D, const float* w, float eps) {
+void head_rmsnorm_team(float* x, int64_t T, int64_t row_stride, int64_t heads, int64_t D, const float* w, float eps) {
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < heads; ++h) {
             float* v = x + t * row_stride + h * D;
@@ -38,8 +40,9 @@ void head_rmsnorm(float* x, int64_t T, int64_t row_stride, int64_t heads, int64_
 }
 
 // out[r] = merge of two attentions over disjoint keys (a: prefix pass, b: own pass), by log-sum-exp.
-void merge_rows(float* out, const float* out_a, const float* lse_a, const float* lse_b, const int64_t* rows,
-                int64_t n, int64_t Hq, int64_t D) {
+void merge_rows_team(float* out, const float* out_a, const float* lse_a, const float* lse_b, const int64_t* rows,
+                     int64_t n, int64_t Hq, int64_t D) {
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
         const int64_t r = rows[i];
         for (int64_t h = 0; h < Hq; ++h) {
@@ -72,51 +75,55 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
     const int64_t* loc = field_ptr<const int64_t>(a, kLoc);
     const float* rope = field_ptr<const float>(a, kRopeTable);
     const bool cascade = a[kPreNumSeqs] > 0;
-    std::memcpy(residual, x, size_t(T * H) * sizeof(float));
-    for (int64_t l = 0; l < L; ++l) {
-        const int64_t* w = layers + l * kNumLayerFields;
-        auto wptr = [&](int f) { return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[f])); };
-        auto fptr = [&](int f) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(w[f])); };
-        void* k_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kKCache]));
-        void* v_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kVCache]));
-        // attention block: normed = norm(residual) (layer 0: of x itself, residual already holds x)
-        if (l == 0) {
-            rmsnorm(x, nullptr, fptr(kInNorm), T, H, eps, normed, nthreads);
-        } else {
-            rmsnorm(x, residual, fptr(kInNorm), T, H, eps, normed, nthreads);
+    TeamScratch ts;
+    // One parallel region for the whole step: the kernels' team forms share out each operation and
+    // end in a barrier, so threads wake once per step instead of once per operation.
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) std::memcpy(residual + t * H, x + t * H, size_t(H) * sizeof(float));
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t* w = layers + l * kNumLayerFields;
+            auto wptr = [&](int f) { return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[f])); };
+            auto fptr = [&](int f) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(w[f])); };
+            void* k_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kKCache]));
+            void* v_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kVCache]));
+            // attention block: normed = norm(residual) (layer 0: of x itself, residual already holds x)
+            rmsnorm_team(x, l == 0 ? nullptr : residual, fptr(kInNorm), T, H, eps, normed);
+            linear_team(normed, T, H, wptr(kQkvW), int(w[kQkvFmt]), qkv_width, fptr(kQkvBias), qkv, qkv_width, ts);
+            float* q = qkv;
+            float* k = qkv + Hq * D;
+            float* v = qkv + (Hq + Hkv) * D;
+            if (w[kQNorm]) {
+                head_rmsnorm_team(q, T, qkv_width, Hq, D, fptr(kQNorm), eps);
+                head_rmsnorm_team(k, T, qkv_width, Hkv, D, fptr(kKNorm), eps);
+            }
+            rope_store_team(q, k, v, T, Hq, Hkv, D, qkv_width, qkv_width, qkv_width, positions, rope, k_cache,
+                            v_cache, fmt, loc);
+            attention_team(q, qkv_width, field_ptr<const int64_t>(a, kMainQRows),
+                           field_ptr<const int64_t>(a, kMainQOff), field_ptr<const int64_t>(a, kMainQLen),
+                           field_ptr<const int64_t>(a, kMainSlots), field_ptr<const int64_t>(a, kMainSlotOff),
+                           field_ptr<const int64_t>(a, kMainKvLen), a[kMainNumSeqs], a[kMainCausal] != 0, k_cache,
+                           v_cache, fmt, Hq, Hkv, D, scale, attn, cascade ? field_ptr<float>(a, kLseOwn) : nullptr,
+                           ts);
+            if (cascade) {
+                float* out_prefix = field_ptr<float>(a, kOutPrefix);
+                float* lse_prefix = field_ptr<float>(a, kLsePrefix);
+                attention_team(q, qkv_width, field_ptr<const int64_t>(a, kPreQRows),
+                               field_ptr<const int64_t>(a, kPreQOff), field_ptr<const int64_t>(a, kPreQLen),
+                               field_ptr<const int64_t>(a, kPreSlots), field_ptr<const int64_t>(a, kPreSlotOff),
+                               field_ptr<const int64_t>(a, kPreKvLen), a[kPreNumSeqs], false, k_cache, v_cache, fmt,
+                               Hq, Hkv, D, scale, out_prefix, lse_prefix, ts);
+                merge_rows_team(attn, out_prefix, lse_prefix, field_ptr<const float>(a, kLseOwn),
+                                field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
+            }
+            linear_team(attn, T, Hq * D, wptr(kOW), int(w[kOFmt]), H, nullptr, x, H, ts);
+            // MLP block
+            rmsnorm_team(x, residual, fptr(kPostNorm), T, H, eps, normed);
+            linear_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), 2 * I, nullptr, gate_up, 2 * I, ts);
+            silu_mul_team(gate_up, T, I, act);
+            linear_team(act, T, I, wptr(kDownW), int(w[kDownFmt]), H, nullptr, x, H, ts);
         }
-        linear(normed, T, H, wptr(kQkvW), int(w[kQkvFmt]), qkv_width, fptr(kQkvBias), qkv, qkv_width, nthreads);
-        float* q = qkv;
-        float* k = qkv + Hq * D;
-        float* v = qkv + (Hq + Hkv) * D;
-        if (w[kQNorm]) {
-            head_rmsnorm(q, T, qkv_width, Hq, D, fptr(kQNorm), eps);
-            head_rmsnorm(k, T, qkv_width, Hkv, D, fptr(kKNorm), eps);
-        }
-        rope_store(q, k, v, T, Hq, Hkv, D, qkv_width, qkv_width, qkv_width, positions, rope, k_cache, v_cache, fmt,
-                   loc, nthreads);
-        attention(q, qkv_width, field_ptr<const int64_t>(a, kMainQRows), field_ptr<const int64_t>(a, kMainQOff),
-                  field_ptr<const int64_t>(a, kMainQLen), field_ptr<const int64_t>(a, kMainSlots),
-                  field_ptr<const int64_t>(a, kMainSlotOff), field_ptr<const int64_t>(a, kMainKvLen),
-                  a[kMainNumSeqs], a[kMainCausal] != 0, k_cache, v_cache, fmt, Hq, Hkv, D, scale, attn,
-                  cascade ? field_ptr<float>(a, kLseOwn) : nullptr, nthreads);
-        if (cascade) {
-            float* out_prefix = field_ptr<float>(a, kOutPrefix);
-            float* lse_prefix = field_ptr<float>(a, kLsePrefix);
-            attention(q, qkv_width, field_ptr<const int64_t>(a, kPreQRows), field_ptr<const int64_t>(a, kPreQOff),
-                      field_ptr<const int64_t>(a, kPreQLen), field_ptr<const int64_t>(a, kPreSlots),
-                      field_ptr<const int64_t>(a, kPreSlotOff), field_ptr<const int64_t>(a, kPreKvLen),
-                      a[kPreNumSeqs], false, k_cache, v_cache, fmt, Hq, Hkv, D, scale, out_prefix, lse_prefix,
-                      nthreads);
-            merge_rows(attn, out_prefix, lse_prefix, field_ptr<const float>(a, kLseOwn),
-                       field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
-        }
-        linear(attn, T, Hq * D, wptr(kOW), int(w[kOFmt]), H, nullptr, x, H, nthreads);
-        // MLP block
-        rmsnorm(x, residual, fptr(kPostNorm), T, H, eps, normed, nthreads);
-        linear(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), 2 * I, nullptr, gate_up, 2 * I, nthreads);
-        silu_mul(gate_up, T, I, act, nthreads);
-        linear(act, T, I, wptr(kDownW), int(w[kDownFmt]), H, nullptr, x, H, nthreads);
     }
 }
 

@@ -1,0 +1,44 @@
+// Memory a kernel's threads share within one call: allocated by one thread (`omp single`) before
+// the others read it. The plain kernel forms make one per call; `decoder_stack` one per step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace plait {
+
+struct AttentionTask {
+    int64_t seq, head, q0, nq;  // query rows q0 .. q0 + nq of the sequence
+    int64_t k0, k1;             // keys k0 .. k1
+    int64_t partial;            // index of its partial result, or -1 when it writes the output itself
+};
+
+struct AttentionSplit {
+    int64_t seq, head, first, count;  // a (sequence, head) whose keys were split into `count` chunks
+};
+
+struct TeamScratch {
+    std::vector<float> block_sums;  // linear: sums of x over each block of 32 inputs
+    std::vector<AttentionTask> tasks;
+    std::vector<AttentionSplit> splits;
+    std::vector<float> partial_o, partial_m, partial_l;
+};
+
+namespace avx2 {
+
+void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
+                 float* y, int64_t ldy, TeamScratch& ts);
+void rmsnorm_team(const float* x, float* residual, const float* weight, int64_t M, int64_t H, float eps, float* out);
+void silu_mul_team(const float* x, int64_t M, int64_t I, float* out);
+void rope_store_team(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
+                     int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* positions,
+                     const float* table, void* k_cache, void* v_cache, int cache_fmt, const int64_t* loc);
+void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
+                    const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
+                    int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt,
+                    int64_t Hq, int64_t Hkv, int64_t D, float scale, float* out, float* lse, TeamScratch& ts);
+
+}  // namespace avx2
+}  // namespace plait
