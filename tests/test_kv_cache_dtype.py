@@ -32,7 +32,7 @@ def test_fp8_pool_stores_rounded_values_at_their_slots(dtype):
 
 
 def test_fp8_kv_cache_needs_the_triton_backend():
-    with pytest.raises(ValueError, match="kv_cache_dtype fp8_e5m2 needs the triton attention backend"):
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8_e5m2 is not supported by the .* backend.*it supports"):
         ModelRunner(ModelConfig(dtype="float32", device="cpu", kv_cache_dtype="fp8_e5m2"),
                     MemoryConfig(max_total_tokens=256), source=InMemorySource(tiny_hf_model("llama", seed=1)))
     with pytest.raises(ValueError, match="unknown kv_cache_dtype 'int4'"):
@@ -46,3 +46,49 @@ def test_kv_cache_dtype_flag():
     assert runtime_options(parser.parse_args(["--kv-cache-dtype", "fp8_e4m3"]))["kv_cache_dtype"] == "fp8_e4m3"
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "fp16"])
+
+
+def _runner(**model) -> ModelRunner:
+    return ModelRunner(ModelConfig(device="cpu", **model), MemoryConfig(max_total_tokens=256),
+                       source=InMemorySource(tiny_hf_model("llama", seed=1)))
+
+
+def test_cpu_kv_cache_defaults_to_float16_only_when_the_dtype_is_automatic():
+    from plait.runtime.cpu import kernels
+
+    auto = _runner()
+    assert auto.dtype == torch.float32
+    assert auto.kv_dtype == (torch.float16 if kernels.available() else torch.float32)
+    assert _runner(dtype="float32").kv_dtype == torch.float32  # asked for float32: exact KV too
+    assert _runner(dtype="float32", kv_cache_dtype="bfloat16").kv_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch_native"])
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+def test_16_bit_kv_pools_give_the_float32_logits_to_rounding(backend, kv):
+    """The same prompt and decode step with a float32 pool and a 16-bit one: logits agree to the
+    rounding of K and V (and each backend reads its pool in place of a float32 one)."""
+    from plait.runtime.cpu import kernels
+    from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
+
+    if backend == "cpu" and not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    opts = {"dtype": "float32", "attention_backend": backend}
+    if backend == "torch_native":
+        opts["disable_cpu_kernels"] = True
+    logits = {}
+    for pool_dtype in ("float32", kv):
+        runner = _runner(kv_cache_dtype=pool_dtype, **opts)
+        assert runner.kv_pool.dtype == getattr(torch, pool_dtype)
+        row = runner.req_to_token_pool.alloc()
+        ids = list(range(3, 40))
+        runner.forward(make_extend_batch(
+            req_pool_indices=[row], prefix_lens=[0], new_token_ids=[ids], out_cache_loc=runner.allocator.alloc(len(ids)),
+            req_to_token_pool=runner.req_to_token_pool, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend))
+        out = runner.forward(make_decode_batch(
+            req_pool_indices=[row], seq_lens=[len(ids) + 1], last_token_ids=[7], out_cache_loc=runner.allocator.alloc(1),
+            req_to_token_pool=runner.req_to_token_pool, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend))
+        logits[pool_dtype] = out.next_token_logits
+    ref, ours = logits["float32"], logits[kv]
+    err = (ours - ref).abs().max() / ref.abs().max()
+    assert 0 < err < (2e-2 if kv == "bfloat16" else 3e-3)  # rounded (not silently float32), and only that

@@ -33,6 +33,18 @@ class AttentionBackend(ABC):
     supports_shared_prefix_decode: bool = False
     shared_prefix_min_saved_tokens: int = 16384
 
+    def kv_cache_dtypes(self, model_dtype: torch.dtype) -> set[torch.dtype]:
+        """KV pool dtypes this backend reads for a model computing in `model_dtype`."""
+        dtypes = {model_dtype}
+        if self.supports_fp8_kv_cache:
+            dtypes |= {torch.float8_e5m2, torch.float8_e4m3fn}
+        return dtypes
+
+    def preferred_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype | None:
+        """The KV dtype `--kv-cache-dtype auto` picks when the model dtype was chosen automatically
+        too (None: the model's)."""
+        return None
+
     def warm_up(self, kv_pool, req_to_token: torch.Tensor, *, num_heads: int, dtype: torch.dtype) -> None:
         """Called once the pools exist (on CUDA): compile what would otherwise compile mid-serving."""
 

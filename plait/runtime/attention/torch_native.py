@@ -77,6 +77,10 @@ class TorchNativeBackend(AttentionBackend):
     def __init__(self, **_: object):
         pass
 
+    def kv_cache_dtypes(self, model_dtype: torch.dtype) -> set[torch.dtype]:
+        # K/V are converted to the query's dtype as they are gathered.
+        return {torch.float32, torch.bfloat16, torch.float16}
+
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         req_to_token = batch.req_to_token_pool.req_to_token
         if batch.mode is ForwardMode.DECODE:

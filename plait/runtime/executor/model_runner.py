@@ -107,19 +107,28 @@ def resolve_dtype(name: str, config: dict, device: torch.device, *, cpu_kernels:
     return _DTYPES.get(config_dtype, torch.bfloat16) if config_dtype != "float32" else torch.bfloat16
 
 
-_KV_CACHE_DTYPES = {"fp8_e5m2": torch.float8_e5m2, "fp8_e4m3": torch.float8_e4m3fn}
+_KV_CACHE_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3": torch.float8_e4m3fn,
+}
 
 
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: AttentionBackend) -> torch.dtype:
-    """The KV pool's storage dtype: the model's for "auto", else an 8-bit float the backend must support."""
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: AttentionBackend, *,
+                           dtype_auto: bool = False) -> torch.dtype:
+    """The KV pool's storage dtype. "auto": the model's, except on a backend that prefers a smaller
+    one for an automatically chosen dtype (the CPU kernels compute in float32 and store float16 KV).
+    Otherwise a dtype the backend must support."""
     if name == "auto":
-        return model_dtype
+        preferred = backend.preferred_kv_cache_dtype(model_dtype)
+        return preferred if dtype_auto and preferred is not None else model_dtype
     if name not in _KV_CACHE_DTYPES:
         raise ValueError(f"unknown kv_cache_dtype {name!r}; choose from auto, {', '.join(_KV_CACHE_DTYPES)}")
-    if not backend.supports_fp8_kv_cache:
-        raise ValueError(f"kv_cache_dtype {name} needs the triton attention backend (CUDA); "
-                         f"the {type(backend).__name__} backend stores KV in the model's dtype only")
-    return _KV_CACHE_DTYPES[name]
+    dtype = _KV_CACHE_DTYPES[name]
+    if dtype not in backend.kv_cache_dtypes(model_dtype):
+        supported = ", ".join(sorted(k for k, v in _KV_CACHE_DTYPES.items() if v in backend.kv_cache_dtypes(model_dtype)))
+        raise ValueError(f"kv_cache_dtype {name} is not supported by the {type(backend).__name__} attention backend "
+                         f"for a {str(model_dtype).replace('torch.', '')} model; it supports {supported}")
+    return dtype
 
 
 def _cpu_has_bf16_units() -> bool:
@@ -173,7 +182,8 @@ class ModelRunner:
             raise ValueError("the cpu attention backend needs the CPU kernels (built, an AVX2 CPU) and dtype float32")
         self.execution["attention_backend"] = backend
         self.attn_backend = create_attention_backend(backend, device=self.device)
-        self.kv_dtype = resolve_kv_cache_dtype(model_config.kv_cache_dtype, self.dtype, self.attn_backend)
+        self.kv_dtype = resolve_kv_cache_dtype(model_config.kv_cache_dtype, self.dtype, self.attn_backend,
+                                               dtype_auto=model_config.dtype == "auto")
         self.graph_runner: CudaGraphRunner | None = None
         graph_max_bs = self._cuda_graph_max_bs(model_config, memory_config)
         # The graphs are captured against the final KV pool, so their memory is measured first (one
