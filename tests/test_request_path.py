@@ -456,6 +456,13 @@ def test_engine_and_http_server_info_have_one_shape(server, engine):
         assert {"weights_bytes", "kv_pool_tokens"} <= set(state["memory"])
         assert {"dtype", "attention_backend", "cuda_graph", "torch_compile"} <= set(state["execution"])
         assert state["execution"]["dtype"] == "float32"
+        from plait.runtime.cpu import kernels
+
+        if kernels.available():  # which CPU path runs, and how many steps took each product kernel
+            execution = state["execution"]
+            assert execution["cpu_kernels"] == "avx2" and execution["cpu_graph"] == "on"
+            assert execution["attention_backend"] == "cpu" and "F32" in execution["weights"]  # a float folder
+            assert set(execution["cpu_graph_steps"]) == {"decode_kernel", "panel_kernel"}
         assert state["debug"]["integrity"]["ok"], state["debug"]
     assert local["internal_states"][0].keys() == remote["internal_states"][0].keys()
     assert local["max_total_num_tokens"] == remote["max_total_num_tokens"] == 16384

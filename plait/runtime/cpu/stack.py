@@ -24,6 +24,12 @@ _FIELDS = {name: i for i, name in enumerate(kernels.stack_fields())} if kernels.
 _LAYER_FIELDS = {name: i for i, name in enumerate(kernels.layer_fields())} if kernels.available() else {}
 
 
+# Up to this many rows a product reads the stored weights block by block in registers (the decode
+# kernel); above it, it decodes panels of them into float32 first (the panel kernel). Mirrors
+# kGemvMaxRows in csrc/linear_avx2.cpp.
+DECODE_KERNEL_MAX_ROWS = 8
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -66,6 +72,9 @@ class CpuDecoderStack:
                     if value is not None:
                         self._keep.append(value)
         self.layer_table = table
+        # Steps by the product kernel their size picks (the C++ side decides by rows: see
+        # kGemvMaxRows in csrc/linear_avx2.cpp), reported in /get_server_info.
+        self.steps = {"decode_kernel": 0, "panel_kernel": 0}
 
     @staticmethod
     def unsupported(model: nn.Module, kv_pool) -> str | None:
@@ -94,6 +103,7 @@ class CpuDecoderStack:
         metadata `meta` for it."""
         arch = self.arch
         num_tokens = batch.num_tokens
+        self.steps["decode_kernel" if num_tokens <= DECODE_KERNEL_MAX_ROWS else "panel_kernel"] += 1
         x = self.embed(batch.input_ids)  # [T, H]
         residual = torch.empty_like(x)
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim

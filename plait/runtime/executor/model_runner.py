@@ -241,6 +241,7 @@ class ModelRunner:
             "cuda_graph_batch_sizes": list(self.memory_report.graph_batch_sizes),
             "torch_compile": self.graph_runner is not None and self.model_config.enable_torch_compile,
             **self.execution,
+            **({"cpu_graph_steps": dict(self.cpu_stack.steps)} if self.cpu_stack is not None else {}),
         }
 
     @property
@@ -274,6 +275,8 @@ class ModelRunner:
             summary = convert_remaining(model)
             self.execution["cpu_kernels"] = cpu_kernels.isa()
             self.execution["weights"] = summary.describe()
+            self.execution["products"] = ("up to 8 rows (decode): stored blocks decoded in registers; "
+                                          "more rows (prefill): decoded into float32 panels")
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
             self.execution["cpu_kernels"] = "off"
