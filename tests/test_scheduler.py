@@ -113,26 +113,34 @@ def test_shared_prefixes_decode_through_the_cascade_path(hf_model, reference, mo
 
 
 @pytest.mark.parametrize("graph", [True, False], ids=["cpu-graph", "cpu-kernels-eager"])
-def test_shared_prefixes_decode_through_the_cpu_cascade(hf_model, reference, monkeypatch, graph):
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-chunks", "separate-steps"])
+def test_shared_prefixes_through_the_cpu_cascade(hf_model, reference, monkeypatch, graph, mixed):
     """The CPU kernels' backend attends each group's shared prefix once (the scheduler's groups from
-    the prefix tree), in the native stack and layer by layer; outputs stay the reference's."""
+    the prefix tree), in decode steps and in extend steps (prompts over a cached prefix, and with mixed
+    chunks the decodes riding along), in the native stack and layer by layer; outputs stay the
+    reference's."""
     from plait.runtime.attention.cpu_backend import CpuBackend
     from plait.runtime.cpu import kernels
+    from plait.runtime.executor.forward_batch import ForwardMode
 
     if not kernels.available():
         pytest.skip("the CPU kernels are not built here")
-    groups_seen = []
-    build = CpuBackend._cascade_metadata
+    cascades = []  # (mode, number of groups) of the steps that took the cascade
+    build = CpuBackend.init_forward_metadata
 
-    def counting(self, batch, table, rows, groups):
-        groups_seen.append(len(groups))
-        return build(self, batch, table, rows, groups)
+    def recording(self, batch):
+        build(self, batch)
+        if batch.attn_metadata.prefixes is not None:
+            cascades.append((batch.mode, batch.attn_metadata.prefixes.q_len.numel()))
 
-    monkeypatch.setattr(CpuBackend, "_cascade_metadata", counting)
-    with make_engine(hf_model, disable_cpu_graph=not graph) as engine:
+    monkeypatch.setattr(CpuBackend, "init_forward_metadata", recording)
+    options = {"disable_cpu_graph": not graph, ("enable_mixed_chunk" if mixed else "disable_mixed_chunk"): True}
+    with make_engine(hf_model, **options) as engine:
         assert engine.runner.execution["attention_backend"] == "cpu"
+        assert engine.scheduler.mixed_chunk == mixed
         assert run_all(engine, workload()) == reference
-    assert groups_seen and max(groups_seen) >= 2  # steps where two groups each read their prefix once
+    assert max(n for mode, n in cascades if mode is ForwardMode.DECODE) >= 2  # two groups each read their prefix once
+    assert any(mode is ForwardMode.EXTEND for mode, _ in cascades)
 
 
 def test_shared_prefix_groups_read_off_the_tree_match_the_rows(hf_model, reference, monkeypatch):

@@ -86,6 +86,11 @@ class SchedulerConfig:
     # tokens are read back. The CPU has nothing to overlap; `enable_overlap_schedule` forces it there.
     disable_overlap_schedule: bool = False
     enable_overlap_schedule: bool = False
+    # Mixed chunks: running requests decode in the same step as a prefill chunk (one pass over the
+    # weights for both; decodes never wait behind a long prompt). On by default on the CPU, where a
+    # step costs a full read of the weights whatever its size; `enable_mixed_chunk` turns it on on GPUs.
+    enable_mixed_chunk: bool = False
+    disable_mixed_chunk: bool = False
     # Shared-prefix decode (attention backends that support it: triton, cpu): decoding requests that
     # share a cached prefix read it once per group, when that saves at least this many KV tokens a
     # step. Default: the backend's own threshold (triton 16384, since such steps run eager, outside

@@ -32,6 +32,8 @@ class AttentionBackend(ABC):
     # save at least this many KV tokens a step (unless --shared-prefix-decode-min-tokens says otherwise).
     supports_shared_prefix_decode: bool = False
     shared_prefix_min_saved_tokens: int = 16384
+    # Extend batches may carry `ForwardBatch.shared_prefixes` too (same rule as decode).
+    supports_shared_prefix_extend: bool = False
 
     def kv_cache_dtypes(self, model_dtype: torch.dtype) -> set[torch.dtype]:
         """KV pool dtypes this backend reads for a model computing in `model_dtype`."""

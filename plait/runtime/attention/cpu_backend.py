@@ -5,11 +5,12 @@ req_to_token row (the kernel is handed the table itself and each row's offset), 
 extend, one query for decode. Nothing is gathered per layer: the metadata (a handful of small
 index tensors) is built once per step and every layer reuses it.
 
-Requests that share a cached prefix (their rows start with the same slots) are attended as a
-cascade in decode: each group's queries read the shared prefix once, in one kernel sequence whose
-rows are all the group's queries, then each request reads only its own suffix; the two partial
-results are merged through their log-sum-exps. That keeps a decode step's KV reads at one copy of
-each shared prefix instead of one per request.
+Requests that share a cached prefix (their rows start with the same slots; the scheduler finds
+them on the prefix tree) are attended as a cascade, in decode and extend steps alike: each group's
+queries read the shared prefix once, in one kernel sequence whose rows are all the group's queries,
+then each request reads only the rest of its own row; the two partial results are merged through
+their log-sum-exps. That keeps a step's KV reads at one copy of each shared prefix instead of one
+per request.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _CpuMetadata:
 class CpuBackend(AttentionBackend):
     stores_kv_with_rotary = True
     supports_shared_prefix_decode = True
+    supports_shared_prefix_extend = True
     shared_prefix_min_saved_tokens = CASCADE_MIN_PREFIX
 
     def __init__(self, **_: object):
@@ -79,53 +81,40 @@ class CpuBackend(AttentionBackend):
         rows = batch.req_pool_indices_cpu
         if rows is None:
             rows = batch.req_pool_indices.tolist()
-        seq_lens = batch.seq_lens_cpu
-        if batch.mode is ForwardMode.DECODE:
-            groups = batch.shared_prefixes or []
-            groups = [(members, n) for members, n in groups if n >= CASCADE_MIN_PREFIX and len(members) > 1]
-            if groups:
-                batch.attn_metadata = self._cascade_metadata(batch, table, rows, groups)
-                return
-            n = batch.batch_size
-            index = self._range(n)
-            main = _Sequences(index, index, torch.ones(n, dtype=torch.int64), table,
-                              torch.tensor(rows, dtype=torch.int64) * width, batch.seq_lens.cpu(), causal=False)
-            batch.attn_metadata = _CpuMetadata(main)
-            return
-        starts = [0]
-        for n in batch.extend_lens_cpu[:-1]:
-            starts.append(starts[-1] + n)
-        main = _Sequences(self._range(batch.num_tokens), torch.tensor(starts, dtype=torch.int64),
-                          torch.tensor(batch.extend_lens_cpu, dtype=torch.int64), table,
-                          torch.tensor(rows, dtype=torch.int64) * width, torch.tensor(seq_lens, dtype=torch.int64),
-                          causal=True)
-        batch.attn_metadata = _CpuMetadata(main)
-
-    def _cascade_metadata(self, batch: ForwardBatch, table: torch.Tensor, rows: list[int],
-                          groups: list[tuple[list[int], int]]) -> _CpuMetadata:
-        width = table.shape[1]
-        seq_lens = batch.seq_lens_cpu
+        extend_lens, seq_lens = batch.extend_lens_cpu, batch.seq_lens_cpu
+        q_starts = [0]
+        for n in extend_lens[:-1]:
+            q_starts.append(q_starts[-1] + n)
+        groups = [(members, n) for members, n in (batch.shared_prefixes or [])
+                  if n >= CASCADE_MIN_PREFIX and len(members) > 1]
         start = [0] * batch.batch_size  # where each request's own pass begins in its row
-        member_rows, group_off, group_len, prefix_off, prefix_len = [], [], [], [], []
         for members, shared in groups:
-            group_off.append(len(member_rows))
-            group_len.append(len(members))
-            member_rows.extend(members)
-            prefix_off.append(rows[members[0]] * width)
-            prefix_len.append(shared)
             for i in members:
                 start[i] = shared
-        n = batch.batch_size
-        index = self._range(n)
-        main = _Sequences(index, index, torch.ones(n, dtype=torch.int64), table,
-                          torch.tensor([r * width + s for r, s in zip(rows, start)], dtype=torch.int64),
-                          torch.tensor([length - s for length, s in zip(seq_lens, start)], dtype=torch.int64),
-                          causal=False)
-        prefixes = _Sequences(torch.tensor(member_rows, dtype=torch.int64), torch.tensor(group_off, dtype=torch.int64),
-                              torch.tensor(group_len, dtype=torch.int64), table,
-                              torch.tensor(prefix_off, dtype=torch.int64), torch.tensor(prefix_len, dtype=torch.int64),
-                              causal=False)
-        return _CpuMetadata(main, prefixes, torch.tensor(sorted(member_rows), dtype=torch.int64))
+        main = _Sequences(
+            self._range(batch.num_tokens), _index(q_starts), _index(extend_lens), table,
+            _index([r * width + s for r, s in zip(rows, start)]),
+            _index([length - s for length, s in zip(seq_lens, start)]),
+            causal=batch.mode is ForwardMode.EXTEND,
+        )
+        if not groups:
+            batch.attn_metadata = _CpuMetadata(main)
+            return
+        # Each group's queries (every new token of every member) over the prefix they share: all of
+        # it is visible to all of them, since their new tokens come after it.
+        member_rows: list[int] = []
+        group_off, group_len = [], []
+        for members, _ in groups:
+            group_off.append(len(member_rows))
+            for i in members:
+                member_rows.extend(range(q_starts[i], q_starts[i] + extend_lens[i]))
+            group_len.append(len(member_rows) - group_off[-1])
+        prefixes = _Sequences(
+            _index(member_rows), _index(group_off), _index(group_len), table,
+            _index([rows[members[0]] * width for members, _ in groups]), _index([n for _, n in groups]),
+            causal=False,
+        )
+        batch.attn_metadata = _CpuMetadata(main, prefixes, _index(sorted(member_rows)))
 
     def _attend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch, seqs: _Sequences, *,
                 out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,9 +124,12 @@ class CpuBackend(AttentionBackend):
                                  scale=layer.scaling, out=out, lse=lse)
 
     def forward_extend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
-        return self._attend(q, layer, batch, batch.attn_metadata.main)
+        return self._forward(q, layer, batch)
 
     def forward_decode(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
+        return self._forward(q, layer, batch)
+
+    def _forward(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
         meta: _CpuMetadata = batch.attn_metadata
         if meta.prefixes is None:
             return self._attend(q, layer, batch, meta.main)
@@ -149,6 +141,10 @@ class CpuBackend(AttentionBackend):
         r = meta.cascade_rows
         out[r] = _merge(out_prefix[r], lse_prefix[r], out[r], lse_own[r])
         return out
+
+
+def _index(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def _merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:

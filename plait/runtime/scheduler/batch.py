@@ -23,6 +23,8 @@ class StepBatch:
     reqs: list[Req]
     take_lens: list[int]  # new tokens each request computes
     first_positions: list[int | None]  # extend: first prompt position whose logprob this chunk records
+    # Extend batches with mixed chunks: rows of running requests decoding their next token.
+    mixed_decodes: list[int] = field(default_factory=list)
     # After launch.
     logits: LogitsOutput | None = None  # dropped once sampled
     input_logprobs: list[InputLogprobs | None] = field(default_factory=list)

@@ -98,6 +98,11 @@ class Scheduler:
             wake=lambda: self.inbox.put(_WAKE),
         )
         self.overlap = not config.disable_overlap_schedule and (on_gpu or config.enable_overlap_schedule)
+        # Mixed chunks (on by default on the CPU, where every step reads all the weights): running
+        # requests decode in the same step as a prefill chunk. Not with overlap, where their next
+        # input may still be on the device.
+        self.mixed_chunk = (config.enable_mixed_chunk or (not on_gpu and not config.disable_mixed_chunk)) \
+            and not self.overlap
         self.inflight: StepBatch | None = None  # overlap: launched and sampled, tokens not read back yet
         # Overlap: each request's last sampled token, on the device, by req_to_token row.
         self.last_tokens = (
@@ -196,7 +201,7 @@ class Scheduler:
     def _schedule(self) -> StepBatch | None:
         plan = self._schedule_extend()
         if plan is not None:
-            return self._extend_batch(plan)
+            return self._extend_batch(plan, mixed=self._decodable() if self.mixed_chunk else [])
         return self._decode_batch() if self.running else None
 
     def _schedule_extend(self) -> PrefillPlan | None:
@@ -226,9 +231,15 @@ class Scheduler:
         left = min(req.remaining_new_tokens, self.runner.context_length - req.seq_len - req.inflight)
         return int(left * self.new_token_ratio)
 
-    def _extend_batch(self, plan: PrefillPlan) -> StepBatch:
-        reqs, take_lens = plan.reqs, plan.take_lens
+    def _extend_batch(self, plan: PrefillPlan, *, mixed: list[Req]) -> StepBatch:
+        """The plan's prompts (or chunks of them), plus the running requests' next tokens when `mixed`
+        lists them (mixed chunks: one pass over the weights serves both, and decodes do not stall
+        behind a long prefill)."""
+        reqs, take_lens = plan.reqs + mixed, plan.take_lens + [1] * len(mixed)
         slots = self.cache.alloc_for(reqs, take_lens)
+        if slots is None and mixed:  # no room for the decodes' tokens this step: the prompts alone
+            mixed, reqs, take_lens = [], plan.reqs, plan.take_lens
+            slots = self.cache.alloc_for(reqs, take_lens)
         assert slots is not None, "admission guaranteed these slots"
         chunks, logits_starts, first_positions = [], [], []
         for req, take in zip(reqs, take_lens):
@@ -248,7 +259,10 @@ class Scheduler:
             attn_backend=self.runner.attn_backend,
             logits_start_lens=logits_starts,
         )
-        return StepBatch(forward, reqs, take_lens, first_positions)
+        if self.runner.attn_backend.supports_shared_prefix_extend:
+            forward.shared_prefixes = self._shared_prefixes(reqs)
+        return StepBatch(forward, reqs, take_lens, first_positions,
+                         mixed_decodes=list(range(len(plan.reqs), len(reqs))))
 
     def _input_logprob_start(self, req: Req, start: int, take: int) -> int | None:
         """First position of this chunk whose logits prompt logprobs need, or None."""
@@ -338,8 +352,12 @@ class Scheduler:
             return
         self.stats["extend_steps"] += 1
         batch.input_logprobs = [None] * len(batch.reqs)
+        mixed = set(batch.mixed_decodes)
         for i, (req, take) in enumerate(zip(batch.reqs, batch.take_lens)):
             req.kv_committed_len += take
+            if i in mixed:  # a running request's decode token, riding along
+                batch.sample_rows.append(i)
+                continue
             first = batch.first_positions[i]
             if first is not None:
                 batch.input_logprobs[i] = compute_input_logprobs(req, batch.logits.input_token_logits[i], first)
@@ -421,8 +439,9 @@ class Scheduler:
                     req.finish_reason = {"type": "stop", "matched": token_id}
             self.stats["generated_tokens"] += len(sampled) - len(aborted)
         jumped: set[int] = set()
-        if batch.is_decode:
-            jumped = {id(r) for r in sampled if not r.finished and self._jump_forward(r)}
+        if batch.is_decode or batch.mixed_decodes:
+            decoders = sampled if batch.is_decode else [reqs[i] for i in batch.sampled_rows if i in set(batch.mixed_decodes)]
+            jumped = {id(r) for r in decoders if not r.finished and self._jump_forward(r)}
             self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
         self.running = [r for r in self.running if not r.finished and id(r) not in jumped]
         # A request retracted while its token was in flight may have ended on that token.
