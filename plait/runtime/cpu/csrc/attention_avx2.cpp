@@ -146,7 +146,18 @@ struct Args {
     int64_t Hq, Hkv, D, G;
     float scale;
     float *out, *lse;
+    const RopeStore* rope;  // decode only: rotate q here and store each new token's K/V (see kernels.h)
 };
+
+// x (D floats) rotated in place: [x1 cos - x2 sin, x2 cos + x1 sin] over its two halves.
+inline void rotate_half_split(float* x, const float* cs, int64_t half) {
+    for (int64_t i = 0; i < half; i += 8) {
+        __m256 c = _mm256_loadu_ps(cs + i), sn = _mm256_loadu_ps(cs + half + i);
+        __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
+        _mm256_storeu_ps(x + i, _mm256_fmsub_ps(x1, c, _mm256_mul_ps(x2, sn)));
+        _mm256_storeu_ps(x + half + i, _mm256_fmadd_ps(x2, c, _mm256_mul_ps(x1, sn)));
+    }
+}
 
 void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
     const int64_t D = a.D, G = a.G, R = task.nq * G;
@@ -155,9 +166,30 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
     // Rows r = i * G + g: query token q0 + i, head head * G + g; pre-scaled.
     const __m256 scale = _mm256_set1_ps(a.scale);
     for (int64_t i = 0; i < task.nq; ++i) {
-        const float* src = a.q + a.q_rows[a.q_off[s] + task.q0 + i] * a.q_row_stride + task.head * G * D;
+        const int64_t row = a.q_rows[a.q_off[s] + task.q0 + i];
+        const float* src = a.q + row * a.q_row_stride + task.head * G * D;
+        if (a.rope != nullptr) {  // the query as it comes out of the QKV product: rotate our copy
+            const float* cs = a.rope->table + a.rope->positions[row] * D;
+            std::copy(src, src + G * D, qs + i * G * D);
+            for (int64_t g = 0; g < G; ++g) rotate_half_split(qs + (i * G + g) * D, cs, D / 2);
+            src = qs + i * G * D;
+        }
         for (int64_t e = 0; e < G * D; e += 8)
             _mm256_storeu_ps(qs + i * G * D + e, _mm256_mul_ps(_mm256_loadu_ps(src + e), scale));
+        if (a.rope != nullptr && a.rope->k_cache != nullptr && task.k1 == kv_len) {
+            // The task that reads the sequence's newest key (it reads it below, after this store)
+            // rotates and stores this KV head's new K and V; no other task reads them this step.
+            const RopeStore& r = *a.rope;
+            alignas(32) float k[256];
+            std::copy(r.k + row * r.kv_stride + task.head * D, r.k + row * r.kv_stride + (task.head + 1) * D, k);
+            rotate_half_split(k, r.table + r.positions[row] * D, D / 2);
+            const float* v = r.v + row * r.kv_stride + task.head * D;
+            const int64_t dst = (r.loc[row] * a.Hkv + task.head) * D;
+            for (int64_t e = 0; e < D; e += 8) {
+                store_cache(r.k_cache, a.fmt, dst + e, _mm256_load_ps(k + e));
+                store_cache(r.v_cache, a.fmt, dst + e, _mm256_loadu_ps(v + e));
+            }
+        }
     }
     std::fill(o, o + R * D, 0.0f);
     std::fill(mx, mx + R, kNegInf);
@@ -232,9 +264,15 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
     }
 }
 
+}  // namespace
+
 // Splits the work into tasks (see the top of the file); run by one thread.
-void plan_tasks(const Args& a, int64_t num_seqs, int nthreads, TeamScratch& ts) {
-    const int64_t G = a.G, Hkv = a.Hkv, D = a.D;
+void plan_attention(const int64_t* q_len_p, const int64_t* kv_len_p, int64_t num_seqs, int64_t Hq, int64_t Hkv,
+                    int64_t D, int nthreads, TeamScratch& ts) {
+    struct {
+        const int64_t *q_len, *kv_len;
+    } a{q_len_p, kv_len_p};
+    const int64_t G = Hq / Hkv;
     const int64_t rows_per_task = std::max<int64_t>(1, kMaxRows / G);
     // Tasks without splitting the keys first; then split the keys of short-query sequences until
     // there are a few tasks per thread.
@@ -273,6 +311,8 @@ void plan_tasks(const Args& a, int64_t num_seqs, int nthreads, TeamScratch& ts) 
     ts.partial_l.resize(size_t(num_partials * kMaxRows));
 }
 
+namespace {
+
 // Merges the chunks of one split (sequence, head) through their log-sum-exps.
 void merge_split(const Args& a, const AttentionSplit& sp, const TeamScratch& ts) {
     const int64_t s = sp.seq, R = a.q_len[s] * a.G, D = a.D;
@@ -302,12 +342,10 @@ void merge_split(const Args& a, const AttentionSplit& sp, const TeamScratch& ts)
 
 void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
-                    int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt,
-                    int64_t Hq, int64_t Hkv, int64_t D, float scale, float* out, float* lse, TeamScratch& ts) {
+                    bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
+                    int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope) {
     const Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
-                 cache_fmt, Hq, Hkv, D, Hq / Hkv, scale, out, lse};
-#pragma omp single
-    plan_tasks(a, num_seqs, omp_get_num_threads(), ts);
+                 cache_fmt, Hq, Hkv, D, Hq / Hkv, scale, out, lse, rope};
     static thread_local Scratch sc;
     sc.reserve(kMaxRows, D);
     const int64_t num_tasks = int64_t(ts.tasks.size());
@@ -315,8 +353,10 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
     for (int64_t i = 0; i < num_tasks; ++i)
         run_task(a, ts.tasks[i], sc, ts.partial_o.data(), ts.partial_m.data(), ts.partial_l.data());
     const int64_t num_splits = int64_t(ts.splits.size());
+    if (num_splits > 0) {  // the same for every thread: all skip or all take this barrier
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < num_splits; ++i) merge_split(a, ts.splits[i], ts);
+        for (int64_t i = 0; i < num_splits; ++i) merge_split(a, ts.splits[i], ts);
+    }
 }
 
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
@@ -324,9 +364,10 @@ void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, cons
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
                int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads) {
     TeamScratch ts;
+    plan_attention(q_len, kv_len, num_seqs, Hq, Hkv, D, nthreads, ts);
 #pragma omp parallel num_threads(nthreads)
-    attention_team(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, num_seqs, causal, k_cache,
-                   v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse, ts);
+    attention_team(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
+                   cache_fmt, Hq, Hkv, D, scale, out, lse, ts, nullptr);
 }
 
 }  // namespace plait::avx2

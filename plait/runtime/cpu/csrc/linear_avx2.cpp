@@ -76,6 +76,14 @@ inline void dot_rows(const uint8_t* row, const float* x, int64_t K, const float*
     for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
 }
 
+// Each thread computes the block sums of x for itself (a few hundred adds): no barrier to share them.
+inline const float* private_block_sums(const float* x, int64_t M, int64_t K) {
+    static thread_local std::vector<float> sums;
+    sums.resize(size_t((M + kGemvRows - 1) / kGemvRows * kGemvRows * (K / kBlock)));
+    block_sums(x, M, K, sums.data());
+    return sums.data();
+}
+
 // Rows of weight (outputs) per chunk of work: small enough that a thread slowed by another process
 // leaves the rest to the others (dynamic schedule), large enough that taking a chunk costs nothing.
 inline int64_t chunk_rows(int64_t N) {
@@ -87,14 +95,7 @@ template <int FMT>
 void gemv_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
                int64_t ldy, TeamScratch& ts) {
     const size_t stride = row_bytes(FMT, K);
-    if constexpr (has_offset<FMT>()) {
-#pragma omp single
-        {
-            ts.block_sums.resize(size_t((M + kGemvRows - 1) / kGemvRows * kGemvRows * (K / kBlock)));
-            block_sums(x, M, K, ts.block_sums.data());
-        }
-    }
-    const float* s = has_offset<FMT>() ? ts.block_sums.data() : nullptr;
+    const float* s = has_offset<FMT>() ? private_block_sums(x, M, K) : nullptr;
     const int64_t chunk = chunk_rows(N);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < N; ++n) {
@@ -197,6 +198,42 @@ void panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
     }
 }
 
+// rows <= kGemvRows of x against weight row `row`: out[r].
+template <int FMT>
+inline void dot_all_rows(const uint8_t* row, const float* x, int64_t M, int64_t K, const float* sums, float* out) {
+    switch (M) {
+        case 1: dot_rows<FMT, 1>(row, x, K, sums, out); break;
+        case 2: dot_rows<FMT, 2>(row, x, K, sums, out); break;
+        case 3: dot_rows<FMT, 3>(row, x, K, sums, out); break;
+        case 4: dot_rows<FMT, 4>(row, x, K, sums, out); break;
+        case 5: dot_rows<FMT, 5>(row, x, K, sums, out); break;
+        case 6: dot_rows<FMT, 6>(row, x, K, sums, out); break;
+        case 7: dot_rows<FMT, 7>(row, x, K, sums, out); break;
+        default: dot_rows<FMT, 8>(row, x, K, sums, out); break;
+    }
+}
+
+template <int FMT>
+void gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t I, float* out) {
+    const size_t stride = row_bytes(FMT, K);
+    const float* s = has_offset<FMT>() ? private_block_sums(x, M, K) : nullptr;
+    const int64_t chunk = chunk_rows(I);
+    const __m256 one = _mm256_set1_ps(1.0f);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t n = 0; n < I; ++n) {
+        float gate[kGemvRows], up[kGemvRows];
+        dot_all_rows<FMT>(w + n * stride, x, M, K, s, gate);
+        dot_all_rows<FMT>(w + (I + n) * stride, x, M, K, s, up);
+        alignas(32) float g8[kGemvRows] = {}, u8[kGemvRows] = {}, a8[kGemvRows];
+        std::copy(gate, gate + M, g8);
+        std::copy(up, up + M, u8);
+        const __m256 g = _mm256_load_ps(g8);
+        const __m256 e = exp_ps(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
+        _mm256_store_ps(a8, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_load_ps(u8)));
+        for (int64_t r = 0; r < M; ++r) out[r * I + n] = a8[r];
+    }
+}
+
 template <int FMT>
 void linear_fmt(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
                 int64_t ldy, TeamScratch& ts) {
@@ -225,6 +262,17 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt
         case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, ts); break;
         case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, ts); break;
         case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, ts); break;
+    }
+}
+
+void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out) {
+    switch (fmt) {
+        case kF32: gated_team<kF32>(x, M, K, w, I, out); break;
+        case kBF16: gated_team<kBF16>(x, M, K, w, I, out); break;
+        case kF16: gated_team<kF16>(x, M, K, w, I, out); break;
+        case kQ8_0: gated_team<kQ8_0>(x, M, K, w, I, out); break;
+        case kQ4_0: gated_team<kQ4_0>(x, M, K, w, I, out); break;
+        case kQ4_1: gated_team<kQ4_1>(x, M, K, w, I, out); break;
     }
 }
 

@@ -47,6 +47,26 @@ void rmsnorm_team(const float* x, float* residual, const float* weight, int64_t 
     }
 }
 
+void rmsnorm_private(const float* x, const float* res_in, float* res_out, bool write, const float* weight, int64_t M,
+                     int64_t H, float eps, float* out) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * H;
+        const float* ri = res_in ? res_in + m * H : nullptr;
+        float* o = out + m * H;
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t h = 0; h < H; h += 8) {  // H % 8 == 0 on this path (checked by the stack)
+            __m256 v = _mm256_loadu_ps(xr + h);
+            if (ri) v = _mm256_add_ps(v, _mm256_loadu_ps(ri + h));
+            if (write) _mm256_storeu_ps(res_out + m * H + h, v);
+            _mm256_storeu_ps(o + h, v);
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        const __m256 iv = _mm256_set1_ps(1.0f / std::sqrt(hsum(ss) / float(H) + eps));
+        for (int64_t h = 0; h < H; h += 8)
+            _mm256_storeu_ps(o + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(o + h), iv), _mm256_loadu_ps(weight + h)));
+    }
+}
+
 void silu_mul_team(const float* x, int64_t M, int64_t I, float* out) {
     const __m256 one = _mm256_set1_ps(1.0f);
     const __m256 neg = _mm256_set1_ps(-0.0f);

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "simd_avx2.h"
 #include "stack.h"
@@ -20,6 +21,8 @@
 
 namespace plait::avx2 {
 namespace {
+
+constexpr int64_t kSmallStepRows = 8;  // up to this many token rows a step takes the fused, fewer-barrier path
 
 template <typename T>
 T* field_ptr(const int64_t* a, int f) {
@@ -65,7 +68,6 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
     const int fmt = int(a[kCacheFmt]), nthreads = int(a[kNumThreads]);
     const int64_t qkv_width = (Hq + 2 * Hkv) * D;
     float* x = field_ptr<float>(a, kX);
-    float* residual = field_ptr<float>(a, kResidual);
     float* qkv = field_ptr<float>(a, kQkv);
     float* attn = field_ptr<float>(a, kAttn);
     float* normed = field_ptr<float>(a, kNormed);
@@ -74,23 +76,55 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
     const int64_t* positions = field_ptr<const int64_t>(a, kPositions);
     const int64_t* loc = field_ptr<const int64_t>(a, kLoc);
     const float* rope = field_ptr<const float>(a, kRopeTable);
+    const int64_t *main_q_len = field_ptr<const int64_t>(a, kMainQLen), *main_kv_len = field_ptr<const int64_t>(a, kMainKvLen);
     const bool cascade = a[kPreNumSeqs] > 0;
-    TeamScratch ts;
-    // One parallel region for the whole step: the kernels' team forms share out each operation and
-    // end in a barrier, so threads wake once per step instead of once per operation.
-#pragma omp parallel num_threads(nthreads)
+    // The attention tasks depend only on the step's lengths: planned once for every layer.
+    TeamScratch ts, main_plan, prefix_plan;
+    plan_attention(main_q_len, main_kv_len, a[kMainNumSeqs], Hq, Hkv, D, nthreads, main_plan);
+    if (cascade)
+        plan_attention(field_ptr<const int64_t>(a, kPreQLen), field_ptr<const int64_t>(a, kPreKvLen), a[kPreNumSeqs],
+                       Hq, Hkv, D, nthreads, prefix_plan);
+    // Decode-sized steps take fewer barriers: every thread normalises the few rows itself (into its
+    // own buffer, with the residual alternating between two buffers so that nobody writes what
+    // another thread may still read), gate/up and SiLU are one pass, and pure decode steps fold the
+    // rotary embedding and the K/V store into attention. Larger steps share each operation out.
+    const bool small = T <= kSmallStepRows && H % 8 == 0;
+    bool decode = small && a[kMainCausal] == 0;
+    for (int64_t s = 0; s < a[kMainNumSeqs] && decode; ++s) decode = main_q_len[s] == 1;
+    std::vector<float> residual_b(small ? size_t(T * H) : 0);
+    float* residual[2] = {field_ptr<float>(a, kResidual), residual_b.data()};
+    int current = 0;  // residual[current] holds the running sum (small steps)
+    const RopeStore rope_store_args{rope, positions, qkv + Hq * D, qkv + (Hq + Hkv) * D, qkv_width, nullptr, nullptr, loc};
+#pragma omp parallel num_threads(nthreads) firstprivate(current)
     {
+        static thread_local std::vector<float> own_normed;
+        if (small) own_normed.resize(size_t(T * H));
+        const bool writer = omp_get_thread_num() == 0;
+        // small steps: norm into this thread's buffer; residual[current ^ 1] = x + residual[current]
+        auto small_norm = [&](const float* weight, bool first) {
+            rmsnorm_private(x, first ? nullptr : residual[current], residual[current ^ 1], writer, weight, T, H, eps,
+                            own_normed.data());
+            current ^= 1;
+        };
+        if (!small) {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) std::memcpy(residual + t * H, x + t * H, size_t(H) * sizeof(float));
+            for (int64_t t = 0; t < T; ++t) std::memcpy(residual[0] + t * H, x + t * H, size_t(H) * sizeof(float));
+        }
         for (int64_t l = 0; l < L; ++l) {
             const int64_t* w = layers + l * kNumLayerFields;
             auto wptr = [&](int f) { return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[f])); };
             auto fptr = [&](int f) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(w[f])); };
             void* k_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kKCache]));
             void* v_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kVCache]));
-            // attention block: normed = norm(residual) (layer 0: of x itself, residual already holds x)
-            rmsnorm_team(x, l == 0 ? nullptr : residual, fptr(kInNorm), T, H, eps, normed);
-            linear_team(normed, T, H, wptr(kQkvW), int(w[kQkvFmt]), qkv_width, fptr(kQkvBias), qkv, qkv_width, ts);
+            // attention block
+            const float* qkv_in = normed;
+            if (small) {
+                small_norm(fptr(kInNorm), l == 0);
+                qkv_in = own_normed.data();
+            } else {
+                rmsnorm_team(x, l == 0 ? nullptr : residual[0], fptr(kInNorm), T, H, eps, normed);
+            }
+            linear_team(qkv_in, T, H, wptr(kQkvW), int(w[kQkvFmt]), qkv_width, fptr(kQkvBias), qkv, qkv_width, ts);
             float* q = qkv;
             float* k = qkv + Hq * D;
             float* v = qkv + (Hq + Hkv) * D;
@@ -98,32 +132,43 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 head_rmsnorm_team(q, T, qkv_width, Hq, D, fptr(kQNorm), eps);
                 head_rmsnorm_team(k, T, qkv_width, Hkv, D, fptr(kKNorm), eps);
             }
-            rope_store_team(q, k, v, T, Hq, Hkv, D, qkv_width, qkv_width, qkv_width, positions, rope, k_cache,
-                            v_cache, fmt, loc);
-            attention_team(q, qkv_width, field_ptr<const int64_t>(a, kMainQRows),
-                           field_ptr<const int64_t>(a, kMainQOff), field_ptr<const int64_t>(a, kMainQLen),
-                           field_ptr<const int64_t>(a, kMainSlots), field_ptr<const int64_t>(a, kMainSlotOff),
-                           field_ptr<const int64_t>(a, kMainKvLen), a[kMainNumSeqs], a[kMainCausal] != 0, k_cache,
-                           v_cache, fmt, Hq, Hkv, D, scale, attn, cascade ? field_ptr<float>(a, kLseOwn) : nullptr,
-                           ts);
+            RopeStore fused = rope_store_args;
+            fused.k_cache = k_cache;
+            fused.v_cache = v_cache;
+            if (!decode)
+                rope_store_team(q, k, v, T, Hq, Hkv, D, qkv_width, qkv_width, qkv_width, positions, rope, k_cache,
+                                v_cache, fmt, loc);
+            attention_team(q, qkv_width, field_ptr<const int64_t>(a, kMainQRows), field_ptr<const int64_t>(a, kMainQOff),
+                           main_q_len, field_ptr<const int64_t>(a, kMainSlots), field_ptr<const int64_t>(a, kMainSlotOff),
+                           main_kv_len, a[kMainCausal] != 0, k_cache, v_cache, fmt, Hq, Hkv, D, scale, attn,
+                           cascade ? field_ptr<float>(a, kLseOwn) : nullptr, main_plan, decode ? &fused : nullptr);
             if (cascade) {
                 float* out_prefix = field_ptr<float>(a, kOutPrefix);
                 float* lse_prefix = field_ptr<float>(a, kLsePrefix);
+                RopeStore rotate_only = fused;  // the prefix pass rotates its queries but stores nothing
+                rotate_only.k_cache = rotate_only.v_cache = nullptr;
                 attention_team(q, qkv_width, field_ptr<const int64_t>(a, kPreQRows),
                                field_ptr<const int64_t>(a, kPreQOff), field_ptr<const int64_t>(a, kPreQLen),
                                field_ptr<const int64_t>(a, kPreSlots), field_ptr<const int64_t>(a, kPreSlotOff),
-                               field_ptr<const int64_t>(a, kPreKvLen), a[kPreNumSeqs], false, k_cache, v_cache, fmt,
-                               Hq, Hkv, D, scale, out_prefix, lse_prefix, ts);
+                               field_ptr<const int64_t>(a, kPreKvLen), false, k_cache, v_cache, fmt, Hq, Hkv, D, scale,
+                               out_prefix, lse_prefix, prefix_plan, decode ? &rotate_only : nullptr);
                 merge_rows_team(attn, out_prefix, lse_prefix, field_ptr<const float>(a, kLseOwn),
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
             linear_team(attn, T, Hq * D, wptr(kOW), int(w[kOFmt]), H, nullptr, x, H, ts);
             // MLP block
-            rmsnorm_team(x, residual, fptr(kPostNorm), T, H, eps, normed);
-            linear_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), 2 * I, nullptr, gate_up, 2 * I, ts);
-            silu_mul_team(gate_up, T, I, act);
+            if (small) {
+                small_norm(fptr(kPostNorm), false);
+                gated_linear_team(own_normed.data(), T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act);
+            } else {
+                rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
+                linear_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), 2 * I, nullptr, gate_up, 2 * I, ts);
+                silu_mul_team(gate_up, T, I, act);
+            }
             linear_team(act, T, I, wptr(kDownW), int(w[kDownFmt]), H, nullptr, x, H, ts);
         }
+        // small steps: the running sum ends in residual[current]; hand it back in `residual`
+        if (small && current == 1 && writer) std::memcpy(residual[0], residual[1], size_t(T * H) * sizeof(float));
     }
 }
 

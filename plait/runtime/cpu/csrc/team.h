@@ -26,6 +26,19 @@ struct TeamScratch {
     std::vector<float> partial_o, partial_m, partial_l;
 };
 
+// Decode steps fold the rotary embedding and the store of the new K/V into attention (one barrier
+// less per layer): each task rotates its own copy of the query rows, and the task reading a
+// sequence's newest key rotates and stores that key head's K and V first. k, v: the QKV product's
+// rows (`kv_stride` floats apart); positions, loc: by token row.
+struct RopeStore {
+    const float* table;  // [max_pos, D] as [cos | sin] halves
+    const int64_t* positions;
+    const float *k, *v;
+    int64_t kv_stride;
+    void *k_cache, *v_cache;
+    const int64_t* loc;
+};
+
 namespace avx2 {
 
 void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
@@ -35,10 +48,21 @@ void silu_mul_team(const float* x, int64_t M, int64_t I, float* out);
 void rope_store_team(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
                      int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* positions,
                      const float* table, void* k_cache, void* v_cache, int cache_fmt, const int64_t* loc);
+// Fills ts.tasks / splits / partial buffers for sequences of these lengths (one thread, before the
+// team runs `attention_team`; a step's plan serves all its layers).
+void plan_attention(const int64_t* q_len, const int64_t* kv_len, int64_t num_seqs, int64_t Hq, int64_t Hkv, int64_t D,
+                    int nthreads, TeamScratch& ts);
 void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
-                    int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt,
-                    int64_t Hq, int64_t Hkv, int64_t D, float scale, float* out, float* lse, TeamScratch& ts);
+                    bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
+                    int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope);
+// gate_up [*, 2I] -> out = silu(gate) * up [M, I] in one pass: each work item computes a gate row
+// and its up row and applies the activation (decode-sized M; x is this thread's own copy).
+void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
+// RMSNorm of small M redundantly in each thread (no barrier): out (thread-private) = norm(x + res_in)
+// (or norm(x) when res_in is null); the calling thread with `write` also stores x + res_in (or x) to res_out.
+void rmsnorm_private(const float* x, const float* res_in, float* res_out, bool write, const float* weight, int64_t M,
+                     int64_t H, float eps, float* out);
 
 }  // namespace avx2
 }  // namespace plait
