@@ -201,14 +201,18 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(
-        self, logits: torch.Tensor, info: SamplingBatchInfo, *, vocab_mask: torch.Tensor | None = None
+        self, logits: torch.Tensor, info: SamplingBatchInfo, *, vocab_mask: torch.Tensor | None = None,
+        need_logprobs: bool = True,
     ) -> SampleOutput:
-        """logits [bs, vocab] (any float dtype) -> next token ids and their raw-distribution logprobs."""
+        """logits [bs, vocab] (any float dtype) -> next token ids and their raw-distribution logprobs
+        (zeros when `need_logprobs` is false: a log-sum-exp over the vocabulary per row saved)."""
         processed = process_logits(logits, info, vocab_mask=vocab_mask)  # [bs, vocab] float32
         next_token_ids = processed.argmax(dim=-1)  # [bs]
         if not info.is_all_greedy:
             sampled = self._sample(processed, info)
             next_token_ids = torch.where(info.greedy_rows, next_token_ids, sampled)
+        if not need_logprobs:
+            return SampleOutput(next_token_ids, torch.zeros(next_token_ids.shape, device=logits.device))
         return SampleOutput(next_token_ids, token_logprobs(logits, next_token_ids))
 
     def _sample(self, processed: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

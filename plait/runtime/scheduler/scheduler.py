@@ -398,7 +398,8 @@ class Scheduler:
                     for r in reqs
                 ],
             )
-            sampled = self.sampler(logits, info, vocab_mask=self.constraints.mask(reqs, logits.device))
+            sampled = self.sampler(logits, info, vocab_mask=self.constraints.mask(reqs, logits.device),
+                                   need_logprobs=any(r.msg.return_logprob for r in reqs))
             if self.last_tokens is not None:
                 self.last_tokens[_device_ids([r.req_pool_idx for r in reqs], logits.device)] = sampled.next_token_ids
             batch.next_token_ids = to_host(sampled.next_token_ids)
