@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -245,3 +246,47 @@ def test_offline_throughput_openai_backend(tiny_config, tmp_path):
     assert r["cached_tokens"] == 20  # 4 measured requests x 5 hits, the warm-up's excluded
     sent = _FakeOpenAI.bodies[-1]
     assert sent["temperature"] == 0.0 and sent["ignore_eos"] is True and sent["min_tokens"] == sent["max_tokens"] == 3
+
+
+class _FakeStreamingOpenAI(BaseHTTPRequestHandler):
+    """/v1/completions streaming `max_tokens` one-token events, 2 ms apart."""
+
+    prompt_lens: ClassVar[list[int]] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).prompt_lens.append(len(body["prompt"]))
+        assert body["stream"] and body["ignore_eos"] and body["temperature"] == 0.0
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for _ in range(body["max_tokens"]):
+            self.wfile.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+            self.wfile.flush()
+            time.sleep(0.002)
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_decode_context_times_each_length(tmp_path):
+    from plait.bench import decode_context
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeStreamingOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "context.jsonl"
+        decode_context.main(["--base-url", f"http://127.0.0.1:{server.server_port}", "--contexts", "16", "64",
+                             "--new-tokens", "5", "--reps", "2", "--output-file", str(out)])
+    finally:
+        server.shutdown()
+        thread.join()
+    (r,) = read_lines(out)
+    assert [row["context"] for row in r["rows"]] == [16, 64]
+    assert _FakeStreamingOpenAI.prompt_lens[-4:] == [16, 16, 64, 64]  # exact prompt lengths, after a warm-up
+    for row in r["rows"]:
+        assert row["tokens"] == 5 and 50 < row["decode_tok_s"] < 600  # 4 gaps of ~2 ms
+    assert r["rows"][0]["vs_shortest"] == 1.0

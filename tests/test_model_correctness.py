@@ -121,6 +121,38 @@ def test_batch_equals_requests_alone(family_pair):
         runner.req_to_token_pool.free(row)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_stack_equals_the_layer_by_layer_kernels(family):
+    """The CPU "graph" (the whole stack in one native call, with its fused decode-sized path) against
+    the same kernels called layer by layer from the modules, in float32: a mixed extend batch (over a
+    cached prefix) and decode steps give the same logits to float32 rounding."""
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    hf = tiny_hf_model(family)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (9, 40, 3)]
+    results = []
+    for path in ("cpu-graph", "cpu-kernels-eager"):
+        runner = make_runner(hf, path)
+        rows = [runner.req_to_token_pool.alloc() for _ in prompts]
+        extend(runner, [rows[1]], [0], [prompts[1][:16]])
+        logits = [extend(runner, rows, [0, 16, 0], [prompts[0], prompts[1][16:], prompts[2]]).next_token_logits]
+        lens = [len(p) for p in prompts]
+        for step in range(4):  # decode steps (one row each: the fused small-step path)
+            lens = [n + 1 for n in lens]
+            batch = make_decode_batch(
+                req_pool_indices=rows, seq_lens=lens, last_token_ids=[11 + step] * 3,
+                out_cache_loc=runner.allocator.alloc(3), req_to_token_pool=runner.req_to_token_pool,
+                kv_pool=runner.kv_pool, attn_backend=runner.attn_backend,
+            )
+            logits.append(runner.forward(batch).next_token_logits)
+        results.append(torch.stack(logits))
+    graph, eager = results
+    assert (graph - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
 def test_unknown_architecture_is_a_clear_error():
     from plait.runtime.models.registry import UnsupportedArchitectureError, get_model_class
 
