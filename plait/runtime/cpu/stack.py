@@ -138,13 +138,11 @@ class CpuDecoderStack:
                 "out_prefix": torch.empty((num_tokens, hq * d)), "lse_prefix": torch.empty((num_tokens, hq)),
                 "lse_own": torch.empty((num_tokens, hq)),
             })
-        args = torch.zeros(len(_FIELDS), dtype=torch.int64)
-        keep = []
-        for name, value in values.items():
+        fields = [0] * len(_FIELDS)
+        for name, value in values.items():  # `values` keeps the tensors alive through the call
             if isinstance(value, torch.Tensor):
                 assert value.is_contiguous() and value.device.type == "cpu", name
-                keep.append(value)
                 value = value.data_ptr()
-            args[_FIELDS[name]] = value
-        kernels.decoder_stack(args, self.layer_table, self.eps, self.scale)
+            fields[_FIELDS[name]] = value
+        kernels.decoder_stack(torch.tensor(fields, dtype=torch.int64), self.layer_table, self.eps, self.scale)
         return self.norm(x, residual)[0]
