@@ -87,8 +87,24 @@ def test_rmsnorm_and_silu_match_the_reference_layers():
     assert rel_err(kernels.silu_mul(gate_up), SiluAndMul().forward_native(gate_up)) < 1e-6
 
 
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' int8 pool rows of float rows x [..., D]: D codes (round(x / scale)) and the row's
+    float32 scale max|x| / 127 as 4 more bytes."""
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    codes = torch.round(x / scale).to(torch.int8)
+    return torch.cat([codes, scale.float().view(torch.int8).reshape(*x.shape[:-1], 4)], dim=-1)
+
+
+def dequantize_rows(pool: torch.Tensor) -> torch.Tensor:
+    """Float values of a pool: the pool itself, or an int8 pool's codes times their row scales."""
+    if pool.dtype != torch.int8:
+        return pool.float()
+    d = pool.shape[-1] - 4
+    return pool[..., :d].float() * pool[..., d:].contiguous().view(torch.float32)
+
+
 @needs_kernels
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 def test_rope_store_rotates_and_stores(cache_dtype):
     torch.manual_seed(1)
     tokens, hq, hkv, d = 6, 4, 2, 32
@@ -97,13 +113,17 @@ def test_rope_store_rotates_and_stores(cache_dtype):
     qkv = torch.randn(tokens, (hq + 2 * hkv) * d)  # q, k, v as views of one product, as in the model
     q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
     ref_q, ref_k = apply_rotary_native(q.clone(), k.clone(), RotaryEmbedding.cos_sin(rotary, positions))
-    k_cache = torch.zeros(20, hkv, d, dtype=cache_dtype)
-    v_cache = torch.zeros(20, hkv, d, dtype=cache_dtype)
+    row = d + 4 if cache_dtype == torch.int8 else d
+    k_cache = torch.zeros(20, hkv, row, dtype=cache_dtype)
+    v_cache = torch.zeros(20, hkv, row, dtype=cache_dtype)
     loc = torch.tensor([3, 1, 19, 4, 7, 10])
     kernels.rope_store(q, k, v, positions, rotary._table(torch.device("cpu")), k_cache, v_cache, loc)
     assert rel_err(q, ref_q) < 1e-6 and rel_err(k, ref_k) < 1e-6
     # the pool holds the rotated k (rounded to its dtype as PyTorch rounds) and v
-    assert torch.equal(k_cache[loc], k.to(cache_dtype)) and torch.equal(v_cache[loc], v.to(cache_dtype))
+    if cache_dtype == torch.int8:
+        assert torch.equal(k_cache[loc], int8_rows(k)) and torch.equal(v_cache[loc], int8_rows(v))
+    else:
+        assert torch.equal(k_cache[loc], k.to(cache_dtype)) and torch.equal(v_cache[loc], v.to(cache_dtype))
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[loc] = False
     assert not k_cache[untouched].any()
@@ -112,8 +132,8 @@ def test_rope_store_rotates_and_stores(cache_dtype):
 def reference_attention(q, k_cache, v_cache, slots, causal, scale):
     """q [n, Hq, D] over keys k_cache[slots]: output [n, Hq, D] and lse [n, Hq], in float64."""
     hq, hkv = q.shape[1], k_cache.shape[1]
-    k = k_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)  # [Hq, L, D]
-    v = v_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+    k = dequantize_rows(k_cache[slots]).double().transpose(0, 1).repeat_interleave(hq // hkv, 0)  # [Hq, L, D]
+    v = dequantize_rows(v_cache[slots]).double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
     scores = q.double().transpose(0, 1) @ k.transpose(1, 2) * scale  # [Hq, n, L]
     n, length = q.shape[0], len(slots)
     if causal:
@@ -123,13 +143,16 @@ def reference_attention(q, k_cache, v_cache, slots, causal, scale):
 
 
 @needs_kernels
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_over_slot_lists(cache_dtype, causal):
     torch.manual_seed(2)
     hq, hkv, d, pool = 6, 2, 64, 3000
-    k_cache = torch.randn(pool, hkv, d).to(cache_dtype)
-    v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
+    if cache_dtype == torch.int8:
+        k_cache, v_cache = int8_rows(torch.randn(pool, hkv, d)), int8_rows(torch.randn(pool, hkv, d))
+    else:
+        k_cache = torch.randn(pool, hkv, d).to(cache_dtype)
+        v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
     # (query rows, keys): decode-like (one query; long ones are split along the keys), extend-like
     # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
     shapes = [(1, 1), (1, 37), (1, 2500), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]

@@ -63,11 +63,11 @@ def test_cpu_kv_cache_defaults_to_float16_only_when_the_dtype_is_automatic():
     assert _runner(dtype="float32", kv_cache_dtype="bfloat16").kv_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch_native"])
-@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
-def test_16_bit_kv_pools_give_the_float32_logits_to_rounding(backend, kv):
-    """The same prompt and decode step with a float32 pool and a 16-bit one: logits agree to the
-    rounding of K and V (and each backend reads its pool in place of a float32 one)."""
+@pytest.mark.parametrize("backend,kv", [("cpu", "float16"), ("cpu", "bfloat16"), ("cpu", "int8"),
+                                        ("torch_native", "float16"), ("torch_native", "bfloat16")])
+def test_smaller_kv_pools_give_the_float32_logits_to_rounding(backend, kv):
+    """The same prompt and decode step with a float32 pool and a 16-bit or int8 one: logits agree to
+    the rounding of K and V (and each backend reads its pool in place of a float32 one)."""
     from plait.runtime.cpu import kernels
     from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
 
@@ -91,4 +91,9 @@ def test_16_bit_kv_pools_give_the_float32_logits_to_rounding(backend, kv):
         logits[pool_dtype] = out.next_token_logits
     ref, ours = logits["float32"], logits[kv]
     err = (ours - ref).abs().max() / ref.abs().max()
-    assert 0 < err < (2e-2 if kv == "bfloat16" else 3e-3)  # rounded (not silently float32), and only that
+    assert 0 < err < {"bfloat16": 2e-2, "float16": 3e-3, "int8": 3e-2}[kv]  # rounded (not silently float32), only that
+
+
+def test_int8_kv_pool_is_refused_where_nothing_reads_it():
+    with pytest.raises(ValueError, match="kv_cache_dtype int8 is not supported by the TorchNativeBackend"):
+        _runner(dtype="float32", kv_cache_dtype="int8", attention_backend="torch_native", disable_cpu_kernels=True)

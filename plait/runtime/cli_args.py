@@ -27,7 +27,7 @@ def _choices() -> dict[str, list[str]]:
         "attention_backend": list(ATTENTION_BACKENDS),
         "grammar_backend": list(GRAMMAR_BACKENDS),
         "dtype": ["auto", "bfloat16", "float16", "float32"],
-        "kv_cache_dtype": ["auto", "float32", "bfloat16", "float16", "fp8_e5m2", "fp8_e4m3"],
+        "kv_cache_dtype": ["auto", "float32", "bfloat16", "float16", "int8", "fp8_e5m2", "fp8_e4m3"],
         "load_format": ["auto", "safetensors", "gguf", "dummy"],
     }
 

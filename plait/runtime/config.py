@@ -18,8 +18,9 @@ class ModelConfig:
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     # The KV pool's storage type: auto (the model's dtype; float16 on the CPU kernels when dtype is auto
-    # too) | float32 | bfloat16 | float16 (torch_native, cpu) | fp8_e5m2 | fp8_e4m3 (half the bytes per
-    # token, plain casts without scales; the triton attention backend only)
+    # too) | float32 | bfloat16 | float16 (torch_native, cpu) | int8 (cpu: symmetric, one scale per
+    # token and head, a quarter of float32's bytes) | fp8_e5m2 | fp8_e4m3 (half the bytes per token,
+    # plain casts without scales; the triton attention backend only)
     kv_cache_dtype: str = "auto"
     context_length: int | None = None  # default: the model's max_position_embeddings
     chat_template: str | None = None  # a Jinja template or a path to one; default: the tokenizer's

@@ -43,7 +43,12 @@ class WeightFormat(enum.IntEnum):
 
 
 _FLOAT_FORMATS = {torch.float32: WeightFormat.F32, torch.bfloat16: WeightFormat.BF16, torch.float16: WeightFormat.F16}
-CACHE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+CACHE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+
+
+def _cache_row(d: int, dtype: torch.dtype) -> int:
+    """Elements of a pool row: D values, or for int8 D codes and a float32 scale (csrc/kernels.h)."""
+    return d + 4 if dtype == torch.int8 else d
 
 
 def isa() -> str:
@@ -153,8 +158,9 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
     _check(k_cache, "k_cache")
     _check(v_cache, "v_cache")
     _check(loc, "loc", torch.int64)
-    if k_cache.dtype not in CACHE_FORMATS or k_cache.shape[1:] != (hkv, d) or v_cache.shape != k_cache.shape:
-        raise ValueError("KV pool buffers must be [slots, Hkv, D] in float32, bfloat16 or float16")
+    if (k_cache.dtype not in CACHE_FORMATS or k_cache.shape[1:] != (hkv, _cache_row(d, k_cache.dtype))
+            or v_cache.shape != k_cache.shape):
+        raise ValueError("KV pool buffers must be [slots, Hkv, D] in float32, bfloat16 or float16, or int8 rows")
     _ext.rope_store(q.data_ptr(), k.data_ptr(), v.data_ptr(), m, hq, hkv, d, qs, ks, vs, positions.data_ptr(),
                     table.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), CACHE_FORMATS[k_cache.dtype],
                     loc.data_ptr(), _threads())
@@ -180,7 +186,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, 
     _check(k_cache, "k_cache")
     _check(v_cache, "v_cache")
     hkv = k_cache.shape[1]
-    if k_cache.dtype not in CACHE_FORMATS or k_cache.shape[2] != d or hq % hkv or d % 16:
+    if k_cache.dtype not in CACHE_FORMATS or k_cache.shape[2] != _cache_row(d, k_cache.dtype) or hq % hkv or d % 16:
         raise ValueError("bad attention shapes")
     if out is None:
         out = torch.empty((rows, hq, d), dtype=torch.float32)

@@ -109,6 +109,7 @@ def resolve_dtype(name: str, config: dict, device: torch.device, *, cpu_kernels:
 
 _KV_CACHE_DTYPES = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "int8": torch.int8,  # CPU kernels: per (token, head) scale
     "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3": torch.float8_e4m3fn,
 }
 

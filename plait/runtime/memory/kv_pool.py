@@ -94,19 +94,27 @@ class KVPool:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
-        shape = (num_slots + 1, num_kv_heads, head_dim)
+        shape = (num_slots + 1, num_kv_heads, self.row_size(head_dim, dtype))
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * KVPool.row_size(head_dim, dtype) * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def row_size(head_dim: int, dtype: torch.dtype) -> int:
+        """Elements of one (token, KV head) row: the head's values; for int8, its codes followed by
+        the row's float32 scale (4 more bytes; the CPU kernels' format, see csrc/kernels.h)."""
+        return head_dim + 4 if dtype == torch.int8 else head_dim
 
     def layer_buffers(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's K and V buffers, for kernels that write new tokens' KV themselves."""
         return self.k_buffers[layer_id], self.v_buffers[layer_id]
 
     def set_kv(self, layer_id: int, out_cache_loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.dtype == torch.int8:
+            raise NotImplementedError("an int8 KV pool is written by the CPU kernels only (fused with rotary)")
         # k, v: [num_tokens, num_kv_heads, head_dim]; out_cache_loc: [num_tokens]
         k_buf, v_buf, k, v = self.k_buffers[layer_id], self.v_buffers[layer_id], k.to(self.dtype), v.to(self.dtype)
         if self.dtype.itemsize == 1:  # 8-bit floats: index_copy_ has no kernels for them, their bytes it has

@@ -71,17 +71,24 @@ inline void load_block_kv(const int64_t* slots, int64_t nt, const void* k_cache,
                           int64_t Hkv, int64_t head, int64_t D, float* kt, float* v) {
     const __m256 zero = _mm256_setzero_ps();
     for (int64_t t0 = 0; t0 < kT; t0 += 8) {
-        int64_t base[8];
-        for (int i = 0; i < 8; ++i) base[i] = t0 + i < nt ? (slots[t0 + i] * Hkv + head) * D : -1;
+        CacheRow krow[8], vrow[8];
+        bool live[8];
+        for (int i = 0; i < 8; ++i) {
+            live[i] = t0 + i < nt;
+            if (live[i]) {
+                krow[i] = cache_row(k_cache, fmt, slots[t0 + i], Hkv, head, D);
+                vrow[i] = cache_row(v_cache, fmt, slots[t0 + i], Hkv, head, D);
+            }
+        }
         for (int64_t d0 = 0; d0 < D; d0 += 8) {
             __m256 r[8];
             for (int i = 0; i < 8; ++i) {
-                if (base[i] < 0) {
+                if (!live[i]) {
                     r[i] = zero;
                     _mm256_storeu_ps(v + (t0 + i) * D + d0, zero);
                 } else {
-                    r[i] = load_cache(k_cache, fmt, base[i] + d0);
-                    _mm256_storeu_ps(v + (t0 + i) * D + d0, load_cache(v_cache, fmt, base[i] + d0));
+                    r[i] = load_row8(krow[i], d0);
+                    _mm256_storeu_ps(v + (t0 + i) * D + d0, load_row8(vrow[i], d0));
                 }
             }
             transpose8(r);
@@ -183,12 +190,8 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
             alignas(32) float k[256];
             std::copy(r.k + row * r.kv_stride + task.head * D, r.k + row * r.kv_stride + (task.head + 1) * D, k);
             rotate_half_split(k, r.table + r.positions[row] * D, D / 2);
-            const float* v = r.v + row * r.kv_stride + task.head * D;
-            const int64_t dst = (r.loc[row] * a.Hkv + task.head) * D;
-            for (int64_t e = 0; e < D; e += 8) {
-                store_cache(r.k_cache, a.fmt, dst + e, _mm256_load_ps(k + e));
-                store_cache(r.v_cache, a.fmt, dst + e, _mm256_loadu_ps(v + e));
-            }
+            store_row(r.k_cache, a.fmt, r.loc[row], a.Hkv, task.head, D, k);
+            store_row(r.v_cache, a.fmt, r.loc[row], a.Hkv, task.head, D, r.v + row * r.kv_stride + task.head * D);
         }
     }
     std::fill(o, o + R * D, 0.0f);

@@ -24,8 +24,19 @@ enum WeightFormat : int {
     kQ4_1 = 5,
 };
 
-// KV pool element types.
-enum CacheFormat : int { kCacheF32 = 0, kCacheBF16 = 1, kCacheF16 = 2 };
+// KV pool element types. A pool is [slots, Hkv, row] with one row per (token, KV head): D values of
+// the float types, or for kCacheI8 D int8 codes followed by the row's float32 scale (D + 4 bytes;
+// value = code * scale, the scale max|x| / 127 of the row).
+enum CacheFormat : int { kCacheF32 = 0, kCacheBF16 = 1, kCacheF16 = 2, kCacheI8 = 3 };
+
+inline int64_t cache_row_bytes(int fmt, int64_t D) {
+    switch (fmt) {
+        case kCacheBF16:
+        case kCacheF16: return D * 2;
+        case kCacheI8: return D + 4;
+        default: return D * 4;
+    }
+}
 
 constexpr int kBlock = 32;  // values per quantization block
 

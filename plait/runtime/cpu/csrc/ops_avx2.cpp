@@ -116,12 +116,8 @@ void rope_store_team(float* q, float* k, const float* v, int64_t M, int64_t Hq, 
             float* kh = k + m * k_stride + h * D;
             rotate(kh, cs, half);
             if (k_cache == nullptr) continue;
-            const float* vh = v + m * v_stride + h * D;
-            const int64_t dst = (loc[m] * Hkv + h) * D;
-            for (int64_t i = 0; i < D; i += 8) {
-                store_cache(k_cache, cache_fmt, dst + i, _mm256_loadu_ps(kh + i));
-                store_cache(v_cache, cache_fmt, dst + i, _mm256_loadu_ps(vh + i));
-            }
+            store_row(k_cache, cache_fmt, loc[m], Hkv, h, D, kh);
+            store_row(v_cache, cache_fmt, loc[m], Hkv, h, D, v + m * v_stride + h * D);
         }
     }
 }

@@ -53,24 +53,64 @@ static inline __m128i to_bf16(__m256 x) {
     return packed;
 }
 
-static inline __m256 load_cache(const void* base, int fmt, int64_t index) {
-    switch (fmt) {
-        case kCacheBF16: return load_bf16(static_cast<const uint16_t*>(base) + index);
-        case kCacheF16: return load_f16(static_cast<const uint16_t*>(base) + index);
-        default: return _mm256_loadu_ps(static_cast<const float*>(base) + index);
+// One KV row (a token's D values of one KV head) of a pool in any cache format.
+struct CacheRow {
+    const uint8_t* data;
+    int fmt;
+    float scale;  // kCacheI8 only
+};
+
+static inline CacheRow cache_row(const void* cache, int fmt, int64_t slot, int64_t Hkv, int64_t head, int64_t D) {
+    const uint8_t* p = static_cast<const uint8_t*>(cache) + (slot * Hkv + head) * cache_row_bytes(fmt, D);
+    float scale = 1.0f;
+    if (fmt == kCacheI8) std::memcpy(&scale, p + D, sizeof(float));
+    return {p, fmt, scale};
+}
+
+// Values d .. d + 8 of a row, as float32.
+static inline __m256 load_row8(const CacheRow& row, int64_t d) {
+    switch (row.fmt) {
+        case kCacheBF16: return load_bf16(reinterpret_cast<const uint16_t*>(row.data) + d);
+        case kCacheF16: return load_f16(reinterpret_cast<const uint16_t*>(row.data) + d);
+        case kCacheI8: {
+            __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row.data + d));
+            return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_set1_ps(row.scale));
+        }
+        default: return _mm256_loadu_ps(reinterpret_cast<const float*>(row.data) + d);
     }
 }
 
-static inline void store_cache(void* base, int fmt, int64_t index, __m256 x) {
+// Stores D float32 values (D % 8 == 0) as row (slot, head) of a pool, rounding as PyTorch's
+// conversions do; kCacheI8 quantizes symmetrically with the row's own scale.
+static inline void store_row(void* cache, int fmt, int64_t slot, int64_t Hkv, int64_t head, int64_t D, const float* x) {
+    uint8_t* p = static_cast<uint8_t*>(cache) + (slot * Hkv + head) * cache_row_bytes(fmt, D);
     switch (fmt) {
         case kCacheBF16:
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + index), to_bf16(x));
-            break;
+            for (int64_t d = 0; d < D; d += 8)
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 2 * d), to_bf16(_mm256_loadu_ps(x + d)));
+            return;
         case kCacheF16:
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + index),
-                             _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            break;
-        default: _mm256_storeu_ps(static_cast<float*>(base) + index, x);
+            for (int64_t d = 0; d < D; d += 8)
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 2 * d),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            return;
+        case kCacheI8: {
+            const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+            __m256 m = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + d), abs_mask));
+            const float max_abs = hmax(m);
+            const float scale = max_abs > 0.0f ? max_abs / 127.0f : 1.0f;
+            const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
+            for (int64_t d = 0; d < D; d += 8) {
+                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + d), inv));  // round to nearest even
+                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64(reinterpret_cast<__m128i*>(p + d), _mm_packs_epi16(q16, q16));
+            }
+            std::memcpy(p + D, &scale, sizeof(float));
+            return;
+        }
+        default:
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(reinterpret_cast<float*>(p) + d, _mm256_loadu_ps(x + d));
     }
 }
 
