@@ -30,7 +30,7 @@ from plait.runtime.model_loader import (
 )
 from plait.runtime.model_loader import default_model as default_model_mod
 from plait.runtime.model_loader.dummy import preset_config
-from plait.runtime.model_loader.gguf_file import llama3_rope_divisors, open_gguf, unpermute_rotary_rows
+from plait.runtime.model_loader.gguf_file import BIG_FIELDS, llama3_rope_divisors, open_gguf, unpermute_rotary_rows
 from plait.runtime.tokenizer import Tokenizer
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -263,8 +263,15 @@ def test_fast_reader_reads_what_gguf_reader_reads(tmp_path, tiny_hf_tokenizer):
     fast, stock = open_gguf(str(path)), gguf.GGUFReader(str(path))
     assert type(fast) is not gguf.GGUFReader  # the fast path is in use with this gguf version
     assert fast.fields.keys() == stock.fields.keys()
+    stepped_over = 0
     for key, field in stock.fields.items():
-        assert fast.fields[key].contents() == field.contents(), key
+        if key in BIG_FIELDS:  # stepped over whole: one part holding exactly the bytes of the items
+            assert fast.fields[key].contents() == [], key
+            assert bytes(fast.fields[key].parts[-1]) == b"".join(bytes(p) for p in field.parts[5:]), key
+            stepped_over += 1
+        else:
+            assert fast.fields[key].contents() == field.contents(), key
+    assert stepped_over >= 1
     for a, b in zip(fast.tensors, stock.tensors, strict=True):
         assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
         np.testing.assert_array_equal(a.data, b.data)

@@ -66,16 +66,31 @@ class Tokenizer:
     def from_gguf(
         cls, path: str, *, chat_template: str | None = None, extra_eos_token_ids: Iterable[int] = ()
     ) -> Tokenizer:
-        """Build the tokenizer described by a GGUF file's metadata (vocab, merges, specials, template)."""
+        """Build the tokenizer described by a GGUF file's metadata (vocab, merges, specials, template).
+
+        Building it parses the whole vocabulary out of the file (seconds for a 49k-token one), so the
+        result is saved once under the cache folder (`$PLAIT_CACHE_DIR/tokenizers/`, keyed by the file's
+        name, size and modification time and the transformers version) and read from there afterwards.
+        """
         from transformers import PreTrainedTokenizerFast
 
-        folder, name = os.path.split(os.path.abspath(path))
-        try:
-            # The concrete fast class, not AutoTokenizer: Auto would first parse the whole file
-            # again just to build a model config it does not need.
-            hf = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"{path}: cannot build a tokenizer from the GGUF metadata: {e}") from e
+        cached = _gguf_tokenizer_cache(path)
+        hf = None
+        if cached is not None and os.path.isfile(os.path.join(cached, "tokenizer.json")):
+            try:
+                hf = PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True)
+            except Exception:  # an unreadable cache entry is rebuilt below
+                hf = None
+        if hf is None:
+            folder, name = os.path.split(os.path.abspath(path))
+            try:
+                # The concrete fast class, not AutoTokenizer: Auto would first parse the whole file
+                # again just to build a model config it does not need.
+                hf = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            except Exception as e:
+                raise ModelLoadError(f"{path}: cannot build a tokenizer from the GGUF metadata: {e}") from e
+            if cached is not None:
+                _save_atomically(hf, cached)
         return cls(hf, extra_eos_token_ids=extra_eos_token_ids, chat_template=chat_template)
 
     # ---- properties -------------------------------------------------------------------------
@@ -144,3 +159,35 @@ def load_chat_template(template_or_path: str) -> str:
     if "{" not in template_or_path:
         raise ModelLoadError(f"chat template {template_or_path!r} is neither a file nor a jinja template")
     return template_or_path
+
+
+def _gguf_tokenizer_cache(path: str) -> str | None:
+    """The cache folder for the tokenizer built from this GGUF file (None if the file cannot be stat'ed)."""
+    import transformers
+
+    from plait.runtime.model_loader.default_model import cache_dir
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stem = os.path.basename(path).removesuffix(".gguf")
+    return os.path.join(cache_dir(), "tokenizers", f"{stem}-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}")
+
+
+def _save_atomically(hf: PreTrainedTokenizerBase, folder: str) -> None:
+    """Save into a fresh folder beside `folder`, then rename it into place; a failure only costs speed."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
+    except OSError:  # a read-only cache folder
+        return
+    try:
+        hf.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# On CPU without a size given, the KV pool takes this many bytes.
+# On the CPU without --max-total-tokens, the KV pool holds this many full contexts (one request at
+# the full context length and as much again for other requests and cached prefixes) ...
+_CPU_KV_CONTEXTS = 2
+# ... but at most this many bytes (long-context models would otherwise take tens of GB).
 _CPU_KV_BUDGET_BYTES = 2 << 30
 # Without --max-running-requests: one request row per 16 KV tokens, at most this many.
 _MAX_DEFAULT_RUNNING = 512
@@ -303,7 +306,7 @@ class ModelRunner:
                     f"{reserve_bytes / 2**30:.2f} GiB held for CUDA graphs"
                 )
             return int(budget // per_token)
-        return max(256, min(_CPU_KV_BUDGET_BYTES // per_token, 1 << 20))
+        return max(256, min(_CPU_KV_CONTEXTS * self.context_length, _CPU_KV_BUDGET_BYTES // per_token))
 
     @property
     def kv_bytes_per_token(self) -> int:

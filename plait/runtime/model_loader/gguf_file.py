@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderField, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
@@ -56,15 +57,18 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Precomputed llama3 rotary frequency divisors; we turn them back into config["rope_scaling"].
 ROPE_FREQS = "rope_freqs.weight"
 # Arrays of vocabulary size; read separately, and never needed as config values.
-_BIG_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
+BIG_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
 
 
 class _FastGGUFReader(GGUFReader):
-    """GGUFReader that slices a plain ndarray view of its memory map instead of the np.memmap.
+    """GGUFReader that parses the metadata in a fraction of the time, with the same results.
 
-    The reader makes one slice per metadata value (~150k for a 49k-token vocabulary), and each
-    np.memmap slice pays for memmap's __array_finalize__; a plain view of the same mapping makes
-    parsing ~3x faster. Same bytes, same results; only `_get` is replaced.
+    - `_get` slices a plain ndarray view of the memory map instead of the np.memmap: the reader makes
+      one slice per metadata value, and each np.memmap slice pays for memmap's __array_finalize__.
+    - The vocabulary-sized arrays (`BIG_FIELDS`, ~150k values for a 49k-token vocabulary) are not
+      split into one array per element: they are stepped over and kept as one opaque part (their
+      `contents()` is empty). Nothing reads them from this reader: the tokenizer is built by
+      transformers' own reader, or comes from the cache (`gguf_tokenizer`).
     """
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
@@ -75,10 +79,45 @@ class _FastGGUFReader(GGUFReader):
         arr = plain[offset: offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
+    def _build_fields(self, offs: int, count: int) -> int:
+        for _ in range(count):
+            orig_offs = offs
+            kv_klen, kv_kdata = self._get_str(offs)
+            offs += int(kv_klen.nbytes + kv_kdata.nbytes)
+            raw_kv_type = self._get(offs, np.uint32)
+            offs += int(raw_kv_type.nbytes)
+            parts: list[np.ndarray] = [kv_klen, kv_kdata, raw_kv_type]
+            name = str(bytes(kv_kdata), encoding="utf-8")
+            if name in BIG_FIELDS and raw_kv_type[0] == GGUFValueType.ARRAY:
+                size, field_parts, field_idxs, field_types = self._skip_array(offs)
+            else:
+                size, field_parts, field_idxs, field_types = self._get_field_parts(offs, raw_kv_type[0])
+            parts += field_parts
+            self._push_field(ReaderField(orig_offs, name, parts, [i + 3 for i in field_idxs], field_types),
+                             skip_sum=True)
+            offs += size
+        return offs
 
-# `_get` is private to gguf: use the fast reader only while its signature is the one we replace.
-_READER = _FastGGUFReader if list(inspect.signature(GGUFReader._get).parameters) == [
-    "self", "offset", "dtype", "count", "override_order"] else GGUFReader
+    def _skip_array(self, offs: int) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
+        """(bytes, parts, data indices, types) of an array field, its values left unparsed."""
+        raw_itype, alen = self._get(offs, np.uint32), self._get(offs + 4, np.uint64)
+        itype, start, n = GGUFValueType(raw_itype[0]), offs + 12, int(alen[0])
+        if itype == GGUFValueType.STRING:  # each item is a uint64 length and that many bytes
+            lengths = memoryview(self._plain_data)
+            end = start
+            for _ in range(n):
+                end += 8 + int.from_bytes(lengths[end: end + 8], "little" if self.byte_order != "S" else "big")
+        else:
+            end = start + n * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+        return end - offs, [raw_itype, alen, self._plain_data[start:end]], [], [GGUFValueType.ARRAY, itype]
+
+
+# `_get` and `_build_fields` are private to gguf: use the fast reader only while their signatures are
+# the ones we replace (a newer gguf falls back to its own reader: slower, same results).
+_READER = _FastGGUFReader if (
+    list(inspect.signature(GGUFReader._get).parameters) == ["self", "offset", "dtype", "count", "override_order"]
+    and list(inspect.signature(GGUFReader._build_fields).parameters) == ["self", "offs", "count"]
+) else GGUFReader
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -100,7 +139,7 @@ def hf_name(gguf_name: str) -> str | None:
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     """All key/value metadata except the vocabulary-sized arrays."""
-    return {key: field.contents() for key, field in reader.fields.items() if key not in _BIG_FIELDS}
+    return {key: field.contents() for key, field in reader.fields.items() if key not in BIG_FIELDS}
 
 
 def _shortest(x: float) -> float:
@@ -240,11 +279,13 @@ def iter_gguf_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, float32 tensor)` for every model tensor in the file not named in `skip`."""
     tensors = [t for t in reader.tensors if hf_name(t.name) is not None and hf_name(t.name) not in skip]
-    for t in tqdm(tensors, desc="Loading GGUF", unit="tensor", file=sys.stderr, disable=not tensors):
+    # No bar where stderr is not a terminal (logs, CI), nor when nothing is left to dequantize.
+    for t in tqdm(tensors, desc="Loading GGUF", unit="tensor", file=sys.stderr, leave=False,
+                  disable=True if not tensors else None):
         name = hf_name(t.name)
         try:
             # Dequantized arrays already come in torch order ([out, in]); GGUF's own shape is reversed.
-            array = dequantize(t.data, t.tensor_type)
+            array = _dequantize_q4(t) if _is_q4_matrix(t) else dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot read tensor {t.name}: {e}") from e
         if not array.flags.writeable:  # F32 data is a read-only view into the memory map
@@ -254,6 +295,36 @@ def iter_gguf_weights(
         if heads is not None:
             tensor = unpermute_rotary_rows(tensor, heads)
         yield name, tensor
+
+
+# Q4_0/Q4_1 block sizes in bytes: a float16 scale (and for Q4_1 a float16 minimum), then 32 4-bit codes.
+_Q4_BLOCK_BYTES = {QType.Q4_0: 18, QType.Q4_1: 20}
+
+
+def _is_q4_matrix(t: ReaderTensor) -> bool:
+    return t.tensor_type in _Q4_BLOCK_BYTES and len(t.data.shape) == 2
+
+
+def _unpack_q4(t: ReaderTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes [out, in / 32, 32] uint8 in 0..15, d [out, in / 32, 1] float32, m likewise or None for Q4_0)."""
+    block_bytes = _Q4_BLOCK_BYTES[t.tensor_type]
+    raw = np.asarray(t.data)  # [out, num_blocks * block_bytes] uint8, a view of the file
+    rows, num_blocks = raw.shape[0], raw.shape[1] // block_bytes
+    blocks = raw.reshape(rows, num_blocks, block_bytes)
+    num_consts = 2 if t.tensor_type == QType.Q4_1 else 1  # float16 d (and m) open each block
+    consts = np.ascontiguousarray(blocks[:, :, : 2 * num_consts]).view(np.float16).astype(np.float32)
+    qs = blocks[:, :, 2 * num_consts:]
+    # A block's 16 bytes hold its first 16 values in the low nibbles and the last 16 in the high ones.
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return codes, consts[..., 0:1], consts[..., 1:2] if num_consts == 2 else None
+
+
+def _dequantize_q4(t: ReaderTensor) -> np.ndarray:
+    """[out, in] float32, by gguf's formulas (`d * q + m`, `d * (q - 8)`, the same bits) in a few whole-array
+    operations: twice as fast as gguf's dequantizer, which works through groups of rows."""
+    codes, d, m = _unpack_q4(t)
+    w = d * codes.astype(np.float32) + m if m is not None else d * (codes.astype(np.int8) - np.int8(8)).astype(np.float32)
+    return w.reshape(codes.shape[0], -1)
 
 
 # Tensor types the CPU kernels read as stored (plait/runtime/cpu/kernels.py names the formats).

@@ -139,7 +139,10 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, arch: DecoderArch):
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # `_weight` skips the random init, which the loader overwrites anyway: on the meta device it would
+        # import torch._dynamo (seconds) just to fill nothing.
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size,
+                                         _weight=torch.empty(arch.vocab_size, arch.hidden_size))
         self.rotary = RotaryEmbedding(
             arch.head_dim, max_position=arch.max_position_embeddings, base=arch.rope_theta, scaling=arch.rope_scaling
         )
