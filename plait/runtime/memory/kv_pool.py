@@ -7,7 +7,12 @@ requests whose req_to_token rows hold the same slot ids share KV.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+
+from plait.runtime.memory.host import release_pages
 
 
 class SlotAllocator:
@@ -95,8 +100,23 @@ class KVPool:
         self.head_dim = head_dim
         self.dtype = dtype
         shape = (num_slots + 1, num_kv_heads, self.row_size(head_dim, dtype))
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if torch.device(device).type == "cpu":
+            # One zeroed block from calloc: the kernel maps it lazily, so the pool costs resident memory
+            # only for the pages that KV was written to (torch.zeros would touch every page now), and
+            # `release_memory` can hand the pages back.
+            self._host = np.zeros(2 * num_layers * math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+            buffers = torch.from_numpy(self._host).view(dtype).view(2, num_layers, *shape)
+            self.k_buffers, self.v_buffers = list(buffers[0].unbind()), list(buffers[1].unbind())
+        else:
+            self._host = None
+            self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def release_memory(self) -> None:
+        """CPU: give the pool's pages back to the system; they read as zeros again. Only while no slot
+        holds KV that anyone will read (after a cache flush, with nothing running)."""
+        if self._host is not None:
+            release_pages(self._host)
 
     @staticmethod
     def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

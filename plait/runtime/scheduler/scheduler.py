@@ -33,6 +33,7 @@ import torch
 from plait.runtime.config import SchedulerConfig
 from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
 from plait.runtime.executor.model_runner import ModelRunner
+from plait.runtime.memory.host import trim_malloc
 from plait.runtime.sampling.sampler import Sampler, SamplingBatchInfo
 from plait.runtime.scheduler.batch import StepBatch
 from plait.runtime.scheduler.cache_manager import CacheManager
@@ -195,6 +196,9 @@ class Scheduler:
             return False
         self.cache.flush()
         self.constraints.clear()
+        # Nothing is cached or running: the KV pages and malloc's freed buffers can go back.
+        self.runner.kv_pool.release_memory()
+        trim_malloc()
         return True
 
     # ---- scheduling: needs only lengths ----------------------------------------------------------

@@ -12,26 +12,31 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from plait.runtime.config import option
+
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 30000
-    tp_size: int = 1  # tensor parallelism: only 1 for now
-    dp_size: int = 1  # data parallelism: only 1 for now
-    api_key: str | None = None  # when set, every request but health and metrics needs `Authorization: Bearer KEY`
-    served_model_name: str | None = None  # the model id clients see; default: --model-path
-    log_level: str = "info"
-    log_requests: bool = False  # log every request and its result
-    enable_metrics: bool = False  # serve Prometheus metrics at /metrics
-    stats_log_interval: float = 5.0  # seconds between stats lines while busy; 0: none
-    shutdown_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long to finish, then are aborted
-    health_check_timeout: float = 20.0  # /health_generate gives up after this many seconds
-    max_request_body_bytes: int = 4 << 20  # larger request bodies are refused with 413
-    # How the model writes tool calls (OpenAI chat `tools`); default: the format its chat template uses
-    tool_call_parser: str | None = None
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(30000, "port to listen on")
+    tp_size: int = option(1, "tensor parallelism (only 1 for now)")
+    dp_size: int = option(1, "data parallelism (only 1 for now)")
+    api_key: str | None = option(None, "when set, every request but health and metrics needs "
+                                       "`Authorization: Bearer KEY`; default: no key asked")
+    served_model_name: str | None = option(None, "the model id clients see; default: --model-path, or the "
+                                                 "default model's name")
+    log_level: str = option("info", "level of the server's log")
+    log_requests: bool = option(False, "log every request and its result")
+    enable_metrics: bool = option(False, "serve Prometheus metrics at /metrics")
+    stats_log_interval: float = option(5.0, "seconds between stats lines while busy; 0: none")
+    shutdown_timeout: float = option(10.0, "on SIGTERM, seconds in-flight requests get to finish before "
+                                           "they are aborted")
+    health_check_timeout: float = option(20.0, "seconds /health_generate waits for its test generation")
+    max_request_body_bytes: int = option(4 << 20, "larger request bodies are refused with 413")
+    tool_call_parser: str | None = option(None, "how the model writes tool calls (OpenAI chat `tools`); default: "
+                                                "the format its chat template uses")
 
     def __post_init__(self) -> None:
         for name in ("tp_size", "dp_size"):

@@ -112,7 +112,7 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
     # The tokenizer arrives pickled with the scheduler's ready message; importing transformers now,
     # while the model loads, keeps that import off the event loop.
     threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
-    logger.info("server config: %s; runtime options: %s", _public(config), options)
+    logger.info("starting: %s", _changed_options(config, options) or "default options")
 
     exit_code = {"value": 0}
     server: _Server | None = None
@@ -124,6 +124,7 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
 
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{port}"
+    logger.info("address: %s (health checks answer 503 until the model is loaded)", url)
     transport = ZmqTransport(requests_address, outputs_address, process=process)
     metrics = ServerMetrics(config.model_name(options.get("model_path")))
     server_args = {k: v for k, v in dataclasses.asdict(config).items() if k != "api_key"}
@@ -145,6 +146,11 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
     app = create_app(state, lifespan=lifespan)
     uv_config = uvicorn.Config(app, log_config=None, log_level=config.log_level, access_log=config.log_requests,
                                timeout_graceful_shutdown=int(config.shutdown_timeout) + 5, timeout_keep_alive=5)
+    if config.log_level != "debug":
+        # uvicorn would announce "Application startup complete" before the model is loaded; our own
+        # lines say what happens, and `_announce_when_ready` prints the ready line. (After uvicorn's
+        # Config, which sets its loggers' levels.)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     server = _Server(uv_config, on_exit_signal=lambda: _drain(state, server))
     try:
         server.run(sockets=[sock])
@@ -193,10 +199,21 @@ def _drain(state: Any, server: Any) -> None:
     loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
 
 
-def _public(config: Any) -> dict[str, Any]:
+def _changed_options(config: Any, options: dict[str, Any]) -> str:
+    """The flags that differ from their defaults, as they would be typed (the API key hidden)."""
     import dataclasses
 
-    return {k: ("***" if k == "api_key" and v else v) for k, v in dataclasses.asdict(config).items()}
+    from plait.runtime.config import RuntimeConfig
+
+    defaults = {f.name: f.default for cls in (type(config), *RuntimeConfig.sections().values())
+                for f in dataclasses.fields(cls)}
+    values = {**dataclasses.asdict(config), **options}
+    changed = []
+    for name, value in values.items():
+        if name in defaults and value != defaults[name]:
+            flag = "--" + name.replace("_", "-")
+            changed.append(flag if value is True else f"{flag} {'***' if name == 'api_key' else value}")
+    return " ".join(changed)
 
 
 class _Server(uvicorn.Server):
