@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The online-serving sequence of docs/benchmarks.md (issue 4) against one running OpenAI-compatible
+# The online-serving sequence of docs/performance-cpu.md against one running OpenAI-compatible
 # server: random then generated-shared-prefix prompts, each at 1 then 4 requests/s (Poisson), 48
 # requests, streamed, greedy, prompts as token ids. The rate-4 runs meet the rate-1 runs' prompts again
 # (same seed), as in the recorded tables. Results append to $OUT/serving_cpu.jsonl.

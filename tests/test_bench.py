@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark programs on tiny models: they run and write the fields we report.
 
-No timing is asserted here; the figures come from running the programs (docs/benchmarks.md).
+No timing is asserted here; the figures come from running the programs (docs/performance-cpu.md).
 """
 
 from __future__ import annotations

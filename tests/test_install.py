@@ -83,7 +83,8 @@ def test_install_script_makes_its_own_venv_and_leaves_the_system_python_alone(tm
 def test_wheel_installs_into_a_bare_venv_and_plait_runs_from_it(tmp_path):
     env = _system_env()
     dist = tmp_path / "dist"
-    build = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)], env=env)
+    checkout = _fresh_checkout(tmp_path / "plait")  # the build's scratch folders stay out of the real checkout
+    build = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(checkout)], env=env)
     log = build.stdout + build.stderr
     assert "deprecat" not in log.lower(), log  # setuptools' deprecation warnings (a table `license`, ...)
     (wheel,) = dist.glob("plait-*.whl")
@@ -91,7 +92,7 @@ def test_wheel_installs_into_a_bare_venv_and_plait_runs_from_it(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], env=env)
     python = str(venv / "bin" / "python")
-    _run(["bash", str(REPO / "scripts" / "install_torch.sh"), python], env=env)  # the CPU build where no GPU
+    _run(["bash", str(checkout / "scripts" / "install_torch.sh"), python], env=env)  # the CPU build where no GPU
     _run([python, "-m", "pip", "install", "-qq", "--disable-pip-version-check", str(wheel)], env=env)
 
     away = tmp_path / "elsewhere"  # no checkout on the path: only the installed wheel

@@ -3,7 +3,7 @@ ready, and how much memory its processes hold idle, at the peak of a long answer
 `/flush_cache`. Prints a table and writes JSON.
 
     python -m plait.bench.startup --output-file startup.json            # default model
-    python -m plait.bench.startup --answer-tokens 8192 --runs 3 -- --dtype float32   # flags after -- go to both
+    python -m plait.bench.startup --answer-tokens 8000 --runs 3 -- --dtype float32   # flags after -- go to both
 
 RSS is read from /proc (Linux): the scheduler process's `VmRSS` now and `VmHWM` (its peak). Install
 time is measured by timing `scripts/install.sh` itself (see the performance docs).
@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -75,8 +76,11 @@ def _post(url: str, body: dict[str, Any] | None = None, timeout: float = 3600) -
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
                                  method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.read()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
 
 
 def serve_and_measure(answer_tokens: int, extra: list[str]) -> dict[str, Any]:
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="plait generate runs (the first also fills caches)")
     parser.add_argument("--prompt", default="Tell me about Paris in two sentences.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="of each plait generate")
-    parser.add_argument("--answer-tokens", type=int, default=8192, help="length of the long answer (ignore_eos)")
+    parser.add_argument("--answer-tokens", type=int, default=8000,
+                        help="length of the long answer (ignore_eos); prompt + answer must fit the context")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--output-file", default=None, help="write the results as JSON here")
     parser.add_argument("extra", nargs="*", help="flags for both plait generate and the server, after --")

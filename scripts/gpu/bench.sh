@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 7, in one run on one GPU:
+# The GPU benchmarks of docs/performance-gpu.md, in one run on one GPU:
 #   1. the two hardware ceilings (device-to-device copy bandwidth, bf16 matrix-product rate);
 #   2. per model (dummy weights, bf16): Hugging Face transformers.generate, then plait.bench.one_batch
 #      on the same shapes -- decode at batch 1 (input 1024), prefill of 4096 tokens, and for the 8B

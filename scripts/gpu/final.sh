@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The closing device round of issue 7: every GPU test (tests/gpu), then the benchmarks (bench.sh).
+# The closing GPU round: every GPU test (tests/gpu), then the benchmarks (bench.sh).
 # Logs and JSON are bundled into $OUT/final.tgz (the device returns few files); the table prints last.
 #   OUT=results/gpu bash scripts/gpu/final.sh
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device round for overlap scheduling (issue 7 item 3): the GPU test (outputs identical with
+# One device round for overlap scheduling: the GPU test (outputs identical with
 # overlap on and off; SKIP_TESTS=1 skips it), where the overlapped loop still waits for the device
 # (sync debug mode), and offline throughput with overlap on and off on a small model, dummy weights.
 #   OUT=/tmp/out bash scripts/gpu/overlap_check.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# plait.bench.serving against `plait serve` on one GPU (issue 7): the server on a dummy-weight preset
+# plait.bench.serving against `plait serve` on one GPU: the server on a dummy-weight preset
 # (default Llama-3.1-8B shapes, bf16) with a synthetic tokenizer of the preset's vocabulary size
 # (scripts/gpu/make_tokenizer.py; prompts are sent as token ids), in four configurations (CONFIGS):
 #   default (prefix cache on, overlap scheduling on, shared-prefix decode on), --disable-shared-prefix-decode,

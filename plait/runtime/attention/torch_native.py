@@ -373,7 +373,7 @@ def _use_products(q: torch.Tensor, rows: int) -> bool:
     """Whether attention with `rows` query rows per product runs faster as two matrix products than
     through PyTorch's fused kernels. On the CPU in bf16/fp16, for decode-sized products (up to 64 rows:
     a decode query's heads, or a group's queries over its shared prefix), the fused kernels were 1.3-15x
-    slower than the products (2-core AVX-512 machine, docs/benchmarks.md); in float32 they win or tie."""
+    slower than the products (2-core AVX-512 machine, docs/performance-cpu.md); in float32 they win or tie."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and rows <= 64
 
 

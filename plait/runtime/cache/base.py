@@ -11,8 +11,8 @@ A prefix cache maps token sequences to the KV slots that already hold their keys
 
 Invariant (`assert_integrity`): free + evictable + protected + privately_owned == total slots.
 
-`cache_finished` and `cache_unfinished` below are the two request protocols (runtime-design.md
-1.7 and 1.8) composed from insert / match / lock / unlock; they work for every cache variant,
+`cache_finished` and `cache_unfinished` below are the two request protocols, composed from
+insert / match / lock / unlock; they work for every cache variant,
 including the disabled one, so the scheduler has one code path.
 """
 

@@ -220,7 +220,7 @@ class LRUTreeCache(PrefixCache):
 
 
 class RadixCache(LRUTreeCache):
-    """The radix tree (DESIGN.md 3). Children are keyed by their edge's first token."""
+    """The radix tree. Children are keyed by their edge's first token."""
 
     def _child_key(self, node: TreeNode) -> int:
         return node.key[0]
