@@ -30,14 +30,18 @@ _LIBC = _libc()
 
 
 def release_pages(buffer: np.ndarray) -> None:
-    """Drop the whole pages inside `buffer` (private anonymous memory reads back as zeros)."""
-    if _LIBC is None or not hasattr(_LIBC, "madvise"):
+    """Zero a contiguous uint8 `buffer`, handing its whole pages back to the system (private anonymous
+    memory reads back as zeros) and clearing the partial pages at its ends by hand."""
+    assert buffer.dtype == np.uint8 and buffer.flags.c_contiguous
+    start = buffer.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE - start  # offsets of the whole pages inside
+    last = (start + buffer.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE - start
+    if _LIBC is None or not hasattr(_LIBC, "madvise") or last <= first or \
+            _LIBC.madvise(ctypes.c_void_p(start + first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+        buffer.fill(0)
         return
-    start, end = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round inwards: never touch a neighbour's page
-    last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    buffer[:first] = 0
+    buffer[last:] = 0
 
 
 def trim_malloc() -> None:
