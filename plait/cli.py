@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_from_args(args, serve)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from plait.runtime.model_loader import ModelLoadError
-    from plait.runtime.tokenizer_manager import InvalidRequestError
+    from plait.runtime.frontend.errors import InvalidRequestError
 
     try:
         if args.command == "generate":
