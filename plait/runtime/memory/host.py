@@ -1,4 +1,4 @@
-"""Giving host memory back to the system (Linux, glibc; elsewhere these do nothing).
+"""Giving host memory back to the system (Linux; elsewhere the fallbacks keep the same results).
 
 Two things keep a CPU server's resident memory high after a long request: pages of the KV pool that
 were written once stay mapped, and glibc's malloc keeps freed activation buffers in its heaps for
@@ -14,34 +14,32 @@ import sys
 
 import numpy as np
 
-_MADV_DONTNEED = 4
+
+def zeroed_pages(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """An anonymous private mapping and a uint8 array over it. Its pages read as zeros and become
+    resident only when written (malloc could hand back heap memory that calloc must clear, touching it)."""
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would not reset
+    return mapping, np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
+
+
+def release_pages(mapping: mmap.mmap) -> None:
+    """Hand a `zeroed_pages` mapping's pages back to the system; it reads as zeros again."""
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)  # private anonymous memory: zero-filled on the next touch
+    else:
+        np.frombuffer(mapping, dtype=np.uint8).fill(0)
 
 
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
 
 
 _LIBC = _libc()
-
-
-def release_pages(buffer: np.ndarray) -> None:
-    """Zero a contiguous uint8 `buffer`, handing its whole pages back to the system (private anonymous
-    memory reads back as zeros) and clearing the partial pages at its ends by hand."""
-    assert buffer.dtype == np.uint8 and buffer.flags.c_contiguous
-    start = buffer.ctypes.data
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE - start  # offsets of the whole pages inside
-    last = (start + buffer.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE - start
-    if _LIBC is None or not hasattr(_LIBC, "madvise") or last <= first or \
-            _LIBC.madvise(ctypes.c_void_p(start + first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
-        buffer.fill(0)
-        return
-    buffer[:first] = 0
-    buffer[last:] = 0
 
 
 def trim_malloc() -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from plait.runtime.memory.host import release_pages
+from plait.runtime.memory.host import release_pages, zeroed_pages
 
 
 class SlotAllocator:
@@ -101,11 +100,11 @@ class KVPool:
         self.dtype = dtype
         shape = (num_slots + 1, num_kv_heads, self.row_size(head_dim, dtype))
         if torch.device(device).type == "cpu":
-            # One zeroed block from calloc: the kernel maps it lazily, so the pool costs resident memory
-            # only for the pages that KV was written to (torch.zeros would touch every page now), and
-            # `release_memory` can hand the pages back.
-            self._host = np.zeros(2 * num_layers * math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-            buffers = torch.from_numpy(self._host).view(dtype).view(2, num_layers, *shape)
+            # One block of anonymous pages: the kernel maps them lazily, so the pool costs resident
+            # memory only for the pages KV was written to (torch.zeros would touch every page now),
+            # and `release_memory` can hand them back.
+            self._host, pages = zeroed_pages(2 * num_layers * math.prod(shape) * dtype.itemsize)
+            buffers = torch.from_numpy(pages).view(dtype).view(2, num_layers, *shape)
             self.k_buffers, self.v_buffers = list(buffers[0].unbind()), list(buffers[1].unbind())
         else:
             self._host = None
