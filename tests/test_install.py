@@ -63,7 +63,7 @@ def test_install_script_makes_its_own_venv_and_leaves_the_system_python_alone(tm
     freeze = [system_python, "-m", "pip", "freeze", "--all", "--disable-pip-version-check"]
     before = _run(freeze, env=env).stdout
 
-    checkout = _fresh_checkout(tmp_path / "plait")
+    checkout = _fresh_checkout(tmp_path / "checkout")  # not "plait": run from tmp_path, that would be a namespace package
     first = _run(["bash", "scripts/install.sh"], cwd=checkout, env=env)
     venv_python = checkout / ".venv" / "bin" / "python"
     where = _run([str(venv_python), "-c", "import plait, torch; print(plait.__file__); print(torch.__version__)"],
@@ -83,7 +83,7 @@ def test_install_script_makes_its_own_venv_and_leaves_the_system_python_alone(tm
 def test_wheel_installs_into_a_bare_venv_and_plait_runs_from_it(tmp_path):
     env = _system_env()
     dist = tmp_path / "dist"
-    checkout = _fresh_checkout(tmp_path / "plait")  # the build's scratch folders stay out of the real checkout
+    checkout = _fresh_checkout(tmp_path / "checkout")  # the build's scratch folders stay out of the real checkout
     build = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(checkout)], env=env)
     log = build.stdout + build.stderr
     assert "deprecat" not in log.lower(), log  # setuptools' deprecation warnings (a table `license`, ...)
