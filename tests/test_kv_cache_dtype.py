@@ -97,3 +97,35 @@ def test_smaller_kv_pools_give_the_float32_logits_to_rounding(backend, kv):
 def test_int8_kv_pool_is_refused_where_nothing_reads_it():
     with pytest.raises(ValueError, match="kv_cache_dtype int8 is not supported by the TorchNativeBackend"):
         _runner(dtype="float32", kv_cache_dtype="int8", attention_backend="torch_native", disable_cpu_kernels=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_16_bit_dtype_on_the_cpu_kernels_stores_weights_and_kv_in_it(dtype):
+    """`--dtype bfloat16/float16` on the CPU kernels: weights and KV stored in that type, computed in
+    float32 by the kernels (not the slow PyTorch path a half dtype used to fall back to)."""
+    from plait.runtime.cpu import kernels
+    from plait.runtime.cpu.linear import CpuLinear
+    from plait.runtime.executor.forward_batch import make_extend_batch
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    half = getattr(torch, dtype)
+    runner, exact = _runner(dtype=dtype), _runner(dtype="float32")
+    assert runner.use_cpu_kernels and runner.dtype == torch.float32 and runner.weight_dtype == half
+    assert runner.kv_dtype == half and runner.execution_info()["weight_dtype"] == dtype
+    assert _runner(dtype=dtype, kv_cache_dtype="int8").kv_dtype == torch.int8  # an explicit KV dtype wins
+    linears = [m for m in runner.model.modules() if isinstance(m, CpuLinear)]
+    assert linears and all(m.stored.data.dtype == half for m in linears)
+    reference = {n: m for n, m in exact.model.named_modules() if isinstance(m, CpuLinear)}
+    for name, module in runner.model.named_modules():
+        if isinstance(module, CpuLinear) and name in reference:
+            assert torch.equal(module.stored.dequantize(), reference[name].stored.dequantize().to(half).float())
+    logits = []
+    for r in (exact, runner):
+        row, ids = r.req_to_token_pool.alloc(), list(range(3, 40))
+        out = r.forward(make_extend_batch(
+            req_pool_indices=[row], prefix_lens=[0], new_token_ids=[ids], out_cache_loc=r.allocator.alloc(len(ids)),
+            req_to_token_pool=r.req_to_token_pool, kv_pool=r.kv_pool, attn_backend=r.attn_backend))
+        logits.append(out.next_token_logits)
+    err = (logits[1] - logits[0]).abs().max() / logits[0].abs().max()
+    assert 0 < err < {"bfloat16": 5e-2, "float16": 1e-2}[dtype]

@@ -27,7 +27,8 @@ class ModelConfig:
                                       "GGUF, a folder is safetensors; dummy: random weights of the model's shape")
     dtype: str = option("auto", "weights and activations; auto: on GPU the checkpoint's 16-bit type (bfloat16 "
                                 "unless it is float16); on CPU float32 with the CPU kernels, else bfloat16 where "
-                                "the CPU has bf16 instructions (AMX, AVX-512 BF16), else float32")
+                                "the CPU has bf16 instructions (AMX, AVX-512 BF16), else float32; on the CPU kernels bfloat16/float16 "
+                                "store the float weights and the KV cache in that type and compute in float32")
     kv_cache_dtype: str = option(
         "auto", "KV cache storage (plain casts, no scales); auto: the model's dtype, but float16 on the CPU kernels "
         "when --dtype is auto too; float32/bfloat16/float16 on the CPU backends; int8 on the cpu backend (one scale "

@@ -80,8 +80,9 @@ def attach_stored(model: nn.Module, stored: Iterable[tuple[str, str, torch.Tenso
     return frozenset(consumed)
 
 
-def convert_remaining(model: nn.Module) -> CpuWeightsSummary:
-    """Every `nn.Linear` / `nn.Embedding` left becomes a kernel layer over its float weight, the norms,
+def convert_remaining(model: nn.Module, store_dtype: torch.dtype | None = None) -> CpuWeightsSummary:
+    """Every `nn.Linear` / `nn.Embedding` left becomes a kernel layer over its float weight (stored in
+    `store_dtype` when given, see `StoredWeight.from_float`), the norms,
     activation and rotary embedding their kernel forms; the tied LM head reads the embedding's
     stored weight. Returns what the kernels read."""
     for name, module in list(model.named_modules()):
@@ -91,9 +92,9 @@ def convert_remaining(model: nn.Module) -> CpuWeightsSummary:
             module.__class__ = _KERNEL_CLASSES[type(module)]
         elif isinstance(module, nn.Linear):
             bias = module.bias.detach() if module.bias is not None else None
-            _replace(model, name, CpuLinear(StoredWeight.from_float(module.weight), bias))
+            _replace(model, name, CpuLinear(StoredWeight.from_float(module.weight, store_dtype), bias))
         elif isinstance(module, nn.Embedding):
-            _replace(model, name, CpuEmbedding(StoredWeight.from_float(module.weight)))
+            _replace(model, name, CpuEmbedding(StoredWeight.from_float(module.weight, store_dtype)))
     model.use_logits_head(_logits_head(model))
     formats: dict[str, int] = {}
     nbytes = 0

@@ -39,11 +39,13 @@ class StoredWeight:
         return self.data.numel() * self.data.element_size()
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "StoredWeight":
-        """Keep a float weight in 16 bits when that loses nothing (a bf16 or fp16 checkpoint loaded
-        into float32), else as it is."""
+    def from_float(cls, weight: torch.Tensor, store_dtype: torch.dtype | None = None) -> "StoredWeight":
+        """A float weight stored in `store_dtype` (rounded: `--dtype bfloat16/float16`), or with None
+        in 16 bits when that loses nothing (a bf16 or fp16 checkpoint loaded into float32), else as it is."""
         weight = weight.detach().contiguous()
-        if weight.dtype == torch.float32:
+        if store_dtype is not None:
+            weight = weight.to(store_dtype).contiguous()
+        elif weight.dtype == torch.float32:
             for half in (torch.bfloat16, torch.float16):
                 candidate = weight.to(half)
                 if torch.equal(candidate.float(), weight):

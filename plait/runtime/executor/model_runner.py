@@ -167,7 +167,12 @@ class ModelRunner:
         self.tokenizer = self.source.tokenizer
         kernels_ok = (self.device.type == "cpu" and not model_config.disable_cpu_kernels and cpu_kernels.available())
         self.dtype = resolve_dtype(model_config.dtype, self.config, self.device, cpu_kernels=kernels_ok)
-        # The model runs on the CPU kernels when they can run here and the model computes in float32.
+        # On the CPU kernels a 16-bit --dtype is the storage of the float weights and of the KV cache;
+        # the kernels compute in float32 (they widen 16-bit values in registers, which costs nothing
+        # against the memory they save; AVX2 has no 16-bit arithmetic to use instead).
+        self.weight_dtype: torch.dtype | None = None
+        if kernels_ok and self.dtype in (torch.bfloat16, torch.float16):
+            self.weight_dtype, self.dtype = self.dtype, torch.float32
         self.use_cpu_kernels = kernels_ok and self.dtype == torch.float32
         self.execution: dict[str, str] = {}  # which paths run, for the startup log and /get_server_info
         self.model = self._load_model()
@@ -186,7 +191,10 @@ class ModelRunner:
             raise ValueError("the cpu attention backend needs the CPU kernels (built, an AVX2 CPU) and dtype float32")
         self.execution["attention_backend"] = backend
         self.attn_backend = create_attention_backend(backend, device=self.device)
-        self.kv_dtype = resolve_kv_cache_dtype(model_config.kv_cache_dtype, self.dtype, self.attn_backend,
+        kv_name = model_config.kv_cache_dtype
+        if kv_name == "auto" and self.weight_dtype is not None:
+            kv_name = str(self.weight_dtype).replace("torch.", "")
+        self.kv_dtype = resolve_kv_cache_dtype(kv_name, self.dtype, self.attn_backend,
                                                dtype_auto=model_config.dtype == "auto")
         self.graph_runner: CudaGraphRunner | None = None
         graph_max_bs = self._cuda_graph_max_bs(model_config, memory_config)
@@ -226,6 +234,8 @@ class ModelRunner:
             why = (" (auto: the CPU kernels compute in float32)" if self.use_cpu_kernels else
                    " (auto: this CPU has bf16 instructions)" if self.dtype == torch.bfloat16 else
                    " (auto: this CPU has no bf16 instructions)")
+        if self.weight_dtype is not None:
+            why = f" compute, {str(self.weight_dtype).replace('torch.', '')} weights (the CPU kernels)"
         logger.info("dtype: %s on %s%s", str(self.dtype).replace("torch.", ""), self.device, why)
         rule = ", taken as it fills" if self.device.type == "cpu" else ""
         if not memory_config.max_total_tokens and self.device.type == "cpu":
@@ -255,6 +265,7 @@ class ModelRunner:
         `self.execution`, filled as the paths are chosen, plus the settings every path has."""
         return {
             "dtype": str(self.dtype).replace("torch.", ""),
+            **({"weight_dtype": str(self.weight_dtype).replace("torch.", "")} if self.weight_dtype else {}),
             "kv_cache_dtype": str(self.kv_dtype).replace("torch.", ""),
             "device": str(self.device),
             "cuda_graph": self.graph_runner is not None,
@@ -292,7 +303,7 @@ class ModelRunner:
         if self.use_cpu_kernels:
             from plait.runtime.cpu.convert import convert_remaining
 
-            summary = convert_remaining(model)
+            summary = convert_remaining(model, self.weight_dtype)
             self.execution["cpu_kernels"] = cpu_kernels.isa()
             self.execution["weights"] = summary.describe()
             self.execution["products"] = ("up to 8 rows (decode): stored blocks decoded in registers; "
