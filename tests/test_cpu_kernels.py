@@ -56,6 +56,39 @@ def test_linear_matches_the_dequantized_product(fmt, rows):
     assert torch.equal(kernels.embedding(ids, data, fmt, k), ref_w[ids])
 
 
+def block_offsets(data: torch.Tensor, fmt: WeightFormat, n: int, k: int) -> torch.Tensor:
+    """The offset `m` of every block of a stored weight, expanded to [n, k] (0 for Q8_0)."""
+    blocks = data.view(n, k // 32, fmt.block_bytes).numpy()
+    halves = np.ascontiguousarray(blocks[:, :, :4]).view(np.float16).astype(np.float32)  # [n, k/32, 2]
+    m = {WeightFormat.Q8_0: 0 * halves[:, :, 0], WeightFormat.Q4_0: -8 * halves[:, :, 0],
+         WeightFormat.Q4_1: halves[:, :, 1]}[fmt]
+    return torch.from_numpy(m).repeat_interleave(32, dim=1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1], ids=lambda f: f.name)
+@pytest.mark.parametrize("rows", [1, 5, 8, 9])
+def test_int8_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows):
+    """With int8_dot, decode-sized products take x rounded to int8 per 32 values (scale max|x| / 127)
+    times the codes, exactly, plus the block offsets times the float x; more rows ignore it."""
+    torch.manual_seed(rows)
+    n, k = 64, 256
+    data, ref_w = gguf_weight(torch.randn(n, k), fmt)
+    x = torch.randn(rows, k) * torch.linspace(0.1, 3, k)
+    out = kernels.linear(x, data, fmt, n, int8_dot=True)
+    exact = x.double() @ ref_w.double().T
+    if rows > 8:
+        assert torch.equal(out, kernels.linear(x, data, fmt, n))
+        return
+    blocks = x.view(rows, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)  # float32 throughout, as the kernel computes
+    x8 = (torch.round(blocks * (127 / amax)) * (amax / 127)).view(rows, k)
+    offsets = block_offsets(data, fmt, n, k).double()
+    expected = x8.double() @ (ref_w.double() - offsets).T + x.double() @ offsets.T
+    assert rel_err(out, expected) < 1e-5
+    assert 1e-4 < rel_err(out, exact) < 3e-2  # rounded, and only by int8's step
+
+
 @needs_kernels
 def test_linear_refuses_a_weight_of_the_wrong_size():
     with pytest.raises(ValueError, match="does not hold"):
@@ -153,9 +186,10 @@ def test_attention_over_slot_lists(cache_dtype, causal):
     else:
         k_cache = torch.randn(pool, hkv, d).to(cache_dtype)
         v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
-    # (query rows, keys): decode-like (one query; long ones are split along the keys), extend-like
+    # (query rows, keys): decode-like (one or two queries, read from the cache rows directly; long ones
+    # are split along the keys), extend-like
     # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
-    shapes = [(1, 1), (1, 37), (1, 2500), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]
+    shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]
     total = sum(n for n, _ in shapes)
     q = torch.randn(total, hq, d)
     q_rows = torch.randperm(total)  # a sequence's queries need not be adjacent rows

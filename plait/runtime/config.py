@@ -47,6 +47,10 @@ class ModelConfig:
     # the KV pool in place, fused small layers; used when they are built and the CPU has AVX2.
     disable_cpu_kernels: bool = option(
         False, "CPU: run PyTorch operations on dequantized weights instead of Plait's C++ kernels")
+    enable_cpu_int8_dot: bool = option(
+        False, "CPU kernels: decode-sized products with GGUF 4- and 8-bit weights round the activations to int8 "
+        "per 32 values and multiply in integers, as llama.cpp does (faster decode; outputs no longer those of "
+        "float32 products)")
     # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
     disable_cpu_graph: bool = option(
         False, "CPU kernels: run the decoder stack layer by layer instead of one native call per step")

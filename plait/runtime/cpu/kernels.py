@@ -75,12 +75,22 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+INT8_DOT = 0x100  # added to a block format's code: decode products with x rounded to int8 (kernels.h)
+
+
+def kernel_format(fmt: WeightFormat, int8_dot: bool = False) -> int:
+    """The format code the kernels take: `fmt`, plus INT8_DOT for a block format when `int8_dot`."""
+    return int(fmt) | (INT8_DOT if int8_dot and fmt.block_bytes is not None else 0)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
-           bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, int8_dot: bool = False) -> torch.Tensor:
     """x [M, K] float32 times the stored weight [N, K] transposed (+ bias): [M, N] float32.
 
     `weight` holds the rows in format `fmt`: uint8 [N, row_bytes] for block formats, the float
-    tensor [N, K] itself otherwise. `out`, if given, is a [M, N] float32 tensor to write into."""
+    tensor [N, K] itself otherwise. `out`, if given, is a [M, N] float32 tensor to write into.
+    `int8_dot`: for a block format, products of up to 8 rows round x to int8 per 32 values and
+    multiply in integers (faster; no longer the float32 product of the dequantized weight)."""
     _check(x, "x", torch.float32)
     _check(weight, "weight")
     m, k = x.shape
@@ -94,7 +104,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_feature
     else:
         _check(out, "out", torch.float32)
         assert out.shape == (m, out_features)
-    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), int(fmt), out_features,
+    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, int8_dot), out_features,
                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
     return out
 

@@ -28,6 +28,13 @@ class StoredWeight:
     fmt: WeightFormat
     out_features: int
     in_features: int
+    # Block formats: decode-sized products round x to int8 and multiply in integers (kernels.INT8_DOT).
+    int8_dot: bool = False
+
+    @property
+    def kernel_format(self) -> int:
+        """The format code products with this weight pass to the kernels."""
+        return kernels.kernel_format(self.fmt, self.int8_dot)
 
     def __post_init__(self) -> None:
         assert self.data.is_contiguous() and self.in_features % 32 == 0
@@ -74,7 +81,8 @@ class CpuLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias)
+        out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias,
+                             int8_dot=self.stored.int8_dot)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

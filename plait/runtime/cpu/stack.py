@@ -55,10 +55,10 @@ class CpuDecoderStack:
             attn, mlp = layer.self_attn, layer.mlp
             k_buf, v_buf = kv_pool.layer_buffers(i)
             row = {
-                "qkv_w": attn.qkv_proj.stored.data, "qkv_fmt": int(attn.qkv_proj.stored.fmt),
-                "qkv_bias": attn.qkv_proj.bias, "o_w": attn.o_proj.stored.data, "o_fmt": int(attn.o_proj.stored.fmt),
-                "gate_up_w": mlp.gate_up_proj.stored.data, "gate_up_fmt": int(mlp.gate_up_proj.stored.fmt),
-                "down_w": mlp.down_proj.stored.data, "down_fmt": int(mlp.down_proj.stored.fmt),
+                "qkv_w": attn.qkv_proj.stored.data, "qkv_fmt": attn.qkv_proj.stored.kernel_format,
+                "qkv_bias": attn.qkv_proj.bias, "o_w": attn.o_proj.stored.data, "o_fmt": attn.o_proj.stored.kernel_format,
+                "gate_up_w": mlp.gate_up_proj.stored.data, "gate_up_fmt": mlp.gate_up_proj.stored.kernel_format,
+                "down_w": mlp.down_proj.stored.data, "down_fmt": mlp.down_proj.stored.kernel_format,
                 "in_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
                 "q_norm": attn.q_norm.weight if arch.qk_norm else None,
                 "k_norm": attn.k_norm.weight if arch.qk_norm else None,

@@ -304,10 +304,19 @@ class ModelRunner:
             from plait.runtime.cpu.convert import convert_remaining
 
             summary = convert_remaining(model, self.weight_dtype)
+            if self.model_config.enable_cpu_int8_dot:
+                from plait.runtime.cpu.linear import CpuLinear
+
+                for module in model.modules():
+                    if isinstance(module, CpuLinear) and module.stored.fmt.block_bytes is not None:
+                        module.stored.int8_dot = True
             self.execution["cpu_kernels"] = cpu_kernels.isa()
             self.execution["weights"] = summary.describe()
-            self.execution["products"] = ("up to 8 rows (decode): stored blocks decoded in registers; "
-                                          "more rows (prefill): decoded into float32 panels")
+            self.execution["products"] = (
+                ("up to 8 rows (decode): block weights times int8-rounded activations in integers; "
+                 if self.model_config.enable_cpu_int8_dot else
+                 "up to 8 rows (decode): stored blocks decoded in registers; ")
+                + "more rows (prefill): decoded into float32 panels")
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
             self.execution["cpu_kernels"] = "off"

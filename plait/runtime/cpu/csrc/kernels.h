@@ -24,6 +24,12 @@ enum WeightFormat : int {
     kQ4_1 = 5,
 };
 
+// Added to a block format's code (kQ8_0, kQ4_0, kQ4_1): products of up to 8 rows round each 32 values
+// of x to int8 with one float scale and multiply them with the weight's codes in integer arithmetic
+// (the rounding llama.cpp's quantized products apply), about twice the rate of decoding the codes to
+// float. Other formats and more rows ignore it.
+constexpr int kInt8Dot = 0x100;
+
 // KV pool element types. A pool is [slots, Hkv, row] with one row per (token, KV head): D values of
 // the float types, or for kCacheI8 D int8 codes followed by the row's float32 scale (D + 4 bytes;
 // value = code * scale, the scale max|x| / 127 of the row).

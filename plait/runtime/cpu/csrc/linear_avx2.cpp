@@ -84,6 +84,99 @@ inline const float* private_block_sums(const float* x, int64_t M, int64_t K) {
     return sums.data();
 }
 
+// ---- Integer products for decode (kInt8Dot) ----
+
+// x rounded to int8 per block of 32 values: codes [M][K] and one scale per block [M][K / 32]
+// (value = code * scale, scale = max|x| / 127 of the block).
+struct QuantizedRows {
+    const int8_t* codes;
+    const float* scales;
+};
+
+inline QuantizedRows private_quantized_rows(const float* x, int64_t M, int64_t K) {
+    static thread_local std::vector<int8_t> codes;
+    static thread_local std::vector<float> scales;
+    const int64_t nb = K / kBlock;
+    codes.resize(size_t(M * K));
+    scales.resize(size_t(M * nb));
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t r = 0; r < M; ++r)
+        for (int64_t b = 0; b < nb; ++b) {
+            const float* p = x + r * K + b * kBlock;
+            __m256 v[4], m = _mm256_setzero_ps();
+            for (int i = 0; i < 4; ++i) {
+                v[i] = _mm256_loadu_ps(p + 8 * i);
+                m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+            }
+            const float max_abs = hmax(m);
+            scales[size_t(r * nb + b)] = max_abs / 127.0f;
+            const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
+            int8_t* out = codes.data() + r * K + b * kBlock;
+            for (int i = 0; i < 4; ++i) {
+                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest even
+                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 8 * i), _mm_packs_epi16(q16, q16));
+            }
+        }
+    return {codes.data(), scales.data()};
+}
+
+// The 32 codes of a 4-bit block as unsigned bytes, in value order (low nibbles first).
+static inline __m256i q4_codes(const uint8_t* qs) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+// As dot_rows, with x as int8 codes: per block and row, the 32 code products are summed exactly
+// in integers (unsigned x signed byte pairs, then pairs of those), then scaled by d * the row's
+// block scale. The offset term (m * sum of x) keeps the float sums of x.
+template <int FMT, int R>
+inline void dot_rows_int8(const uint8_t* row, QuantizedRows xq, int64_t K, const float* sums, float* out) {
+    static_assert(is_block_format<FMT>());
+    const int64_t nb = K / kBlock;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[R];
+    __m256 offset = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i w;
+        float d, m = 0.0f;
+        uint16_t h[2];
+        if constexpr (FMT == kQ8_0) {
+            const uint8_t* blk = row + b * 34;
+            std::memcpy(h, blk, 2);
+            d = fp16_to_f32(h[0]);
+            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        } else if constexpr (FMT == kQ4_0) {
+            const uint8_t* blk = row + b * 18;
+            std::memcpy(h, blk, 2);
+            d = fp16_to_f32(h[0]);
+            m = -8.0f * d;
+            w = q4_codes(blk + 2);
+        } else {
+            const uint8_t* blk = row + b * 20;
+            std::memcpy(h, blk, 4);
+            d = fp16_to_f32(h[0]);
+            m = fp16_to_f32(h[1]);
+            w = q4_codes(blk + 4);
+        }
+        // maddubs multiplies unsigned bytes by signed ones: signed weights lend their sign to x.
+        const __m256i wu = FMT == kQ8_0 ? _mm256_sign_epi8(w, w) : w;
+        for (int r = 0; r < R; ++r) {
+            __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.codes + r * K + b * kBlock));
+            if constexpr (FMT == kQ8_0) xv = _mm256_sign_epi8(xv, w);
+            const __m256i sum32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum32), _mm256_set1_ps(d * xq.scales[r * nb + b]), acc[r]);
+        }
+        if constexpr (has_offset<FMT>())
+            offset = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(sums + b * kGemvRows), offset);
+    }
+    alignas(32) float off[kGemvRows];
+    _mm256_store_ps(off, offset);
+    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
+}
+
 // Rows of weight (outputs) per chunk of work: small enough that a thread slowed by another process
 // leaves the rest to the others (dynamic schedule), large enough that taking a chunk costs nothing.
 inline int64_t chunk_rows(int64_t N) {
@@ -91,11 +184,49 @@ inline int64_t chunk_rows(int64_t N) {
     return std::max<int64_t>(8, std::min<int64_t>(256, N / (8 * threads)));
 }
 
+// rows <= kGemvRows of x against weight row `row`: out[r]; `xq` (codes not null): x rounded to int8.
+template <int FMT>
+inline void dot_all_rows(const uint8_t* row, const float* x, QuantizedRows xq, int64_t M, int64_t K,
+                         const float* sums, float* out) {
+    if constexpr (is_block_format<FMT>()) {
+        if (xq.codes != nullptr) {
+            switch (M) {
+                case 1: dot_rows_int8<FMT, 1>(row, xq, K, sums, out); return;
+                case 2: dot_rows_int8<FMT, 2>(row, xq, K, sums, out); return;
+                case 3: dot_rows_int8<FMT, 3>(row, xq, K, sums, out); return;
+                case 4: dot_rows_int8<FMT, 4>(row, xq, K, sums, out); return;
+                case 5: dot_rows_int8<FMT, 5>(row, xq, K, sums, out); return;
+                case 6: dot_rows_int8<FMT, 6>(row, xq, K, sums, out); return;
+                case 7: dot_rows_int8<FMT, 7>(row, xq, K, sums, out); return;
+                default: dot_rows_int8<FMT, 8>(row, xq, K, sums, out); return;
+            }
+        }
+    }
+    switch (M) {
+        case 1: dot_rows<FMT, 1>(row, x, K, sums, out); break;
+        case 2: dot_rows<FMT, 2>(row, x, K, sums, out); break;
+        case 3: dot_rows<FMT, 3>(row, x, K, sums, out); break;
+        case 4: dot_rows<FMT, 4>(row, x, K, sums, out); break;
+        case 5: dot_rows<FMT, 5>(row, x, K, sums, out); break;
+        case 6: dot_rows<FMT, 6>(row, x, K, sums, out); break;
+        case 7: dot_rows<FMT, 7>(row, x, K, sums, out); break;
+        default: dot_rows<FMT, 8>(row, x, K, sums, out); break;
+    }
+}
+
+template <int FMT>
+inline QuantizedRows maybe_quantized(const float* x, int64_t M, int64_t K, bool int8_dot) {
+    if (is_block_format<FMT>() && int8_dot) return private_quantized_rows(x, M, K);
+    return {nullptr, nullptr};
+}
+
 template <int FMT>
 void gemv_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
-               int64_t ldy, TeamScratch& ts) {
+               int64_t ldy, bool int8_dot) {
+    static_assert(kGemvMaxRows == kGemvRows, "one pass of the decode kernel covers every row");
     const size_t stride = row_bytes(FMT, K);
     const float* s = has_offset<FMT>() ? private_block_sums(x, M, K) : nullptr;
+    const QuantizedRows xq = maybe_quantized<FMT>(x, M, K, int8_dot);
     const int64_t chunk = chunk_rows(N);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < N; ++n) {
@@ -108,23 +239,9 @@ void gemv_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N
             for (size_t off = 0; off < stride; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
         }
         const float b = bias ? bias[n] : 0.0f;
-        for (int64_t r0 = 0; r0 < M; r0 += kGemvRows) {
-            float out[kGemvRows];
-            const int64_t R = std::min<int64_t>(kGemvRows, M - r0);
-            const float* xr = x + r0 * K;
-            const float* sr = s ? s + r0 * (K / kBlock) : nullptr;  // r0 is a multiple of kGemvRows
-            switch (R) {
-                case 1: dot_rows<FMT, 1>(row, xr, K, sr, out); break;
-                case 2: dot_rows<FMT, 2>(row, xr, K, sr, out); break;
-                case 3: dot_rows<FMT, 3>(row, xr, K, sr, out); break;
-                case 4: dot_rows<FMT, 4>(row, xr, K, sr, out); break;
-                case 5: dot_rows<FMT, 5>(row, xr, K, sr, out); break;
-                case 6: dot_rows<FMT, 6>(row, xr, K, sr, out); break;
-                case 7: dot_rows<FMT, 7>(row, xr, K, sr, out); break;
-                default: dot_rows<FMT, 8>(row, xr, K, sr, out); break;
-            }
-            for (int64_t r = 0; r < R; ++r) y[(r0 + r) * ldy + n] = out[r] + b;
-        }
+        float out[kGemvRows];
+        dot_all_rows<FMT>(row, x, xq, M, K, s, out);
+        for (int64_t r = 0; r < M; ++r) y[r * ldy + n] = out[r] + b;
     }
 }
 
@@ -198,32 +315,18 @@ void panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
     }
 }
 
-// rows <= kGemvRows of x against weight row `row`: out[r].
 template <int FMT>
-inline void dot_all_rows(const uint8_t* row, const float* x, int64_t M, int64_t K, const float* sums, float* out) {
-    switch (M) {
-        case 1: dot_rows<FMT, 1>(row, x, K, sums, out); break;
-        case 2: dot_rows<FMT, 2>(row, x, K, sums, out); break;
-        case 3: dot_rows<FMT, 3>(row, x, K, sums, out); break;
-        case 4: dot_rows<FMT, 4>(row, x, K, sums, out); break;
-        case 5: dot_rows<FMT, 5>(row, x, K, sums, out); break;
-        case 6: dot_rows<FMT, 6>(row, x, K, sums, out); break;
-        case 7: dot_rows<FMT, 7>(row, x, K, sums, out); break;
-        default: dot_rows<FMT, 8>(row, x, K, sums, out); break;
-    }
-}
-
-template <int FMT>
-void gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t I, float* out) {
+void gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t I, float* out, bool int8_dot) {
     const size_t stride = row_bytes(FMT, K);
     const float* s = has_offset<FMT>() ? private_block_sums(x, M, K) : nullptr;
+    const QuantizedRows xq = maybe_quantized<FMT>(x, M, K, int8_dot);
     const int64_t chunk = chunk_rows(I);
     const __m256 one = _mm256_set1_ps(1.0f);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < I; ++n) {
         float gate[kGemvRows], up[kGemvRows];
-        dot_all_rows<FMT>(w + n * stride, x, M, K, s, gate);
-        dot_all_rows<FMT>(w + (I + n) * stride, x, M, K, s, up);
+        dot_all_rows<FMT>(w + n * stride, x, xq, M, K, s, gate);
+        dot_all_rows<FMT>(w + (I + n) * stride, x, xq, M, K, s, up);
         alignas(32) float g8[kGemvRows] = {}, u8[kGemvRows] = {}, a8[kGemvRows];
         std::copy(gate, gate + M, g8);
         std::copy(up, up + M, u8);
@@ -236,9 +339,9 @@ void gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 
 template <int FMT>
 void linear_fmt(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
-                int64_t ldy, TeamScratch& ts) {
+                int64_t ldy, bool int8_dot) {
     if (M <= kGemvMaxRows) {
-        gemv_team<FMT>(x, M, K, w, N, bias, y, ldy, ts);
+        gemv_team<FMT>(x, M, K, w, N, bias, y, ldy, int8_dot);
     } else {
         panel_team<FMT>(x, M, K, w, N, bias, y, ldy);
     }
@@ -254,25 +357,27 @@ void embedding_fmt(const int64_t* ids, int64_t n, const uint8_t* w, int64_t K, f
 }  // namespace
 
 void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
-                 float* y, int64_t ldy, TeamScratch& ts) {
-    switch (fmt) {
-        case kF32: linear_fmt<kF32>(x, M, K, w, N, bias, y, ldy, ts); break;
-        case kBF16: linear_fmt<kBF16>(x, M, K, w, N, bias, y, ldy, ts); break;
-        case kF16: linear_fmt<kF16>(x, M, K, w, N, bias, y, ldy, ts); break;
-        case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, ts); break;
-        case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, ts); break;
-        case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, ts); break;
+                 float* y, int64_t ldy, TeamScratch&) {
+    const bool int8_dot = (fmt & kInt8Dot) != 0;
+    switch (fmt & ~kInt8Dot) {
+        case kF32: linear_fmt<kF32>(x, M, K, w, N, bias, y, ldy, int8_dot); break;
+        case kBF16: linear_fmt<kBF16>(x, M, K, w, N, bias, y, ldy, int8_dot); break;
+        case kF16: linear_fmt<kF16>(x, M, K, w, N, bias, y, ldy, int8_dot); break;
+        case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, int8_dot); break;
+        case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, int8_dot); break;
+        case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, int8_dot); break;
     }
 }
 
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out) {
-    switch (fmt) {
-        case kF32: gated_team<kF32>(x, M, K, w, I, out); break;
-        case kBF16: gated_team<kBF16>(x, M, K, w, I, out); break;
-        case kF16: gated_team<kF16>(x, M, K, w, I, out); break;
-        case kQ8_0: gated_team<kQ8_0>(x, M, K, w, I, out); break;
-        case kQ4_0: gated_team<kQ4_0>(x, M, K, w, I, out); break;
-        case kQ4_1: gated_team<kQ4_1>(x, M, K, w, I, out); break;
+    const bool int8_dot = (fmt & kInt8Dot) != 0;
+    switch (fmt & ~kInt8Dot) {
+        case kF32: gated_team<kF32>(x, M, K, w, I, out, int8_dot); break;
+        case kBF16: gated_team<kBF16>(x, M, K, w, I, out, int8_dot); break;
+        case kF16: gated_team<kF16>(x, M, K, w, I, out, int8_dot); break;
+        case kQ8_0: gated_team<kQ8_0>(x, M, K, w, I, out, int8_dot); break;
+        case kQ4_0: gated_team<kQ4_0>(x, M, K, w, I, out, int8_dot); break;
+        case kQ4_1: gated_team<kQ4_1>(x, M, K, w, I, out, int8_dot); break;
     }
 }
 
