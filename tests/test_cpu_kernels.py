@@ -186,8 +186,7 @@ def test_attention_over_slot_lists(cache_dtype, causal):
     else:
         k_cache = torch.randn(pool, hkv, d).to(cache_dtype)
         v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
-    # (query rows, keys): decode-like (one or two queries, read from the cache rows directly; long ones
-    # are split along the keys), extend-like
+    # (query rows, keys): decode-like (one or two queries; long ones are split along the keys), extend-like
     # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
     shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]
     total = sum(n for n, _ in shapes)

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -144,107 +143,6 @@ inline void accumulate_rows(const float* p, const float* v, int64_t D, int64_t n
     }
 }
 
-// ---- Few query rows (decode): keys and values read straight from their cache rows ----
-// With a handful of rows, copying a block into float32 scratch (and transposing the keys) costs
-// more than the products themselves; these read each row once, converting as they load.
-
-template <int CF>
-inline __m256 load8(const CacheRow& row, int64_t d) {
-    if constexpr (CF == kCacheBF16) return load_bf16(reinterpret_cast<const uint16_t*>(row.data) + d);
-    else if constexpr (CF == kCacheF16) return load_f16(reinterpret_cast<const uint16_t*>(row.data) + d);
-    else if constexpr (CF == kCacheI8) {
-        __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row.data + d));
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));  // times row.scale by the caller
-    } else return _mm256_loadu_ps(reinterpret_cast<const float*>(row.data) + d);
-}
-
-// The four sums of v[0..4) packed into one 128-bit vector (lane j: horizontal sum of v[j]).
-inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
-    __m256 a = _mm256_hadd_ps(v0, v1), b = _mm256_hadd_ps(v2, v3);
-    __m256 c = _mm256_hadd_ps(a, b);  // lanes: [v0 v1 v2 v3](low halves), [v0 v1 v2 v3](high halves)
-    return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
-}
-
-// s[r][t] = q[r] . k[t] for t < nt (a multiple of 4 is read; rows past nt are never loaded).
-template <int CF, int R>
-inline void scores_direct(const float* q, int64_t D, const CacheRow* rows, int64_t nt, float* s) {
-    for (int64_t t0 = 0; t0 < nt; t0 += 4) {
-        const int n = int(std::min<int64_t>(4, nt - t0));
-        __m256 acc[R][4];
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-            __m256 k[4];
-            for (int j = 0; j < 4; ++j) k[j] = j < n ? load8<CF>(rows[t0 + j], d) : _mm256_setzero_ps();
-            for (int r = 0; r < R; ++r) {
-                const __m256 qv = _mm256_loadu_ps(q + r * D + d);
-                for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(qv, k[j], acc[r][j]);
-            }
-        }
-        __m128 scale = _mm_set1_ps(1.0f);
-        if constexpr (CF == kCacheI8)
-            scale = _mm_setr_ps(rows[t0].scale, n > 1 ? rows[t0 + 1].scale : 0.0f, n > 2 ? rows[t0 + 2].scale : 0.0f,
-                                n > 3 ? rows[t0 + 3].scale : 0.0f);
-        for (int r = 0; r < R; ++r) {
-            alignas(16) float out[4];
-            _mm_store_ps(out, _mm_mul_ps(hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), scale));
-            for (int j = 0; j < n; ++j) s[r * kT + t0 + j] = out[j];
-        }
-    }
-}
-
-// o[r] += sum_t p[r][t] v[t] for t < nt, 16 values of D at a time.
-template <int CF, int R>
-inline void accumulate_direct(const float* p, const CacheRow* rows, int64_t D, int64_t nt, float* o) {
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        __m256 acc[R][2];
-        for (int r = 0; r < R; ++r) {
-            acc[r][0] = _mm256_loadu_ps(o + r * D + d0);
-            acc[r][1] = _mm256_loadu_ps(o + r * D + d0 + 8);
-        }
-        for (int64_t t = 0; t < nt; ++t) {
-            const __m256 v0 = load8<CF>(rows[t], d0), v1 = load8<CF>(rows[t], d0 + 8);
-            for (int r = 0; r < R; ++r) {
-                float w = p[r * kT + t];
-                if constexpr (CF == kCacheI8) w *= rows[t].scale;
-                const __m256 pv = _mm256_set1_ps(w);
-                acc[r][0] = _mm256_fmadd_ps(pv, v0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(pv, v1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < R; ++r) {
-            _mm256_storeu_ps(o + r * D + d0, acc[r][0]);
-            _mm256_storeu_ps(o + r * D + d0 + 8, acc[r][1]);
-        }
-    }
-}
-
-constexpr int64_t kDirectMaxRows = 6;  // tasks with at most this many query rows read the cache directly
-static const bool kDirectEnabled = std::getenv("PLAIT_CPU_ATTENTION_SCRATCH") == nullptr;  // A/B switch
-
-template <int CF>
-inline void scores_direct_rows(const float* q, int64_t R, int64_t D, const CacheRow* rows, int64_t nt, float* s) {
-    for (int64_t r0 = 0; r0 < R; r0 += 3) {
-        switch (std::min<int64_t>(3, R - r0)) {
-            case 1: scores_direct<CF, 1>(q + r0 * D, D, rows, nt, s + r0 * kT); break;
-            case 2: scores_direct<CF, 2>(q + r0 * D, D, rows, nt, s + r0 * kT); break;
-            default: scores_direct<CF, 3>(q + r0 * D, D, rows, nt, s + r0 * kT); break;
-        }
-    }
-}
-
-template <int CF>
-inline void accumulate_direct_rows(const float* p, int64_t R, const CacheRow* rows, int64_t D, int64_t nt, float* o) {
-    switch (R) {
-        case 1: accumulate_direct<CF, 1>(p, rows, D, nt, o); break;
-        case 2: accumulate_direct<CF, 2>(p, rows, D, nt, o); break;
-        case 3: accumulate_direct<CF, 3>(p, rows, D, nt, o); break;
-        case 4: accumulate_direct<CF, 4>(p, rows, D, nt, o); break;
-        case 5: accumulate_direct<CF, 5>(p, rows, D, nt, o); break;
-        default: accumulate_direct<CF, 6>(p, rows, D, nt, o); break;
-    }
-}
-
 struct Args {
     const float* q;
     int64_t q_row_stride;
@@ -303,29 +201,14 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
     const int64_t visible0 = a.causal ? kv_len - q_len + 1 : kv_len;
     const int64_t last_visible = std::min(kv_len, visible0 + task.q0 + task.nq - 1);
     const int64_t* slots = a.slots + a.slot_off[s];
-    const bool direct = R <= kDirectMaxRows && kDirectEnabled;
-    CacheRow krows[kT], vrows[kT];
     for (int64_t t0 = task.k0; t0 < std::min(task.k1, last_visible); t0 += kT) {
         const int64_t nt = std::min<int64_t>(kT, task.k1 - t0);
-        if (direct) {
-            for (int64_t t = 0; t < nt; ++t) {
-                krows[t] = cache_row(a.k_cache, a.fmt, slots[t0 + t], a.Hkv, task.head, D);
-                vrows[t] = cache_row(a.v_cache, a.fmt, slots[t0 + t], a.Hkv, task.head, D);
-            }
-            switch (a.fmt) {
-                case kCacheBF16: scores_direct_rows<kCacheBF16>(qs, R, D, krows, nt, sp); break;
-                case kCacheF16: scores_direct_rows<kCacheF16>(qs, R, D, krows, nt, sp); break;
-                case kCacheI8: scores_direct_rows<kCacheI8>(qs, R, D, krows, nt, sp); break;
-                default: scores_direct_rows<kCacheF32>(qs, R, D, krows, nt, sp); break;
-            }
-        } else {
-            load_block_kv(slots + t0, nt, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, sc.kt.data(), sc.v.data());
-            for (int64_t r0 = 0; r0 < R; r0 += 3) {
-                switch (std::min<int64_t>(3, R - r0)) {
-                    case 1: scores_rows<1>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
-                    case 2: scores_rows<2>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
-                    default: scores_rows<3>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
-                }
+        load_block_kv(slots + t0, nt, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, sc.kt.data(), sc.v.data());
+        for (int64_t r0 = 0; r0 < R; r0 += 3) {
+            switch (std::min<int64_t>(3, R - r0)) {
+                case 1: scores_rows<1>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                case 2: scores_rows<2>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                default: scores_rows<3>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
             }
         }
         for (int64_t r = 0; r < R; ++r) {
@@ -354,15 +237,6 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
                 for (int64_t d = 0; d < D; d += 8)
                     _mm256_storeu_ps(o + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(o + r * D + d), av));
             }
-        }
-        if (direct) {
-            switch (a.fmt) {
-                case kCacheBF16: accumulate_direct_rows<kCacheBF16>(sp, R, vrows, D, nt, o); break;
-                case kCacheF16: accumulate_direct_rows<kCacheF16>(sp, R, vrows, D, nt, o); break;
-                case kCacheI8: accumulate_direct_rows<kCacheI8>(sp, R, vrows, D, nt, o); break;
-                default: accumulate_direct_rows<kCacheF32>(sp, R, vrows, D, nt, o); break;
-            }
-            continue;
         }
         for (int64_t r0 = 0; r0 < R; r0 += 6) {
             const float* pr = sp + r0 * kT;
