@@ -98,3 +98,30 @@ def test_prompt_logprobs_match_transformers(engine, hf_model):
     top = r["meta_info"]["input_top_logprobs"][1]
     assert [t[1] for t in top] == ref[0].topk(3).indices.tolist()
     assert sum(torch.tensor([t[0] for t in top]).exp()) <= 1.0
+
+
+def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
+    """--enable-cpu-int8-dot on the default model: the block weights take integer products (reported
+    in the server info) and the prompt's next-token distribution stays that of the float32 path to
+    int8 rounding: the same top token, logprobs within a few hundredths."""
+    from plait.runtime.cpu import kernels
+    from plait.runtime.cpu.linear import CpuLinear
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    params = {"max_new_tokens": 1, "temperature": 0}
+    logprob_args = {"return_logprob": True, "top_logprobs_num": 5}
+    exact = engine.generate(PROMPTS, params, **logprob_args)
+    with Engine(dtype="float32", device="cpu", max_total_tokens=2048, enable_cpu_int8_dot=True) as int8:
+        runner = int8.runner
+        assert "int8-rounded activations" in runner.execution["products"]
+        flagged = [m.stored.int8_dot for m in runner.model.modules() if isinstance(m, CpuLinear)]
+        assert flagged and all(flagged)  # every product of the GGUF's block weights
+        rounded = int8.generate(PROMPTS, params, **logprob_args)
+    for a, b in zip(exact, rounded):
+        top_a = a["meta_info"]["output_top_logprobs"][0]
+        top_b = b["meta_info"]["output_top_logprobs"][0]
+        assert a["output_ids"] == b["output_ids"]
+        assert top_a != top_b  # rounded: not silently the float path
+        for (lp_a, id_a, _), (lp_b, id_b, _) in zip(top_a[:1], top_b[:1]):
+            assert id_a == id_b and abs(lp_a - lp_b) < 0.05
