@@ -18,6 +18,9 @@ from plait.runtime.config import RuntimeConfig
 def _choices() -> dict[str, list[str]]:
     from plait.runtime.attention.base import ATTENTION_BACKENDS
     from plait.runtime.cache import PREFIX_CACHES
+    from plait.runtime.cache.eviction import EVICTION_POLICIES
+    from plait.runtime.cache.hiradix_cache import WRITE_POLICIES
+    from plait.runtime.memory.host_pool import STORAGE_BACKENDS
     from plait.runtime.constrained.base import GRAMMAR_BACKENDS
     from plait.runtime.scheduler.policy import SCHEDULE_POLICIES
 
@@ -29,6 +32,9 @@ def _choices() -> dict[str, list[str]]:
         "dtype": ["auto", "bfloat16", "float16", "float32"],
         "kv_cache_dtype": ["auto", "float32", "bfloat16", "float16", "int8", "fp8_e5m2", "fp8_e4m3"],
         "load_format": ["auto", "safetensors", "gguf", "dummy"],
+        "hicache_write_policy": list(WRITE_POLICIES),
+        "hicache_storage_backend": list(STORAGE_BACKENDS),
+        "radix_eviction_policy": list(EVICTION_POLICIES),
     }
 
 

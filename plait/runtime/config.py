@@ -97,6 +97,26 @@ class SchedulerConfig:
     disable_radix_cache: bool = option(False, "no prefix cache (the paper's \"no cache\" ablation)")
     prefix_cache: str = option("radix", "radix (a tree of prefixes), flat (whole-prefix table, the \"no tree\" "
                                         "ablation) or none")
+    # The tiered cache: what the device pool cannot keep goes to host memory (and files) instead of
+    # being dropped, and comes back by a copy before the prefill that needs it.
+    enable_hierarchical_cache: bool = option(
+        False, "keep KV evicted from the KV pool in a host-memory tier (and a file tier with "
+        "--hicache-storage-backend) and load it back instead of recomputing it")
+    hicache_ratio: float = option(2.0, "host tier size as a multiple of the KV pool's tokens")
+    hicache_size: float = option(0.0, "host tier size in GiB; 0: use --hicache-ratio")
+    hicache_write_policy: str = option(
+        "write_through", "when KV is copied to the host: write_through (when cached), write_through_selective "
+        "(once hit twice), write_back (when evicted from the KV pool)")
+    hicache_storage_backend: str | None = option(
+        None, "a third tier below the host one; file: KV files in --hicache-storage-dir; default: none")
+    hicache_storage_dir: str | None = option(
+        None, "folder of the file tier; default: a temporary folder removed at exit")
+    radix_eviction_policy: str = option(
+        "lru", "order in which cached prefixes leave the KV pool: lru, lfu, or workflow (largest "
+        "steps-to-execution of the requests' agent workflows first, then lru)")
+    disable_hicache_prefetch: bool = option(
+        False, "with --radix-eviction-policy workflow and tiers: do not load the next workflow step's "
+        "agent prefixes back ahead of their requests")
     chunked_prefill_size: int | None = option(
         None, "prompt tokens per prefill chunk, -1 for no chunking; default: 512 on CPU, 8192 on GPU")
     max_prefill_tokens: int | None = option(None, "token budget of one prefill batch; default: 2 x the chunk size")

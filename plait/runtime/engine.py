@@ -55,13 +55,16 @@ class Engine:
         return_text_in_logprobs: bool = False,
         rid: str | list[str] | None = None,
         stream: bool = False,
+        workflow_id: str | list[str] | None = None,
+        agent: str | list[str] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict back) or a batch (a list). With `stream=True`, an iterator
         of cumulative snapshots of one request (`text` so far, `meta_info` current)."""
         group, is_batch = self._submit(_input(
             text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            token_ids_logprob=token_ids_logprob, return_text_in_logprobs=return_text_in_logprobs, stream=stream))
+            token_ids_logprob=token_ids_logprob, return_text_in_logprobs=return_text_in_logprobs, stream=stream,
+            workflow_id=workflow_id, agent=agent))
         if stream:
             return self._stream(group)
         try:
@@ -117,6 +120,12 @@ class Engine:
             self.front.abort_all()
             return []
         return self.front.abort(rid)
+
+    def publish_workflow(self, workflow_id: str, steps: list[dict[str, Any]], current_step: str | None = None) -> None:
+        """Tell the cache an agent workflow's step graph: `steps` is a list of `{"id": ..., "agents":
+        [...], "next": [step ids]}`. Requests name their workflow and agent (`workflow_id`, `agent`);
+        with `radix_eviction_policy="workflow"` the cache evicts and prefetches by it."""
+        self.front.publish_workflow(workflow_id, steps, current_step)
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache and compiled grammars (only when idle); returns whether it was flushed."""

@@ -29,6 +29,7 @@ from plait.runtime.frontend.messages import (
     SchedulerStats,
     Shutdown,
     ToScheduler,
+    WorkflowUpdate,
 )
 from plait.runtime.frontend.server_info import take_snapshot, token_usage
 from plait.runtime.frontend.validate import Limits
@@ -105,6 +106,8 @@ class SchedulerDriver:
             if self._busy:
                 self.scheduler.step()
             self.stats.tick()
+        if self.scheduler.cache.tiered is not None:
+            self.scheduler.cache.tiered.close()  # the loader thread, the file tier's temporary folder
 
     @property
     def _busy(self) -> bool:
@@ -117,7 +120,7 @@ class SchedulerDriver:
         return not self.scheduler.has_work and self.scheduler.inbox.empty()
 
     def handle(self, msg: ToScheduler) -> None:
-        if isinstance(msg, (GenerateRequest, AbortRequest)):
+        if isinstance(msg, (GenerateRequest, AbortRequest, WorkflowUpdate)):
             self.scheduler.submit(msg)
         elif isinstance(msg, InfoQuery):
             self.channel.send(QueryReply(msg.query_id, take_snapshot(self.scheduler, idle=self.idle)))
@@ -178,6 +181,7 @@ class StatsReporter:
             token_usage=token_usage(sched),
             cache_hit_rate=sched.cache.cache.stats.hit_rate,
             gen_throughput=(tokens - self.sent_tokens) / elapsed,
+            hicache=sched.cache.tiered.tier_stats.flat() if sched.cache.tiered is not None else {},
         ))
         self.sent_tokens, self.last_sent = tokens, now
 

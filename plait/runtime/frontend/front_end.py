@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, NamedTuple, Protocol
 
-from plait.runtime.frontend.errors import SchedulerUnavailable
+from plait.runtime.frontend.errors import InvalidRequestError, SchedulerUnavailable
 from plait.runtime.frontend.inputs import GenerateReqInput, parse_generate_input
 from plait.runtime.frontend.messages import (
     STATUS_CLIENT_ABORT,
@@ -31,6 +31,7 @@ from plait.runtime.frontend.messages import (
     SchedulerFailed,
     SchedulerReady,
     SchedulerStats,
+    WorkflowUpdate,
 )
 from plait.runtime.frontend.normalize import normalize
 from plait.runtime.frontend.server_info import server_info
@@ -136,6 +137,21 @@ class FrontEnd:
         for r in rids:
             self._send_quietly(AbortRequest(r, message, status))
         return rids
+
+    def publish_workflow(self, workflow_id: str, steps: list[dict[str, Any]], current_step: str | None = None) -> None:
+        """Publish an agent workflow's step graph (`WorkflowUpdate`); InvalidRequestError if it is not one."""
+        from plait.runtime.cache.workflow import StepGraph
+
+        self.check_available()
+        if not isinstance(workflow_id, str) or not workflow_id:
+            raise InvalidRequestError("workflow_id must be a non-empty string", param="workflow_id")
+        try:
+            graph = StepGraph.from_dicts(steps)
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidRequestError(f"invalid step graph: {e}", param="steps") from None
+        if current_step is not None and current_step not in graph.steps:
+            raise InvalidRequestError(f"current_step {current_step!r} is not a step of the graph", param="current_step")
+        self.transport.send(WorkflowUpdate(workflow_id, [dict(s) for s in steps], current_step))
 
     def abort_all(self, *, message: str = "aborted by the client", status: int = STATUS_CLIENT_ABORT) -> None:
         self._send_quietly(AbortRequest("", message, status))

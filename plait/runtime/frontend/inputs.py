@@ -33,6 +33,9 @@ class GenerateReqInput(StrictModel):
     token_ids_logprob: list[int] | list[list[int] | None] | None = None  # one list, or one per item
     return_text_in_logprobs: bool | None = False
     stream: bool | None = False
+    # Agent workflows: the cache keeps and prefetches by the workflow's step graph (one per item, or shared).
+    workflow_id: str | list[str] | None = None
+    agent: str | list[str] | None = None
     # Accepted, no effect here.
     log_metrics: bool | None = None
     priority: int | None = None

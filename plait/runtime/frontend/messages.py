@@ -3,7 +3,7 @@
 The same objects travel over either transport: put on a queue for the in-process `Engine`, or
 pickled over ZMQ between the HTTP process and the scheduler process. Nothing else crosses.
 
-    front end -> scheduler: GenerateRequest, AbortRequest, FlushCacheQuery, InfoQuery, Shutdown
+    front end -> scheduler: GenerateRequest, AbortRequest, WorkflowUpdate, FlushCacheQuery, InfoQuery, Shutdown
     scheduler -> front end: OutputBatch (of RequestOutput), QueryReply, SchedulerReady,
                             SchedulerStats, SchedulerFailed
 
@@ -38,6 +38,8 @@ class GenerateRequest:
     token_ids_logprob: list[int] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False  # send outputs as they are produced, not only the last one
+    workflow_id: str | None = None  # the agent workflow the request belongs to (cache eviction and prefetch)
+    agent: str | None = None  # the agent of that workflow it runs
 
 
 @dataclass
@@ -48,6 +50,16 @@ class AbortRequest:
     rid: str
     message: str = "aborted by the client"
     status_code: int = STATUS_CLIENT_ABORT
+
+
+@dataclass
+class WorkflowUpdate:
+    """Publish (or replace) an agent workflow's step graph: `steps` is a list of
+    `{"id": str, "agents": [str], "next": [step ids]}`; `current_step` optionally says where it is."""
+
+    workflow_id: str
+    steps: list[dict[str, Any]]
+    current_step: str | None = None
 
 
 @dataclass
@@ -69,7 +81,7 @@ class Shutdown:
     """Abort everything (status 503) and stop the driver loop."""
 
 
-ToScheduler = Union[GenerateRequest, AbortRequest, FlushCacheQuery, InfoQuery, Shutdown]
+ToScheduler = Union[GenerateRequest, AbortRequest, WorkflowUpdate, FlushCacheQuery, InfoQuery, Shutdown]
 
 
 # ---- scheduler -> front end ---------------------------------------------------------------------------
@@ -135,6 +147,7 @@ class SchedulerStats:
     token_usage: float  # share of KV slots held by requests or locked in the cache
     cache_hit_rate: float  # cumulative, over admitted prompt tokens
     gen_throughput: float  # generated tokens per second since the previous stats message
+    hicache: dict[str, int] = field(default_factory=dict)  # the tiered cache's cumulative counters
 
 
 @dataclass

@@ -37,7 +37,8 @@ def normalize(inp: GenerateReqInput, tokenizer: Any, limits: Limits, *,
     batch = inp.is_batch
     id_lists = _prompts(inp, tokenizer, batch)
     num = len(id_lists)
-    for name in ("sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num"):
+    for name in ("sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num", "workflow_id",
+                 "agent"):
         value = getattr(inp, name)
         if isinstance(value, list) and not (name == "sampling_params" and not batch) and len(value) != num:
             raise InvalidRequestError(f"{name} has {len(value)} entries for {num} prompts", param=name)
@@ -69,6 +70,8 @@ def normalize(inp: GenerateReqInput, tokenizer: Any, limits: Limits, *,
                 token_ids_logprob=list(lp_ids) if lp_ids else None,
                 return_text_in_logprobs=bool(inp.return_text_in_logprobs),
                 stream=bool(inp.stream),
+                workflow_id=_item(inp.workflow_id, i),
+                agent=_item(inp.agent, i),
             )
             if j == 0:
                 validate(request, limits)  # its copies differ only in rid

@@ -29,6 +29,7 @@ class CacheState:
     free_slots: int
     total_slots: int
     free_request_rows: int
+    tiers: dict[str, Any] = field(default_factory=dict)  # the tiered cache: settings, sizes, traffic ({} without)
 
 
 @dataclass
@@ -80,6 +81,7 @@ def take_snapshot(scheduler: Scheduler, *, idle: bool) -> InternalState:
             free_slots=runner.allocator.num_free_slots,
             total_slots=runner.kv_pool.num_slots,
             free_request_rows=runner.req_to_token_pool.num_free_rows,
+            tiers=scheduler.cache.tiered.tier_info() if scheduler.cache.tiered is not None else {},
         ),
         memory=runner.memory_report._asdict(),
         execution=runner.execution_info(),
@@ -106,7 +108,8 @@ def integrity(scheduler: Scheduler, *, idle: bool) -> IntegrityState:
     except AssertionError as e:
         problems.append(str(e) or "cache integrity assertion failed")
     private = sum(r.kv_committed_len - r.cache_protected_len for r in active if r.req_pool_idx is not None)
-    leaked = runner.kv_pool.num_slots - runner.allocator.num_free_slots - cache.total_size - private
+    loading = scheduler.cache.tiered.loads.tokens_in_flight if scheduler.cache.tiered is not None else 0
+    leaked = runner.kv_pool.num_slots - runner.allocator.num_free_slots - cache.total_size - private - loading
     if idle:
         if cache.protected_size:
             problems.append(f"{cache.protected_size} cached tokens are locked with no request running")

@@ -40,6 +40,11 @@ def validate(r: GenerateRequest, limits: Limits, *, check_grammar: bool = True) 
         raise InvalidRequestError("rid must be a non-empty string", param="rid")
     if len(r.rid) > limits.max_rid_chars:
         raise InvalidRequestError(f"rid is longer than {limits.max_rid_chars} characters", param="rid")
+    for name in ("workflow_id", "agent"):
+        value = getattr(r, name)
+        if value is not None and (not isinstance(value, str) or len(value) > limits.max_rid_chars):
+            raise InvalidRequestError(f"{name} must be a string of at most {limits.max_rid_chars} characters",
+                                      param=name)
     _check_prompt(r, limits)
     _check_sampling(r, limits, check_grammar=check_grammar)
     _check_logprobs(r, limits)

@@ -16,7 +16,9 @@ from typing import Iterable, NamedTuple
 import torch
 
 from plait.runtime.cache import create_prefix_cache
-from plait.runtime.cache.base import PrefixCache, cache_finished, cache_unfinished
+from plait.runtime.cache.base import MatchResult, PrefixCache, cache_finished, cache_unfinished
+from plait.runtime.cache.hiradix_cache import HiRadixCache
+from plait.runtime.cache.workflow import StepGraph
 from plait.runtime.memory.kv_pool import ReqToTokenPool, SlotAllocator
 from plait.runtime.scheduler.request import Req
 
@@ -29,11 +31,18 @@ class _SlotCopy(NamedTuple):
     placements: list[tuple[int, int, int, int]]  # (row, start, offset, n)
 
 
+# A lower-tier hit shorter than this is recomputed rather than loaded (a load costs a step's wait).
+MIN_LOAD_TOKENS = 16
+
+
 class CacheManager:
-    def __init__(self, allocator: SlotAllocator, req_to_token_pool: ReqToTokenPool, *, prefix_cache: str = "radix"):
+    def __init__(self, allocator: SlotAllocator, req_to_token_pool: ReqToTokenPool, *, prefix_cache: str = "radix",
+                 cache: PrefixCache | None = None):
+        """`cache`: an already built prefix cache (the tiered one), instead of one by name."""
         self.allocator = allocator
         self.req_to_token_pool = req_to_token_pool
-        self.cache: PrefixCache = create_prefix_cache(prefix_cache, allocator)
+        self.cache: PrefixCache = cache if cache is not None else create_prefix_cache(prefix_cache, allocator)
+        self.tiered: HiRadixCache | None = cache if isinstance(cache, HiRadixCache) else None
         self._host_rows: dict[int, list[int]] = {}  # req_pool_idx -> its slot ids so far
         self._copies: list[_SlotCopy] = []  # not yet in `_host_rows`
 
@@ -42,13 +51,81 @@ class CacheManager:
         """Slots that could be handed out now: free plus evictable."""
         return self.allocator.num_free_slots + self.cache.evictable_size
 
-    def match(self, req: Req) -> int:
-        """Look up the request's cached prefix (no lock yet); returns its length."""
+    def match(self, req: Req, *, load_budget: int | None = None) -> int:
+        """Look up the request's cached prefix (no lock yet); returns its length. With tiers and a
+        `load_budget` (the admission round, for a request it reaches: the slots it may still give
+        away), a prefix found below the device that fits it starts loading back, and the request
+        waits for it (`waiting_for_load`) instead of recomputing it."""
         limit = req.match_limit()
-        match = self.cache.match_prefix(req.fill_ids[:limit])
+        if self.tiered is None:
+            match = self.cache.match_prefix(req.fill_ids[:limit])
+        else:
+            match = self._match_tiers(req, req.fill_ids[:limit], load_budget=load_budget)
         req.prefix_len = int(match.slot_ids.numel())
         req.pending_match = match  # consumed by admit()
         return req.prefix_len
+
+    def _match_tiers(self, req: Req, tokens: list[int], *, load_budget: int | None) -> MatchResult:
+        cache = self.tiered
+        self._settle_load(req)
+        found = cache.match_tiers(tokens)
+        if found.prefetch_hit:
+            cache.tier_stats.prefetch_hits += 1
+        if req.pending_load is None:
+            job = found.loading
+            if job is not None:
+                if job.is_prefetch:
+                    cache.tier_stats.prefetch_late += 1
+            elif (load_budget is not None and found.lower_len >= MIN_LOAD_TOKENS
+                  and found.lower_len + found.device.slot_ids.numel() <= load_budget):  # it locks the device part too
+                job = cache.loads.start(found.lower_nodes)
+            if job is not None:
+                job.waiters += 1
+                req.pending_load = job
+        return found.device
+
+    def _settle_load(self, req: Req) -> None:
+        job = req.pending_load
+        if job is None:
+            return
+        if job.done.is_set() and not job.finished:
+            self.tiered.loads.poll()
+        if job.finished:
+            self.tiered.loads.release_waiter(job)
+            req.pending_load = None
+
+    def waiting_for_load(self, req: Req) -> bool:
+        """The request's prefix is still being loaded back: admit it later, with the longer match."""
+        self._settle_load(req)
+        return req.pending_load is not None
+
+    @property
+    def loads_pending(self) -> bool:
+        return self.tiered is not None and bool(self.tiered.loads.jobs)
+
+    def poll_loads(self, *, wait_s: float = 0.0) -> None:
+        """Apply finished loads (waiting up to `wait_s` for one when nothing else can run)."""
+        if self.tiered is not None:
+            if wait_s > 0:
+                self.tiered.loads.wait(wait_s)
+            else:
+                self.tiered.loads.poll()
+
+    def on_workflow_request(self, workflow_id: str, agent: str, *, budget: int) -> None:
+        """A request of `agent` arrived: its workflow moves to that agent's step, and the next
+        step's agents' contexts start coming back to the device, in at most `budget` slots."""
+        if self.tiered is not None:
+            self.tiered.workflows.on_agent(workflow_id, agent)
+            self.tiered.prefetch(workflow_id, budget=budget)
+
+    def on_abort(self, req: Req) -> None:
+        """A client aborted the request: its workflow's prefetches stop too (nothing waits for them)."""
+        if self.tiered is not None and req.msg.workflow_id:
+            self.tiered.loads.cancel_prefetches(req.msg.workflow_id)
+
+    def publish_workflow(self, workflow_id: str, graph: StepGraph, current_step: str | None) -> None:
+        if self.tiered is not None:
+            self.tiered.workflows.publish(workflow_id, graph, current_step)
 
     def admit(self, req: Req) -> bool:
         """Lock the matched prefix and give the request a req_to_token row; False if no row is free."""
@@ -72,6 +149,8 @@ class CacheManager:
         """The request is in the batch for good: its first admission sets the reported cache hit."""
         if not req.admitted_once:
             req.cached_tokens = req.prefix_len
+            if self.tiered is not None:
+                self.tiered.tier_stats.device_hit_tokens += min(req.prefix_len, len(req.prompt_ids))
             self.cache.stats.record_prefill(input_len=len(req.prompt_ids), prefix_len=min(req.prefix_len, len(req.prompt_ids)))
         req.admitted_once = True
 
@@ -144,7 +223,11 @@ class CacheManager:
         req.cache_protected_len = result.cache_protected_len
 
     def release(self, req: Req) -> None:
-        """A request leaves (finished, aborted or retracted): its KV goes to the cache, its lock and row are released."""
+        """A request leaves (finished, aborted or retracted): its KV goes to the cache, its lock and row are released.
+        A load it waited for stops if no one else waits for it."""
+        if req.pending_load is not None:
+            self.tiered.loads.release_waiter(req.pending_load)
+            req.pending_load = None
         if req.req_pool_idx is None:
             return
         slots = self.row_slots(req, req.kv_committed_len)
@@ -155,6 +238,8 @@ class CacheManager:
             self.cache, self.allocator, req.fill_ids[:length], slots[:length], req.cache_protected_len, req.last_node,
         )
         self.allocator.free(slots[length:])
+        if self.tiered is not None and req.msg.workflow_id and req.msg.agent:
+            self.tiered.tag(req.fill_ids[:length], req.msg.workflow_id, req.msg.agent)
         self._free_row(req.req_pool_idx)
         req.reset_kv()
 

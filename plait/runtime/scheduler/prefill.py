@@ -57,7 +57,10 @@ def plan_prefill(
             passed_over.append(req)
             continue
         if not hasattr(req, "_match"):
-            cache.match(req)
+            cache.match(req, load_budget=cache.available_tokens - reserved_tokens)
+        if cache.waiting_for_load(req):
+            passed_over.append(req)
+            continue
         fill = req.fill_ids
         if any(_common_prefix_len(fill, p) - req.prefix_len >= IN_BATCH_SHARE_MIN for p in admitted_prompts):
             passed_over.append(req)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from plait.runtime.cache.base import MatchResult, TreeNode
+    from plait.runtime.cache.tiers import LoadJob
     from plait.runtime.constrained.base import CompiledGrammar, GrammarMatcher
     from plait.runtime.detokenizer import IncrementalDetokenizer
 
@@ -33,7 +34,7 @@ class Req:
     __slots__ = (
         "msg", "rid", "params", "prompt_ids", "output_ids", "eos_token_ids", "arrival_time", "first_token_time",
         "req_pool_idx", "kv_committed_len", "prefix_len", "cached_tokens", "cache_protected_len", "last_node",
-        "pending_match", "inflight", "times_passed_over", "num_retractions", "admitted_once", "grammar_future",
+        "pending_match", "pending_load", "inflight", "times_passed_over", "num_retractions", "admitted_once", "grammar_future",
         "matcher", "finish_reason", "detokenizer", "pending", "input_logprobs_done",
     )
 
@@ -54,6 +55,7 @@ class Req:
         self.cache_protected_len = 0
         self.last_node: TreeNode | None = None
         self.pending_match: MatchResult | None = None  # looked up by the admission round, until admitted
+        self.pending_load: LoadJob | None = None  # its prefix coming back from a lower cache tier
         # scheduling
         self.inflight = 0
         self.times_passed_over = 0  # admission rounds in which others were admitted but not this one

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from plait.runtime.cache.hiradix_cache import HiRadixCache, build_hiradix_cache
+from plait.runtime.cache.workflow import StepGraph
 from plait.runtime.config import SchedulerConfig
 from plait.runtime.executor.forward_batch import make_decode_batch, make_extend_batch
 from plait.runtime.executor.model_runner import ModelRunner
@@ -45,6 +47,7 @@ from plait.runtime.frontend.messages import (
     AbortRequest,
     GenerateRequest,
     RequestOutput,
+    WorkflowUpdate,
 )
 from plait.runtime.frontend.validate import Limits, validate
 from plait.runtime.scheduler.output import (
@@ -76,7 +79,8 @@ class Scheduler:
         self.config = config
         self.on_output = on_output
         cache_kind = "none" if config.disable_radix_cache else config.prefix_cache
-        self.cache = CacheManager(runner.allocator, runner.req_to_token_pool, prefix_cache=cache_kind)
+        self.cache = CacheManager(runner.allocator, runner.req_to_token_pool, prefix_cache=cache_kind,
+                                  cache=_tiered_cache(config, runner) if cache_kind == "radix" else None)
         self.policy = SchedulePolicy(config.schedule_policy, aging_rounds=config.schedule_aging_rounds)
         self.sampler = Sampler()
         on_gpu = runner.device.type == "cuda"
@@ -115,7 +119,7 @@ class Scheduler:
                       "overlapped_steps": 0}
 
     # ---- input, from any thread -------------------------------------------------------------
-    def submit(self, msg: GenerateRequest | AbortRequest) -> None:
+    def submit(self, msg: GenerateRequest | AbortRequest | WorkflowUpdate) -> None:
         self.inbox.put(msg)
 
     @property
@@ -127,6 +131,8 @@ class Scheduler:
         self.stats["steps"] += 1
         self._receive()
         batch = self._schedule()
+        if batch is None and self.inflight is None and self.cache.loads_pending:
+            self.cache.poll_loads(wait_s=0.005)  # only loads can make progress: wait for one briefly
         if batch is not None:
             self._launch(batch)
         if self.inflight is not None:  # overlap: the previous step's tokens, while this one computes
@@ -154,10 +160,19 @@ class Scheduler:
                 self._add_request(msg)
             elif isinstance(msg, AbortRequest):
                 self._abort(msg.rid, message=msg.message, status_code=msg.status_code)
+            elif isinstance(msg, WorkflowUpdate):
+                self._publish_workflow(msg)
+        self.cache.poll_loads()
         ready, failed = self.constraints.poll()
         self.waiting.extend(ready)
         for req, message, status in failed:
             self._reject(req, message, status)
+
+    def _publish_workflow(self, msg: WorkflowUpdate) -> None:
+        try:  # the front end validated it; a bad graph must still not stop the loop
+            self.cache.publish_workflow(msg.workflow_id, StepGraph.from_dicts(msg.steps), msg.current_step)
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("ignored the step graph of workflow %r: %s", msg.workflow_id, e)
 
     def _add_request(self, msg: GenerateRequest) -> None:
         """Admit a request to the queue, or reject it alone: nothing in a request's data may stop
@@ -173,6 +188,8 @@ class Scheduler:
             logger.exception("could not admit request %s", getattr(msg, "rid", "?"))
             self._reject_message(msg, f"internal error while admitting the request: {e}", STATUS_INTERNAL_ERROR)
             return
+        if msg.workflow_id and msg.agent:
+            self.cache.on_workflow_request(msg.workflow_id, msg.agent, budget=self._spare_tokens())
         if self.constraints.needs_grammar(req):
             error = self.constraints.submit(req)  # joins `waiting` once its grammar is compiled
             if error:
@@ -198,6 +215,8 @@ class Scheduler:
         self.constraints.clear()
         # Nothing is cached or running: the KV pages and malloc's freed buffers can go back.
         self.runner.kv_pool.release_memory()
+        if self.cache.tiered is not None and self.cache.tiered.host is not None:
+            self.cache.tiered.host.release_memory()
         trim_malloc()
         return True
 
@@ -230,6 +249,13 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if id(r) not in admitted]
         self.chunked = None
         return plan
+
+    def _spare_tokens(self) -> int:
+        """KV slots free or evictable beyond what the running requests and a chunked prompt will need."""
+        reserved = sum(self._future_tokens(r) for r in self.running)
+        if self.chunked is not None:
+            reserved += self.chunked.seq_len - self.chunked.kv_committed_len
+        return self.cache.available_tokens - reserved
 
     def _future_tokens(self, req: Req) -> int:
         left = min(req.remaining_new_tokens, self.runner.context_length - req.seq_len - req.inflight)
@@ -491,6 +517,7 @@ class Scheduler:
         for req in victims:
             req.finish_reason = {"type": "abort", "message": message, "status_code": status_code}
             self.cache.release(req)
+            self.cache.on_abort(req)
         self.on_output([take_output(r) for r in victims])
 
     def active_requests(self) -> list[Req]:
@@ -502,6 +529,22 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.cache.check_integrity(self.active_requests())
+
+
+def _tiered_cache(config: SchedulerConfig, runner: ModelRunner) -> HiRadixCache | None:
+    """The tiered radix cache when the flags ask for tiers or a non-LRU order; None: the plain one."""
+    if not config.enable_hierarchical_cache and config.radix_eviction_policy == "lru":
+        if config.hicache_storage_backend:
+            raise ValueError("--hicache-storage-backend needs --enable-hierarchical-cache")
+        return None
+    return build_hiradix_cache(
+        runner.allocator, runner.kv_pool,
+        enable_hierarchical_cache=config.enable_hierarchical_cache, hicache_ratio=config.hicache_ratio,
+        hicache_size=config.hicache_size, hicache_write_policy=config.hicache_write_policy,
+        hicache_storage_backend=config.hicache_storage_backend, hicache_storage_dir=config.hicache_storage_dir,
+        radix_eviction_policy=config.radix_eviction_policy,
+        prefetch=config.radix_eviction_policy == "workflow" and not config.disable_hicache_prefetch,
+    )
 
 
 def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:

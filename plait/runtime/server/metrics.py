@@ -28,6 +28,8 @@ class ServerMetrics:
 
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
+        self._model_name = model_name
+        self._hicache: dict[str, tuple[Counter | None, int]] = {}
         labels = ["model_name"]
         r = self.registry
 
@@ -57,6 +59,8 @@ class ServerMetrics:
             "num_preparing_reqs", "HTTP requests being parsed and tokenized (off the event loop)")
 
     def on_stats(self, stats: SchedulerStats) -> None:
+        for name, total in stats.hicache.items():
+            self._hicache_counter(name, total)
         self.num_running_reqs.set(stats.num_running)
         self.num_queue_reqs.set(stats.num_waiting)
         self.token_usage.set(stats.token_usage)
@@ -88,6 +92,16 @@ class ServerMetrics:
             self.cached_tokens.inc(out.cached_tokens)
             if (out.finish_reason or {}).get("type") == "abort":
                 self.num_aborted_requests.inc()
+
+    def _hicache_counter(self, name: str, total: int) -> None:
+        """The tiered cache's cumulative counters as `plait:hicache_<name>_total` (created when first seen)."""
+        counter, seen = self._hicache.get(name, (None, 0))
+        if counter is None:
+            counter = Counter(f"plait:hicache_{name}", f"Tiered KV cache: {name.replace('_', ' ')}", ["model_name"],
+                              registry=self.registry).labels(self._model_name)
+        if total > seen:
+            counter.inc(total - seen)
+        self._hicache[name] = (counter, max(total, seen))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

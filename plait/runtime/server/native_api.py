@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
 
-from plait.runtime.frontend.errors import SchedulerUnavailable
+from plait.runtime.frontend.errors import InvalidRequestError, SchedulerUnavailable
 from plait.runtime.frontend.inputs import GenerateReqInput
 from plait.runtime.frontend.tracker import RequestGroup, RequestState
 from plait.runtime.server.app import (
@@ -25,7 +25,13 @@ from plait.runtime.server.app import (
     sse,
 )
 from plait.runtime.server.metrics import CONTENT_TYPE
-from plait.runtime.server.protocol import AbortRequestBody, ApiError, DetokenizeRequest, TokenizeRequest
+from plait.runtime.server.protocol import (
+    AbortRequestBody,
+    ApiError,
+    DetokenizeRequest,
+    TokenizeRequest,
+    WorkflowBody,
+)
 
 
 def register(app: FastAPI, state: ServerState) -> list[type[BaseModel]]:
@@ -97,6 +103,16 @@ def register(app: FastAPI, state: ServerState) -> list[type[BaseModel]]:
         # rid merely starts with it.
         return JSON({"aborted": state.front.abort(body.rid)})
 
+    @app.post("/workflow", openapi_extra=body_schema(WorkflowBody))
+    async def publish_workflow(request: Request) -> Response:
+        body = parse(WorkflowBody, await read_json(request))
+        state.check_ready()
+        try:
+            state.front.publish_workflow(body.workflow_id, [s.model_dump() for s in body.steps], body.current_step)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        return JSON({"workflow_id": body.workflow_id, "steps": len(body.steps)})
+
     @app.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
     @app.post("/v1/tokenize", openapi_extra=body_schema(TokenizeRequest))
     async def tokenize(request: Request) -> Response:
@@ -114,7 +130,7 @@ def register(app: FastAPI, state: ServerState) -> list[type[BaseModel]]:
         async def metrics() -> Response:
             return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    return [GenerateReqInput, AbortRequestBody, TokenizeRequest, DetokenizeRequest]
+    return [GenerateReqInput, AbortRequestBody, TokenizeRequest, DetokenizeRequest, WorkflowBody]
 
 
 def _tokenize(state: ServerState, data: dict[str, Any]) -> dict[str, Any]:

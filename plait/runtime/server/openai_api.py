@@ -77,6 +77,7 @@ def _prepare_completion(state: ServerState, data: dict[str, Any]) -> tuple[Any, 
     rid = req.rid or uuid.uuid4().hex
     inp = {
         "text": text, "input_ids": ids, "rid": rid, "stream": req.stream,
+        "workflow_id": req.workflow_id, "agent": req.agent,
         "sampling_params": _sampling(req, 16 if req.max_tokens is None else req.max_tokens),
         "return_logprob": want_logprobs, "top_logprobs_num": req.logprobs or 0,
         "logprob_start_len": 0 if req.echo and want_logprobs else -1,
@@ -121,9 +122,10 @@ def _prepare_chat(state: ServerState, data: dict[str, Any]) -> tuple[Any, list[R
                                 f" be combined with {given}", param="tool_choice")
         params["json_schema"] = tools.json_schema
     rid = req.rid or uuid.uuid4().hex
+    workflow = {k: v for k, v in (("workflow_id", req.workflow_id), ("agent", req.agent)) if v is not None}
     states, _ = state.prepare({"input_ids": ids, "sampling_params": params, "rid": rid,
                                "return_logprob": req.logprobs, "top_logprobs_num": req.top_logprobs or 0,
-                               "stream": req.stream})
+                               "stream": req.stream, **workflow})
     tokens = _TokenStrings(state.ready.tokenizer)
     choices = [_Choice(i, s, tokens, chat=True,
                        tools=ToolCallStream(tools.parser, max_calls=tools.max_calls) if tools.parser else None)

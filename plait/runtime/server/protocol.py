@@ -74,6 +74,8 @@ class _SamplingFields(_Strict):
     json_schema: str | dict[str, Any] | None = None
     ebnf: str | None = None
     rid: str | None = None
+    workflow_id: str | None = None
+    agent: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -155,6 +157,20 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
+
+
+class WorkflowStep(_Strict):
+    id: str
+    agents: list[str] = []
+    next: list[str] = []
+
+
+class WorkflowBody(_Strict):
+    """An agent workflow's step graph (`POST /workflow`): which agents run at each step, which steps follow."""
+
+    workflow_id: str
+    steps: list[WorkflowStep]
+    current_step: str | None = None
 
 
 class AbortRequestBody(_Strict):
