@@ -33,6 +33,7 @@ _LAZY.update({
     "Runtime": "plait.lang.backend.runtime",
     "EngineBackend": "plait.lang.backend.engine_backend",
     "OpenAI": "plait.lang.backend.openai",  # imports the openai client only when constructed
+    "workflow": "plait.lang.workflow",
 })
 
 

@@ -24,6 +24,7 @@ from plait.lang.global_config import global_config
 from plait.lang.params import GenParams
 from plait.lang.program_state import ProgramState, ProgramStateGroup, SetVar
 from plait.lang.spec import SpecGen, finish_speculative_chat_turn, speculative_completion
+from plait.lang.workflow import body_scope, current_workflow
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class StreamExecutor:
         self.error_traceback = ""
         self.is_finished = False
         self.body = _Body()
+        self.workflow_hint: tuple[str, str] | None = None  # (workflow_id, agent) sent with each request
+        self.workflow_scope: str | None = None  # the workflow the programs this one starts belong to
         self.defined_here: dict[Any, None] = {}  # names this executor set (not copied at fork): join gathers them
         self._pending: Counter = Counter()
         self.var_text_pos: dict[Any, int] = {}  # where a gen's value starts in text_ (separate_reasoning)
@@ -261,6 +264,7 @@ class StreamExecutor:
             child.cur_role_begin_pos = self.cur_role_begin_pos
             child.fork_start_text_pos = len(self.text_)
             child.body = self.body
+            child.workflow_hint = self.workflow_hint
             children.append(child)
         self._children.extend(children)
         self.backend.fork_program(self, [c.sid for c in children], position_ids_offset)
@@ -448,6 +452,11 @@ def run_program(program: Any, backend: Any, func_args: tuple, func_kwargs: dict[
     returns the state at once; otherwise the body runs here (its exceptions propagate)."""
     executor = StreamExecutor(backend, func_kwargs, default_sampling_para, chat_template=None, stream=stream,
                               num_api_spec_tokens=program.num_api_spec_tokens, use_thread=use_thread)
+    # Started inside another program's body (or a `workflow()` block): this run is an agent of it.
+    scope = current_workflow()
+    if scope is not None:
+        executor.workflow_hint = (scope, getattr(program, "__name__", "program"))
+    executor.workflow_scope = scope or executor.sid
     backend.begin_program(executor)
     state = ProgramState(executor)
     if stream:
@@ -467,7 +476,8 @@ def _run_body(program: Any, state: ProgramState, args: tuple, kwargs: dict[str, 
     executor.body.ident = threading.get_ident()
     executor.body.running = True
     try:
-        state.ret_value = program.func(state, *args, **kwargs)
+        with body_scope(executor.workflow_scope):
+            state.ret_value = program.func(state, *args, **kwargs)
     except BaseException as e:
         if not capture:
             raise

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from plait.lang.backend.base import BaseBackend
 from plait.lang.chat_template import ChatTemplate, get_chat_template
+from plait.lang.workflow import hint_fields
 from plait.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 from plait.lang.params import GenParams
 from plait.sampling_params import SamplingParams
@@ -79,7 +80,7 @@ class OpenAI(BaseBackend):
         return self.model_name
 
     # ---- request building ---------------------------------------------------------------------
-    def _sampling_kwargs(self, params: GenParams) -> dict[str, Any]:
+    def _sampling_kwargs(self, params: GenParams, s: Any = None) -> dict[str, Any]:
         sp = params.sampling
         token_key = "max_completion_tokens" if self.model_name.startswith(("o1", "o3", "o4")) else "max_tokens"
         kw: dict[str, Any] = {token_key: sp.max_new_tokens, "n": sp.n, "stop": list(sp.stop) or None,
@@ -103,6 +104,7 @@ class OpenAI(BaseBackend):
                     extra[_EXTRA_BODY_NAMES.get(name, name)] = value
             if sp.json_schema is not None and not self.is_chat_model:
                 extra["json_schema"] = sp.json_schema
+            extra.update(hint_fields(getattr(s, "workflow_hint", None)))  # agent workflows (plait.lang.workflow)
         elif sp.regex is not None or (sp.json_schema is not None and not self.is_chat_model):
             warnings.warn("this OpenAI backend ignores regex/json_schema constraints", stacklevel=4)
         if extra:
@@ -130,7 +132,7 @@ class OpenAI(BaseBackend):
 
     # ---- the backend interface ----------------------------------------------------------------
     def generate(self, s: Any, sampling_params: GenParams) -> tuple[Any, Any]:
-        kw = self._sampling_kwargs(sampling_params)
+        kw = self._sampling_kwargs(sampling_params, s)
         if self.is_chat_model:
             if sampling_params.dtype is not None:
                 raise NotImplementedError("dtype is not supported for OpenAI chat models")
@@ -152,7 +154,7 @@ class OpenAI(BaseBackend):
         return (texts if sampling_params.sampling.n > 1 else texts[0]), meta
 
     def generate_stream(self, s: Any, sampling_params: GenParams) -> Iterator[tuple[str, dict]]:
-        kw = self._sampling_kwargs(sampling_params)
+        kw = self._sampling_kwargs(sampling_params, s)
         kw["n"] = 1
         if self.is_chat_model:
             self._check_chat_position(s)

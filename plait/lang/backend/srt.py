@@ -9,6 +9,7 @@ from typing import Any, Iterator
 from plait.lang.backend.base import BaseBackend
 from plait.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 from plait.lang.params import GenParams, srt_sampling_dict
+from plait.lang.workflow import hint_fields
 
 PREFILL_ONLY = {"max_new_tokens": 0}
 
@@ -35,7 +36,7 @@ class GenerateProtocolBackend(BaseBackend):
     def _body(self, s: Any, params: GenParams) -> dict[str, Any]:
         params = params.with_dtype_as_regex()
         return {"text": s.text_, "sampling_params": srt_sampling_dict(params.sampling),
-                **params.logprob.request_fields(), **self._image_fields(s)}
+                **params.logprob.request_fields(), **self._image_fields(s), **_hints(s)}
 
     # ---- the backend interface ----------------------------------------------------------------
     def cache_prefix(self, prefix_str: str) -> None:
@@ -43,7 +44,8 @@ class GenerateProtocolBackend(BaseBackend):
 
     def commit_lazy_operations(self, s: Any) -> None:
         if s.text_:
-            self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s)})
+            self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s),
+                            **_hints(s)})
 
     def generate(self, s: Any, sampling_params: GenParams) -> tuple[Any, Any]:
         res = self._generate(self._body(s, sampling_params))
@@ -102,6 +104,11 @@ class GenerateProtocolBackend(BaseBackend):
             unconditional = [r["meta_info"]["input_token_logprobs"] for r in ures]
         return choices_method(choices=choices, normalized_prompt_logprobs=normalized, input_token_logprobs=input_lps,
                               output_token_logprobs=output_lps, unconditional_token_logprobs=unconditional)
+
+
+def _hints(s: Any) -> dict[str, str]:
+    """The program's agent-workflow fields (`plait.lang.workflow`), if it runs as an agent."""
+    return hint_fields(getattr(s, "workflow_hint", None))
 
 
 def choice_token_logprobs(entries: list[list[Any]], prompt_tail: list[list[Any]]) -> list[list[Any]]:
