@@ -290,3 +290,24 @@ def test_decode_context_times_each_length(tmp_path):
     for row in r["rows"]:
         assert row["tokens"] == 5 and 50 < row["decode_tok_s"] < 600  # 4 gaps of ~2 ms
     assert r["rows"][0]["vs_shortest"] == 1.0
+
+
+def test_workflow_bench_runs_every_setup(tiny_config, tmp_path):
+    from plait.bench import workflow
+
+    out = tmp_path / "workflow.json"
+    workflow.main([
+        "--model-path", tiny_config, "--num-agents", "3", "--prompt-len", "64", "--task-len", "4",
+        "--output-len", "2", "--rounds", "2", "--workflows", "1,2", "--chat-sessions", "2", "--chat-turns", "2",
+        "--chat-system-len", "32", "--chat-turn-len", "16", "--chat-pool", "96", "--output-file", str(out),
+        "--", "--load-format", "dummy", "--dtype", "float32",
+    ])
+    result = json.loads(out.read_text())
+    assert result["environment"]["cpu"]
+    agents = result["agents"]
+    assert [(r["workflows"], r["mode"]) for r in agents] == [(1, "a"), (1, "b"), (1, "c"), (2, "a"), (2, "b"), (2, "c")]
+    assert all(r["integrity_ok"] and r["requests"] == r["workflows"] * 2 * 3 for r in agents)
+    assert all("speedup_vs_a" in r and "speedup_vs_b" in r for r in agents if r["mode"] == "c")
+    assert any(r["host_hit_tokens"] > 0 for r in agents if r["mode"] == "b")  # the pool cannot hold all agents
+    assert any(r["prefetch_started"] > 0 for r in agents if r["mode"] == "c")
+    assert [r["mode"] for r in result["chat"]] == ["a", "b"] and "speedup_vs_a" in result["chat"][1]
