@@ -151,6 +151,7 @@ class ModelRunner:
         """`source` overrides resolving `model_config.model_path` (tests hand in in-memory models)."""
         memory_config = memory_config or MemoryConfig()
         self.model_config = model_config
+        self.cpu_stack = None  # set once the KV pool exists; `forward` runs before that (the CUDA graph memory probe)
         self.device = resolve_device(model_config.device)
         torch.manual_seed(model_config.random_seed)
         if source is None:
