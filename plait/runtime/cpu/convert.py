@@ -43,7 +43,9 @@ def attach_stored(model: nn.Module, stored: Iterable[tuple[str, str, torch.Tenso
     """Replace the layers whose every checkpoint piece is in `stored` (same format, contiguous rows).
 
     `stored` yields `(checkpoint name, format name, tensor)`; the model maps checkpoint names to its
-    fused modules with `checkpoint_rows`. Returns the checkpoint names now in use."""
+    fused modules with `checkpoint_rows`. Under tensor parallelism each tensor is first cut to this
+    rank's part (`checkpoint_split`): rows as they are, columns as whole 32-value blocks; a part that
+    is not whole blocks is left to the float loader. Returns the checkpoint names now in use."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     pieces: dict[str, list[tuple[int, str, str, torch.Tensor]]] = {}
     embedding: tuple[str, StoredWeight] | None = None
@@ -52,6 +54,11 @@ def attach_stored(model: nn.Module, stored: Iterable[tuple[str, str, torch.Tenso
         if placed is None:
             continue
         module_name, first_row = placed
+        split = model.checkpoint_split(ckpt_name) if hasattr(model, "checkpoint_split") else None
+        if split is not None:
+            tensor = _narrow_stored(WeightFormat[fmt_name], tensor, *split)
+            if tensor is None:
+                continue
         if module_name in linears:
             pieces.setdefault(module_name, []).append((first_row, ckpt_name, fmt_name, tensor))
         elif module_name == model.embedding_module_name:
@@ -90,7 +97,7 @@ def convert_remaining(model: nn.Module, store_dtype: torch.dtype | None = None) 
             if isinstance(module, RotaryEmbedding) and module.head_dim % 16:
                 continue  # the kernel rotates 8-float halves; others keep the reference rotation
             module.__class__ = _KERNEL_CLASSES[type(module)]
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) and module.in_features % 32 == 0:  # the kernels' rows are whole blocks
             bias = module.bias.detach() if module.bias is not None else None
             _replace(model, name, CpuLinear(StoredWeight.from_float(module.weight, store_dtype), bias))
         elif isinstance(module, nn.Embedding):
@@ -113,6 +120,18 @@ def _logits_head(model: nn.Module) -> CpuLinear:
     head = model.lm_head
     assert isinstance(head, CpuLinear)
     return head
+
+
+def _narrow_stored(fmt: WeightFormat, tensor: torch.Tensor, dim: int, span) -> torch.Tensor | None:
+    """`tensor`'s rows or columns `span` (a copy, so a rank keeps only its part), or None when columns
+    of a block format do not fall on block boundaries."""
+    if dim == 0:
+        return tensor.narrow(0, span.start, span.count).clone()
+    if fmt.block_bytes is None:
+        return tensor.narrow(1, span.start, span.count).contiguous()
+    if span.start % 32 or span.count % 32:
+        return None
+    return tensor.narrow(1, span.start // 32 * fmt.block_bytes, span.count // 32 * fmt.block_bytes).contiguous()
 
 
 def _stored(fmt_name: str, tensor: torch.Tensor) -> StoredWeight:

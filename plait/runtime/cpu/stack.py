@@ -84,6 +84,8 @@ class CpuDecoderStack:
         decoder = getattr(model, "model", None)
         if decoder is None or not hasattr(model, "arch"):
             return f"{type(model).__name__} is not a Llama-family decoder"
+        if getattr(model, "tp", None) is not None and model.tp.size > 1:
+            return "tensor parallelism: the native stack has no all-reduce between layers, the layers run one by one"
         if not isinstance(decoder.embed_tokens, CpuEmbedding) or not isinstance(decoder.rotary, CpuRotaryEmbedding):
             return "the embedding or rotary embedding is not on the kernels"
         if kv_pool.dtype not in kernels.CACHE_FORMATS:

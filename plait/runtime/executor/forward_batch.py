@@ -132,7 +132,7 @@ def make_decode_batch(
     rows = torch.tensor(req_pool_indices, dtype=torch.int64).to(device, non_blocking=True)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True)
     positions = seq_lens_t - 1
-    req_to_token_pool.req_to_token[rows, positions] = out_cache_loc
+    req_to_token_pool.write_points(rows, positions, out_cache_loc)
     batch = ForwardBatch(
         mode=ForwardMode.DECODE,
         input_ids=(last_token_ids if isinstance(last_token_ids, torch.Tensor)

@@ -3,6 +3,10 @@
 
 It knows nothing of requests or scheduling; the scheduler (or the static batch loop) fills the
 `req_to_token` rows and allocates `out_cache_loc` before calling `forward`.
+
+Under tensor parallelism (`tp`) there is one runner per rank, each holding its shard of the
+weights and of the KV pool (its KV heads). Rank 0's `forward` first broadcasts the step to the
+others (plait/runtime/distributed/lockstep.py), which run it in lock step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from plait.runtime.config import MemoryConfig, ModelConfig
 from plait.runtime.executor.cuda_graph_runner import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch, make_decode_batch
 from plait.runtime.cpu import kernels as cpu_kernels
+from plait.runtime.distributed.lockstep import ReleaseMemory, StepSender, StopWorkers, TableJournal
+from plait.runtime.distributed.parallel import SINGLE, TensorParallel
 from plait.runtime.memory.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from plait.runtime.models.registry import get_model_class
 
@@ -146,11 +152,15 @@ def _cpu_has_bf16_units() -> bool:
 
 class ModelRunner:
     def __init__(
-        self, model_config: ModelConfig, memory_config: MemoryConfig | None = None, *, source: ModelSource | None = None
+        self, model_config: ModelConfig, memory_config: MemoryConfig | None = None, *, source: ModelSource | None = None,
+        tp: TensorParallel | None = None,
     ):
-        """`source` overrides resolving `model_config.model_path` (tests hand in in-memory models)."""
+        """`source` overrides resolving `model_config.model_path` (tests hand in in-memory models);
+        `tp`: this process's rank in a tensor-parallel group (every rank constructs its runner at once)."""
         memory_config = memory_config or MemoryConfig()
         self.model_config = model_config
+        self.tp = tp or SINGLE
+        self.step_sender: StepSender | None = None  # rank 0 under TP, once the KV pool exists
         self.cpu_stack = None  # set once the KV pool exists; `forward` runs before that (the CUDA graph memory probe)
         self.device = resolve_device(model_config.device)
         torch.manual_seed(model_config.random_seed)
@@ -178,6 +188,7 @@ class ModelRunner:
         self.execution: dict[str, str] = {}  # which paths run, for the startup log and /get_server_info
         self.model = self._load_model()
         self.arch = self.model.arch
+        self.shard = self.model.shard  # this rank's heads: its KV pool holds shard.num_kv_heads
         self.vocab_size = self.arch.vocab_size
         self.context_length = model_config.context_length or self.arch.max_position_embeddings
         if self.context_length > self.arch.max_position_embeddings:
@@ -207,16 +218,23 @@ class ModelRunner:
         self.kv_pool = KVPool(
             num_slots=num_slots,
             num_layers=self.arch.num_layers,
-            num_kv_heads=self.arch.num_kv_heads,
+            num_kv_heads=self.shard.num_kv_heads,
             head_dim=self.arch.head_dim,
             dtype=self.kv_dtype,
             device=self.device,
         )
         self.req_to_token_pool = ReqToTokenPool(max_running, min(self.context_length, num_slots) + 1, self.device)
+        if self.tp.size > 1:
+            self.execution["tensor_parallel"] = (f"{self.tp.size} ranks over {self.tp.backend}; rank {self.tp.rank} "
+                                                 f"holds {self.shard.num_heads} of {self.arch.num_heads} heads, "
+                                                 f"{self.shard.num_kv_heads} of {self.arch.num_kv_heads} KV heads")
+            if self.tp.is_driver:
+                self.req_to_token_pool.journal = TableJournal()
+                self.step_sender = StepSender(self.tp, self.req_to_token_pool.journal)
         self.allocator = SlotAllocator(num_slots, self.device)
         if self.device.type == "cuda":
             self.attn_backend.warm_up(self.kv_pool, self.req_to_token_pool.req_to_token,
-                                      num_heads=self.arch.num_heads, dtype=self.dtype)
+                                      num_heads=self.shard.num_heads, dtype=self.dtype)
         if graph_max_bs:
             self.graph_runner = CudaGraphRunner(
                 self, max_bs=min(graph_max_bs, max_running), enable_torch_compile=model_config.enable_torch_compile
@@ -289,7 +307,7 @@ class ModelRunner:
         model_cls = get_model_class(self.config)
         start = time.perf_counter()
         with torch.device("meta"):
-            model = model_cls(self.config).to(self.dtype)
+            model = model_cls(self.config, tp=self.tp).to(self.dtype)
         # Allocated but untouched: layers that take stored weights below free theirs unwritten.
         model = model.to_empty(device=self.device)
         if self.source.load_format == "dummy":
@@ -327,6 +345,10 @@ class ModelRunner:
     def _num_kv_slots(self, memory_config: MemoryConfig, *, reserve_bytes: int = 0) -> int:
         """KV tokens that fit. On CUDA, `mem_fraction_static` of the device holds the weights, the KV
         pool, the request table and the CUDA graphs (`reserve_bytes`); the rest is for activations."""
+        # Every rank's pool must have the same slots (rank 0 alone allocates them): the fewest any fits.
+        return self.tp.min_int(self._local_kv_slots(memory_config, reserve_bytes=reserve_bytes))
+
+    def _local_kv_slots(self, memory_config: MemoryConfig, *, reserve_bytes: int = 0) -> int:
         per_token = self.kv_bytes_per_token
         if memory_config.max_total_tokens:
             return memory_config.max_total_tokens
@@ -348,7 +370,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_token(self) -> int:
         return KVPool.bytes_per_token(
-            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim,
+            num_layers=self.arch.num_layers, num_kv_heads=self.shard.num_kv_heads, head_dim=self.arch.head_dim,
             dtype=self.kv_dtype,
         )
 
@@ -370,7 +392,7 @@ class ModelRunner:
         """Device memory to hold back for the graphs: the activation peak of one eager decode step at
         `max_bs` (the shared graph pool holds about that: the graphs are captured largest first and
         the smaller ones reuse its blocks), with room for the backend's static buffers and rounding."""
-        pool = KVPool(num_slots=1, num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
+        pool = KVPool(num_slots=1, num_layers=self.arch.num_layers, num_kv_heads=self.shard.num_kv_heads,
                       head_dim=self.arch.head_dim, dtype=self.kv_dtype, device=self.device)
         table = ReqToTokenPool(1, 2, self.device)
         batch = make_decode_batch(
@@ -411,8 +433,23 @@ class ModelRunner:
                            graph_reserve / 2**30)
         return report
 
+    # ---- tensor parallelism: rank 0's messages to the other ranks -------------------------------------
+    def release_kv_memory(self) -> None:
+        """Give the KV pool's pages back (after a cache flush), on every rank."""
+        if self.step_sender is not None:
+            self.step_sender.send(ReleaseMemory())
+        self.kv_pool.release_memory()
+
+    def stop_workers(self) -> None:
+        """Rank 0: let the other ranks' loops end (the scheduler is stopping)."""
+        if self.step_sender is not None:
+            self.step_sender.send(StopWorkers())
+            self.step_sender = None
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        if self.step_sender is not None:
+            self.step_sender.send_step(batch)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return LogitsOutput(self.graph_runner.replay(batch), [None] * batch.batch_size)
         batch.attn_backend.init_forward_metadata(batch)

@@ -60,6 +60,9 @@ class ReqToTokenPool:
         # +1: row 0 is the padding row.
         self.req_to_token = torch.zeros((num_rows + 1, max_context_len), dtype=torch.int64, device=device)
         self._free_rows = list(range(num_rows, 0, -1))
+        # Under tensor parallelism rank 0 records every write here, for the other ranks to replay
+        # (plait/runtime/distributed/lockstep.py); None otherwise.
+        self.journal = None
 
     @property
     def num_free_rows(self) -> int:
@@ -75,6 +78,14 @@ class ReqToTokenPool:
     def write(self, req_pool_idx: int, start: int, slots: torch.Tensor) -> None:
         assert 0 <= start and start + slots.numel() <= self.max_context_len
         self.req_to_token[req_pool_idx, start : start + slots.numel()] = slots
+        if self.journal is not None:
+            self.journal.row(req_pool_idx, start, slots)
+
+    def write_points(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """`req_to_token[rows[i], positions[i]] = slots[i]` (one new token per request)."""
+        self.req_to_token[rows, positions] = slots
+        if self.journal is not None:
+            self.journal.points(rows, positions, slots)
 
     def reset(self) -> None:
         self._free_rows = list(range(self.num_rows, 0, -1))

@@ -214,7 +214,7 @@ class Scheduler:
         self.cache.flush()
         self.constraints.clear()
         # Nothing is cached or running: the KV pages and malloc's freed buffers can go back.
-        self.runner.kv_pool.release_memory()
+        self.runner.release_kv_memory()
         if self.cache.tiered is not None and self.cache.tiered.host is not None:
             self.cache.tiered.host.release_memory()
         trim_malloc()
