@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from plait.runtime.distributed.ranks import TpLaunch
 from plait.runtime.frontend.messages import FromScheduler, SchedulerFailed, ToScheduler
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class SchedulerProcessArgs:
     log_level: str = "info"
     stats_log_interval: float = 5.0
     parent_pid: int = 0  # exit when this process is gone (0: do not watch)
+    tp: TpLaunch | None = None  # this process's tensor-parallel rank (None: a single rank)
+    num_threads: int | None = None  # CPU threads of the model (None: PyTorch's default)
+    cpu_ids: tuple[int, ...] | None = None  # cores to run on (None: any)
 
 
 def run_scheduler_process(args: SchedulerProcessArgs) -> None:
@@ -50,17 +54,16 @@ def run_scheduler_process(args: SchedulerProcessArgs) -> None:
     failure: list[BaseException] = []
 
     def work() -> None:
-        from plait.runtime.config import RuntimeConfig
-        from plait.runtime.executor.model_runner import ModelRunner
         from plait.runtime.frontend.driver import SchedulerDriver
 
         try:
-            config = RuntimeConfig.from_options(**args.runtime_options)
-            runner = ModelRunner(config.model, config.memory)
+            runner, config = _make_runner(args)
             SchedulerDriver(runner, config, channel, stats_log_interval=args.stats_log_interval).run()
+            runner.stop_workers()  # a clean stop: the other ranks leave their loops
         except BaseException as e:  # anything: the front end must hear of it, not wait forever
             logger.exception("the scheduler failed")
-            channel.send(SchedulerFailed(f"{type(e).__name__}: {e}"))
+            where = f"tensor-parallel rank 0 of {args.tp.size}: " if args.tp is not None else ""
+            channel.send(SchedulerFailed(f"{where}{type(e).__name__}: {e}"))
             failure.append(e)
 
     # The loop runs on a second thread, as in the Engine (see InProcessTransport).
@@ -70,6 +73,48 @@ def run_scheduler_process(args: SchedulerProcessArgs) -> None:
     channel.close()
     context.term()
     sys.exit(1 if failure else 0)
+
+
+def run_worker_process(args: SchedulerProcessArgs) -> None:
+    """Entry point of a tensor-parallel rank other than 0: the model shard, driven by rank 0's
+    scheduler (plait/runtime/distributed/lockstep.py). Exits 1 when a peer dies."""
+    assert args.tp is not None and args.tp.rank > 0
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s rank {args.tp.rank}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.parent_pid:
+        threading.Thread(target=_exit_when_orphaned, args=(args.parent_pid,), name="orphan-watch",
+                         daemon=True).start()
+    from plait.runtime.distributed.lockstep import run_worker_loop
+
+    try:
+        runner, _ = _make_runner(args)
+        run_worker_loop(runner)
+    except BaseException:
+        logger.exception("tensor-parallel rank %d failed", args.tp.rank)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _make_runner(args: SchedulerProcessArgs) -> tuple[Any, Any]:
+    """This rank's model runner and the runtime configuration, after joining the tensor-parallel group."""
+    import torch
+
+    from plait.runtime.config import RuntimeConfig
+    from plait.runtime.distributed.parallel import init_tensor_parallel, rank_device
+    from plait.runtime.executor.model_runner import ModelRunner
+
+    if args.cpu_ids:
+        os.sched_setaffinity(0, set(args.cpu_ids))
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    options = dict(args.runtime_options)
+    if args.tp is not None:
+        options["device"] = rank_device(options.get("device", "auto"), args.tp)
+        logger.info("tensor-parallel rank %d of %d in pid %d", args.tp.rank, args.tp.size, os.getpid())
+    config = RuntimeConfig.from_options(**options)
+    tp = init_tensor_parallel(args.tp, config.model.device)
+    return ModelRunner(config.model, config.memory, tp=tp), config
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:

@@ -3,7 +3,8 @@
 Requests go out on a PUSH socket with non-blocking sends (an unbounded high-water mark: the
 scheduler drains it), so an abort can be sent from the `finally` of a cancelled task. One asyncio
 task reads the PULL socket and delivers each message on the event loop. A watchdog polls the
-process: if it exits, a `SchedulerFailed` is delivered like any message from it.
+process and the processes of its other tensor-parallel ranks: if one exits, a `SchedulerFailed`
+naming it is delivered like any message from the scheduler.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 class ZmqTransport(Transport):
-    def __init__(self, requests_address: str, outputs_address: str, *, process: Any = None):
-        """Binds both sockets; `process` (a multiprocessing.Process) is watched for death."""
+    def __init__(self, requests_address: str, outputs_address: str, *, process: Any = None,
+                 workers: list[Any] | None = None):
+        """Binds both sockets; `process` (the scheduler's multiprocessing.Process) and `workers` (the
+        processes of its other tensor-parallel ranks, rank 1 first) are watched for death."""
         self._sync_context = zmq.Context()
         self._push = self._sync_context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)  # never block the event loop; the scheduler drains it
@@ -36,6 +39,7 @@ class ZmqTransport(Transport):
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(outputs_address)
         self.process = process
+        self.workers = list(workers or [])
         self._deliver: Deliver | None = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
@@ -63,14 +67,14 @@ class ZmqTransport(Transport):
             except SchedulerUnavailable:
                 pass
         self._closed = True
-        if self.process is not None:
-            deadline = time.monotonic() + timeout
-            while self.process.is_alive() and time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout
+        for proc in [p for p in (self.process, *self.workers) if p is not None]:
+            while proc.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if self.process.is_alive():
-                logger.warning("the scheduler process did not exit in %.0f s; terminating it", timeout)
-                self.process.terminate()
-                self.process.join(2)
+            if proc.is_alive():
+                logger.warning("%s did not exit in %.0f s; terminating it", proc.name, timeout)
+                proc.terminate()
+                proc.join(2)
         self._pull.close()
         self._push.close()
         self._sync_context.term()
@@ -92,4 +96,11 @@ class ZmqTransport(Transport):
             if self.process is not None and not self.process.is_alive():
                 self._deliver(SchedulerFailed(
                     f"the scheduler process exited unexpectedly (exit code {self.process.exitcode})"))
+                return
+            dead = next((i for i, p in enumerate(self.workers) if not p.is_alive()), None)
+            if dead is not None:
+                proc = self.workers[dead]
+                self._deliver(SchedulerFailed(
+                    f"tensor-parallel rank {dead + 1} (pid {proc.pid}) exited unexpectedly (exit code {proc.exitcode}); "
+                    "the model cannot run without it"))
                 return

@@ -21,8 +21,17 @@ LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 class ServerConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = option(30000, "port to listen on")
-    tp_size: int = option(1, "tensor parallelism (only 1 for now)")
-    dp_size: int = option(1, "data parallelism (only 1 for now)")
+    tp_size: int = option(1, "tensor parallelism: processes (one per GPU) that one model is split over; on the CPU "
+                             "they talk over gloo")
+    dp_size: int = option(1, "data parallelism: model replicas behind this server, each with its own scheduler "
+                             "and prefix cache")
+    load_balance_method: str = option("cache_aware", "how requests are spread over the --dp-size replicas: "
+                                      "cache_aware (where the prompt's prefix was sent, unless loads are uneven), "
+                                      "round_robin, random, power_of_two (the less loaded of two random replicas)")
+    nnodes: int = option(1, "machines that the tensor-parallel ranks span")
+    node_rank: int = option(0, "this machine's index among --nnodes; node 0 serves HTTP, the others run ranks only")
+    dist_init_addr: str | None = option(None, "HOST:PORT where the ranks meet (on node 0, reachable from every "
+                                              "node); default: a free port on this machine")
     api_key: str | None = option(None, "when set, every request but health and metrics needs "
                                        "`Authorization: Bearer KEY`; default: no key asked")
     served_model_name: str | None = option(None, "the model id clients see; default: --model-path, or the "
@@ -39,11 +48,21 @@ class ServerConfig:
                                                 "the format its chat template uses")
 
     def __post_init__(self) -> None:
-        for name in ("tp_size", "dp_size"):
-            value = getattr(self, name)
-            if value != 1:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} {value} is not supported yet: Plait serves with {flag} 1")
+        for name in ("tp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes - 1}], got {self.node_rank}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"--tp-size {self.tp_size} does not split over --nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.nnodes > 1 and self.dp_size > 1:
+            raise ValueError("--dp-size > 1 runs on one node; for replicas on several machines, run a server on "
+                             "each and put `plait router` in front of them")
+        if self.load_balance_method not in _routing_policies():
+            raise ValueError(f"--load-balance-method must be one of {', '.join(_routing_policies())}, "
+                             f"got {self.load_balance_method!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.tool_call_parser is not None and self.tool_call_parser not in _tool_call_parsers():
@@ -70,8 +89,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     from plait.runtime.cli_args import add_runtime_args, add_section_args
 
     add_section_args(parser, "server", ServerConfig,
-                     choices={"log_level": LOG_LEVELS, "tool_call_parser": _tool_call_parsers()})
+                     choices={"log_level": LOG_LEVELS, "tool_call_parser": _tool_call_parsers(),
+                              "load_balance_method": _routing_policies()})
     add_runtime_args(parser)
+
+
+def _routing_policies() -> list[str]:
+    from plait.router.policy import ROUTING_POLICIES
+
+    return list(ROUTING_POLICIES)
 
 
 def _tool_call_parsers() -> list[str]:

@@ -1,4 +1,5 @@
-"""Start the server: the scheduler process, then uvicorn serving the app in this process.
+"""Start the server: the model's processes (`model_processes.py`: the scheduler, its tensor-parallel
+ranks, the data-parallel replicas), then uvicorn serving the app in this process.
 
     python -m plait.launch_server --model-path PATH [--host 127.0.0.1] [--port 30000] ...
     plait serve --model-path PATH ...
@@ -18,7 +19,6 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
@@ -65,6 +65,10 @@ def serve(options: dict[str, Any], config: Any) -> int:
     """Run until SIGTERM/SIGINT (exit code 0) or the scheduler's death (1)."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
+    if config.node_rank > 0:  # no HTTP here: this node only runs its tensor-parallel ranks
+        from plait.runtime.server.model_processes import serve_worker_node
+
+        return serve_worker_node(options, config)
     try:
         sock = _bind(config.host, config.port)
     except OSError as e:
@@ -91,24 +95,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, ipc_dir: str) -> int:
     from plait.runtime.frontend.front_end import FrontEnd
-    from plait.runtime.frontend.scheduler_process import SchedulerProcessArgs, run_scheduler_process
-    from plait.runtime.frontend.zmq_transport import ZmqTransport
+    from plait.runtime.server.model_processes import start_model_processes
     from plait.runtime.server.app import ServerState, create_app
     from plait.runtime.server.metrics import ServerMetrics
 
-    requests_address, outputs_address = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
     # Idle OpenMP workers of the scheduler process would spin on the cores the HTTP process needs for
     # every token; sleeping instead made decoding 5-10x faster on a busy 2-core machine (and no slower
     # on an idle one). An explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    process = multiprocessing.get_context("spawn").Process(
-        target=run_scheduler_process, name="plait-scheduler", daemon=True,
-        args=(SchedulerProcessArgs(
-            runtime_options=options, requests_address=requests_address, outputs_address=outputs_address,
-            log_level=config.log_level, stats_log_interval=config.stats_log_interval, parent_pid=os.getpid(),
-        ),),
-    )
-    process.start()
+    transport, processes = start_model_processes(options, config, ipc_dir)
     # The tokenizer arrives pickled with the scheduler's ready message; importing transformers now,
     # while the model loads, keeps that import off the event loop.
     threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
@@ -125,7 +120,6 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{port}"
     logger.info("address: %s (health checks answer 503 until the model is loaded)", url)
-    transport = ZmqTransport(requests_address, outputs_address, process=process)
     metrics = ServerMetrics(config.model_name(options.get("model_path")))
     server_args = {k: v for k, v in dataclasses.asdict(config).items() if k != "api_key"}
     front = FrontEnd(transport, server_args=server_args, observer=metrics, on_dead=on_dead)
@@ -155,9 +149,10 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
     try:
         server.run(sockets=[sock])
     finally:
-        if process.is_alive():
-            process.terminate()
-            process.join(5)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
     if exit_code["value"]:
         logger.error("exiting: %s", front.dead)
     return exit_code["value"]
