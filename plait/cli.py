@@ -1,4 +1,4 @@
-"""The `plait` command: `plait generate PROMPT`, `plait serve [--model-path PATH] ...`."""
+"""The `plait` command: `plait generate PROMPT`, `plait serve [--model-path PATH] ...`, `plait router --worker-urls URL ...`."""
 
 from __future__ import annotations
 
@@ -61,11 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve a model over HTTP (SGLang's native API and the OpenAI API)",
                            description="Serve a model over HTTP: SGLang's native API and the OpenAI API.")
     add_server_args(serve)
+    from plait.router.app import DESCRIPTION, add_router_args
+
+    router = sub.add_parser("router", help="route requests over several servers by where their prompts' prefixes "
+                                           "are cached", description=DESCRIPTION)
+    add_router_args(router)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from plait.runtime.server.launch import serve_from_args
 
         return serve_from_args(args, serve)
+    if args.command == "router":
+        from plait.router.app import router_from_args
+
+        return router_from_args(args, router)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from plait.runtime.model_loader import ModelLoadError
     from plait.runtime.frontend.errors import InvalidRequestError

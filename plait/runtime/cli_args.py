@@ -65,6 +65,9 @@ def add_section_args(
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(f.type)
         text = f.metadata.get("help", "")
+        if isinstance(f.type, str) and f.type.startswith("tuple["):  # a list of values: --flag A B C
+            group.add_argument(flag, nargs="*", default=list(f.default), dest=f.name, help=text)
+            continue
         if kind is bool:
             group.add_argument(flag, action="store_true", default=f.default, dest=f.name, help=text)
             continue

@@ -176,7 +176,13 @@ class FrontEnd:
     def query_info(self) -> Future[dict[str, Any]]:
         """The server info (`server_info.py`), with a fresh snapshot of the scheduler."""
         ready = self.check_available()
-        return self._query(InfoQuery, lambda state: server_info(ready, [state], server_args=self.server_args))
+
+        def convert(reply: Any) -> dict[str, Any]:
+            # One state per scheduler: a list from the replicas of a data-parallel server.
+            states = reply if isinstance(reply, list) else [reply]
+            return server_info(ready, states, server_args={**self.server_args, **self.transport.describe()})
+
+        return self._query(InfoQuery, convert)
 
     def flush_cache(self) -> Future[bool]:
         """True if the cache was flushed, False if requests were running."""

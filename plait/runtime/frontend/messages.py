@@ -148,6 +148,8 @@ class SchedulerStats:
     cache_hit_rate: float  # cumulative, over admitted prompt tokens
     gen_throughput: float  # generated tokens per second since the previous stats message
     hicache: dict[str, int] = field(default_factory=dict)  # the tiered cache's cumulative counters
+    # A data-parallel server: each replica's own stats, in replica order (the fields above sum them).
+    replicas: list["SchedulerStats"] = field(default_factory=list)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from plait.runtime.frontend.driver import SchedulerDriver
 from plait.runtime.frontend.messages import FromScheduler, SchedulerFailed, Shutdown, ToScheduler
@@ -34,6 +34,10 @@ class Transport(ABC):
     @abstractmethod
     def send(self, msg: ToScheduler) -> None:
         """Never blocks (an abort may be sent from a `finally` of a cancelled task)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about what is behind the transport, for the server info (data-parallel replicas)."""
+        return {}
 
 
 class InProcessTransport(Transport):

@@ -57,6 +57,18 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to last token", _LATENCY_BUCKETS)
         self.num_preparing_reqs = gauge(
             "num_preparing_reqs", "HTTP requests being parsed and tokenized (off the event loop)")
+        # A data-parallel server (--dp-size): each replica's load and cache hit rate.
+        self.model_name = model_name
+
+        def per_replica(name: str, doc: str) -> Gauge:
+            return Gauge(f"plait:replica_{name}", doc, ["model_name", "replica"], registry=r)
+
+        self.replica_gauges = {
+            "num_running": per_replica("num_running_reqs", "Requests being prefilled or decoded, by replica"),
+            "num_waiting": per_replica("num_queue_reqs", "Requests waiting in the queue, by replica"),
+            "token_usage": per_replica("token_usage", "Share of KV slots in use, by replica"),
+            "cache_hit_rate": per_replica("cache_hit_rate", "Prefix-cache hit rate, by replica"),
+        }
 
     def on_stats(self, stats: SchedulerStats) -> None:
         for name, total in stats.hicache.items():
@@ -66,6 +78,9 @@ class ServerMetrics:
         self.token_usage.set(stats.token_usage)
         self.cache_hit_rate.set(stats.cache_hit_rate)
         self.gen_throughput.set(stats.gen_throughput)
+        for i, replica in enumerate(stats.replicas):
+            for field_name, gauge in self.replica_gauges.items():
+                gauge.labels(self.model_name, str(i)).set(getattr(replica, field_name))
 
     def on_output(self, state: RequestState, out: RequestOutput) -> None:
         if out.rid.startswith(HEALTH_CHECK_PREFIX):
