@@ -442,7 +442,8 @@ def test_fuzz_from_the_request_schemas_gives_no_5xx(server):
 def test_engine_and_http_server_info_have_one_shape(server, engine):
     remote = json.loads(server.get("/get_server_info")[1])
     local = engine.get_server_info()
-    server_only = {"host", "port", "tp_size", "dp_size", "served_model_name", "log_level", "log_requests",
+    server_only = {"host", "port", "tp_size", "dp_size", "load_balance_method", "nnodes", "node_rank", "dist_init_addr",
+                   "served_model_name", "log_level", "log_requests",
                    "enable_metrics", "stats_log_interval", "shutdown_timeout", "health_check_timeout",
                    "tool_call_parser", "max_request_body_bytes"}
     assert set(remote) - set(local) == server_only

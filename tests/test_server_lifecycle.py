@@ -23,11 +23,11 @@ def tiny_model(tmp_path_factory, default_tokenizer):
     return str(write_tiny_model(tmp_path_factory.mktemp("tiny"), default_tokenizer, max_position_embeddings=8192))
 
 
-def test_parallelism_flags_not_supported_yet():
-    out = subprocess.run([sys.executable, "-m", "plait.launch_server", "--tp-size", "2"], cwd=REPO,
+def test_inconsistent_parallelism_flags_are_refused():
+    out = subprocess.run([sys.executable, "-m", "plait.launch_server", "--tp-size", "3", "--nnodes", "2"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "--tp-size 2 is not supported yet" in out.stderr
+    assert "--tp-size 3 does not split over --nnodes 2" in out.stderr
 
 
 async def _stream(url: str, body: dict, events: list, first_event: threading.Event | None = None) -> None:

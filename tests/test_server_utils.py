@@ -18,14 +18,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_tiny_model(folder: Path, tokenizer: Any, *, seed: int = 11, max_position_embeddings: int = 1024) -> Path:
+def write_tiny_model(folder: Path, tokenizer: Any, *, seed: int = 11, max_position_embeddings: int = 1024,
+                     num_key_value_heads: int = 2) -> Path:
     """A tiny random Llama with the default model's tokenizer, as a Hugging Face folder."""
     import torch
     import transformers
 
     cfg = transformers.LlamaConfig(
         vocab_size=len(tokenizer.hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.hf.bos_token_id, eos_token_id=tokenizer.eos_token_ids[0],
     )
     torch.manual_seed(seed)
