@@ -56,6 +56,9 @@ def serve_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:
         options, config = configs_from_args(args)
         RuntimeConfig.from_options(**options)  # fail on bad values before anything starts
+        if config.tp_size > 1 and options.get("enable_hierarchical_cache"):
+            # The host tier would copy only rank 0's KV heads; the other ranks' shards would be lost.
+            raise ValueError("--enable-hierarchical-cache does not work with --tp-size > 1 yet")
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     return serve(options, config)
