@@ -468,3 +468,33 @@ def test_bench_serving(server, backend, tmp_path):
         assert record["cache_hit_rate"] > 0.5  # shared system prompts
     saved = json.loads(out_file.read_text().splitlines()[0])
     assert saved["bench"] == "serving" and saved["backend"] == backend
+
+
+def test_listener_connections_have_nagle_off():
+    """Connections accepted on the server's socket get TCP_NODELAY from asyncio, as uvicorn's own
+    sockets do. Without it each response on a kept-alive connection (the OpenAI SDK's, any pooled
+    client's) waited ~40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from plait.runtime.server.launch import _bind
+
+    async def accepted_nodelay() -> int:
+        sock = _bind("127.0.0.1", 0)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                raw = transport.get_extra_info("socket")
+                seen.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
