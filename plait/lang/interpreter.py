@@ -446,6 +446,8 @@ def run_program(program: Any, backend: Any, func_args: tuple, func_kwargs: dict[
                 use_thread: bool = True) -> ProgramState:
     """Run `program` (an `SglFunction`) once. Streaming runs the body on its own thread and
     returns the state at once; otherwise the body runs here (its exceptions propagate)."""
+    # Streaming reads the text while the worker writes it, so it always keeps the worker thread.
+    use_thread = use_thread and (stream or global_config.enable_parallel_execution)
     executor = StreamExecutor(backend, func_kwargs, default_sampling_para, chat_template=None, stream=stream,
                               num_api_spec_tokens=program.num_api_spec_tokens, use_thread=use_thread)
     backend.begin_program(executor)

@@ -22,6 +22,14 @@ from plait.lang.chat_template import (
 )
 
 
+class HTTPStatusError(RuntimeError):
+    """The server answered with an error status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class RuntimeEndpoint(GenerateProtocolBackend):
     def __init__(self, base_url: str, api_key: str | None = None, verify: Any = None,
                  chat_template_name: str | None = None, *, timeout: float | None = None,
@@ -34,6 +42,7 @@ class RuntimeEndpoint(GenerateProtocolBackend):
         self._ssl = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else None
         if verify is False:
             self._ssl = ssl._create_unverified_context()
+        self.has_tokenize = True  # until the server says otherwise (SGLang servers may lack /tokenize)
         self.model_info = self._json("GET", "/get_model_info")
         self.chat_template = self._choose_chat_template(chat_template_name)
 
@@ -61,7 +70,7 @@ class RuntimeEndpoint(GenerateProtocolBackend):
             return urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl)
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")
-            raise RuntimeError(f"{method} {path} failed with HTTP {e.code}: {detail}") from None
+            raise HTTPStatusError(f"{method} {path} failed with HTTP {e.code}: {detail}", e.code) from None
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         with self._open(method, path, body) as resp:
@@ -84,6 +93,22 @@ class RuntimeEndpoint(GenerateProtocolBackend):
                 if isinstance(event, dict) and "error" in event:
                     raise RuntimeError(f"generation failed: {event['error']}")
                 yield event
+
+    def prompt_len(self, s: Any) -> int:
+        """Counted by `/tokenize` in the HTTP process, without waiting for a scheduler step."""
+        if s.images_ or not self.has_tokenize:
+            return super().prompt_len(s)
+        try:
+            res = self._json("POST", "/tokenize", {"prompt": s.text_})
+            count = res.get("count") if isinstance(res, dict) else None
+        except HTTPStatusError as e:
+            if e.status not in (404, 405):
+                raise
+            count = None
+        if not isinstance(count, int):
+            self.has_tokenize = False
+            return super().prompt_len(s)
+        return count
 
     # ---- administration -----------------------------------------------------------------------
     def get_model_name(self) -> str:
