@@ -422,3 +422,28 @@ def test_without_parallel_execution_branches_run_one_after_another():
         return "x"
 
     assert within(20, lambda: prog.run(backend=ScriptedBackend(respond=meet))["last"]) == "x"
+
+
+def test_dropping_a_state_leaves_its_branches_usable(backend):
+    """A tree search keeps only the current leaves: the states above them are dropped (garbage
+    collected) while their branches are still appended to. Those branches must keep working; they
+    end when the program returns."""
+    @sgl.function
+    def tree(s):
+        leaves = [s]
+        for level in range(3):
+            next_leaves = []
+            for leaf in leaves:
+                leaf += f" L{level}"
+                next_leaves += leaf.fork(2)
+            leaves = next_leaves  # drops the previous level's states
+        for leaf in leaves:
+            leaf += sgl.gen("x", max_tokens=1)
+        return leaves
+
+    state = within(10, tree.run, backend=backend)
+    leaves = state.ret_value
+    assert len(leaves) == 8 and all(leaf["x"].startswith("<gen") for leaf in leaves)
+    assert leaves[-1].text().startswith(" L0 L1 L2<gen")
+    executors = [leaf.stream_executor for leaf in leaves]
+    within(10, lambda: [e._worker.join() for e in executors])  # the program returned: every branch ended

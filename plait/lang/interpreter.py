@@ -160,19 +160,21 @@ class StreamExecutor:
             self.is_finished = True
             self._cv.notify_all()
 
-    def end(self) -> None:
-        """No more expressions will come; the worker exits after the queued ones."""
-        if self._ended:
-            return
-        self._ended = True
-        if self.use_thread:
-            self.queue.put(None)
-        else:
-            self._mark_finished()
-        for child in self._children:  # branches never joined would otherwise keep their threads
-            child.end()
-        self._children.clear()
-        self.backend.end_program(self)
+    def end(self, *, cascade: bool = True) -> None:
+        """No more expressions will come; the worker exits after the queued ones. With `cascade`,
+        the fork branches (and theirs) end too: branches never joined would otherwise keep their
+        threads after the program returns."""
+        if not self._ended:
+            self._ended = True
+            if self.use_thread:
+                self.queue.put(None)
+            else:
+                self._mark_finished()
+            self.backend.end_program(self)
+        if cascade:
+            children, self._children = self._children, []
+            for child in children:
+                child.end()
 
     def sync(self) -> None:
         """Wait until everything queued so far has executed (does not raise)."""
