@@ -82,6 +82,21 @@ def test_workloads_share_what_the_paper_shares(scripted):
     assert one[100:200] not in two
 
 
+def test_synthetic_vocabulary():
+    """Dummy-weight runs tokenize with a word-level vocabulary of w0, w1, ...: the text must use it."""
+    from plait.bench.programs import text
+
+    try:
+        text.use_vocabulary("synthetic")
+        words = text.words(text.rng_for(0), 40).replace(".", "").split()
+        assert len(words) == 40 and all(re.fullmatch(r"w[0-9]+", w) for w in words)
+    finally:
+        text.use_vocabulary("english")
+    assert text.words(text.rng_for(0), 5)[0].isupper()
+    with pytest.raises(ValueError):
+        text.use_vocabulary("klingon")
+
+
 def test_exact_lengths_policy():
     measured = MeasuredBackend(ScriptedBackend())
     base = GenParams.program_defaults(GenOverrides.from_kwargs({"temperature": 0.7}))
@@ -148,6 +163,8 @@ def test_suite_runs_every_workload_on_a_tiny_model(tmp_path, default_tokenizer):
     assert set(runs) == {(w, a) for w in ("tree_of_thought", "mmlu") for a in ("full", "no-cache", "no-parallelism")}
     assert runs[("tree_of_thought", "no-cache")]["hit_rate"] == 0 < runs[("tree_of_thought", "full")]["hit_rate"]
     assert runs[("tree_of_thought", "no-parallelism")]["structure_ok"]
+
+    assert main(["--quick", *common, "--workloads", "mmlu,chat_long", "--skip-done"]) == []  # all done already
 
     from plait.bench.programs.__main__ import main as run_main
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from typing import Any
 
 import plait as sgl
@@ -29,6 +31,7 @@ from plait.bench.programs.measure import MeasuredBackend
 from plait.bench.programs.report import ablation_table, comparison_table, format_record, plot, read_records
 from plait.bench.programs.runner import MODES, environment, run_workload, warm_up
 from plait.bench.programs.targets import SERVERS, Target, endpoint_target, engine_target, openai_target
+from plait.bench.programs.text import VOCABULARIES, use_vocabulary
 from plait.runtime.config import RuntimeConfig
 
 
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m plait.bench.programs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="all", help=f"comma-separated, or all: {', '.join(WORKLOADS)}")
+    p.add_argument("--exclude", default="", help="comma-separated workloads to leave out")
     p.add_argument("--size", choices=SIZES, default="cpu",
                    help="shapes: paper (the paper's lengths, for a GPU), cpu (scaled for a few cores), quick")
     p.add_argument("--quick", action="store_true", help="--size quick: every workload in a few programs (a smoke test)")
@@ -57,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=64, help="run_batch threads (programs in flight)")
     p.add_argument("--natural-lengths", action="store_true", help="keep stop strings and EOS")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocabulary", choices=tuple(VOCABULARIES), default="english",
+                   help="words of the synthetic text; synthetic: w10 ... w2009, for the word-level tokenizer of "
+                        "dummy-weight runs (scripts/gpu/make_tokenizer.py), which knows no English")
     p.add_argument("--label", default=None, help="the system's name in tables and plots")
     p.add_argument("--no-warmup", action="store_true", help="skip the two unmeasured programs before each workload")
     p.add_argument("--result-file", default=None, help="append one JSON line per run")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip runs --result-file already holds (same label, size, workload, mode, ablation), "
+                        "to finish an interrupted sitting")
     p.add_argument("--plot", nargs="+", default=None, metavar="RESULTS",
                    help="run nothing: print the tables and write the figures from these JSON-lines files")
     p.add_argument("--plot-dir", default="docs/figures", help="where --plot writes its PNG files")
@@ -76,7 +86,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.num_threads < 1:
         parser.error("--num-threads must be at least 1")
     names = list(WORKLOADS) if args.workloads == "all" else [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
+    excluded = [n.strip() for n in args.exclude.split(",") if n.strip()]
+    unknown = [n for n in names + excluded if n not in WORKLOADS]
+    names = [n for n in names if n not in excluded]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown or not names:
         parser.error(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
@@ -94,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if runtime_side:
             parser.error(f"{', '.join(runtime_side)} change the runtime: use --backend engine, or start the server "
                          "with that setting and run the suite against it with its own --label")
+    use_vocabulary(args.vocabulary)
     size = "quick" if args.quick else args.size
     template = None if args.role_template == "auto" else args.role_template
     env = environment()
@@ -130,18 +143,24 @@ def run_ablation(target: Target, ablation: Ablation, names: list[str], size: str
                  args: argparse.Namespace, env: dict[str, Any]) -> list[dict[str, Any]]:
     measured = MeasuredBackend(target.backend, exact_lengths=not args.natural_lengths)
     sgl.set_default_backend(measured)  # sub-programs (skeleton of thought) run on the default backend
+    done = set()
+    if args.skip_done and args.result_file and os.path.exists(args.result_file):
+        done = {(r["workload"], r["mode"]) for r in read_records([args.result_file])
+                if (r["label"], r["size"], r.get("ablation")) == (target.label, size, ablation.name) and not r["error"]}
     records = []
     with frontend_settings(ablation):
         for name in names:
             workload = WORKLOADS[name]
-            if ablation.workloads is not None and name not in ablation.workloads:
+            todo = [m for m in modes if (name, m) not in done]
+            if not todo or ablation.workloads is not None and name not in ablation.workloads:
                 continue
             if not args.no_warmup:
                 warm_up(workload, size, measured, seed=args.seed)
-            for mode in modes:
+            for mode in todo:
+                started = time.time()
                 record = run_workload(workload, size, target, measured, mode, seed=args.seed,
                                       num_threads=args.num_threads)
-                record.update(ablation=ablation.name, env=env)
+                record.update(ablation=ablation.name, started=started, env=env)
                 print(format_record(record), flush=True)
                 if args.result_file:
                     with open(args.result_file, "a") as f:

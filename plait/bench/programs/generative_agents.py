@@ -4,7 +4,9 @@ The five call kinds that make most of the Smallville agents' requests (rate how 
 is, turn it into a subject-predicate-object triple, pick an emoji, choose a location sector, then
 an object there), each a fixed template with worked examples, then the agent's persona, then
 the event. Outputs are a few tokens, so the cost is per request: template and persona are
-shared by every call of that kind for that agent, and only the event is new.
+shared by every call of that kind for that agent, and only the event is new. One program is one
+call: a batch runs many agents' calls at once, the latency mode one call at a time, as the paper
+replays its trace.
 
     @sgl.function
     def agent_call(s, template, persona, request, max_tokens, stop):
@@ -88,5 +90,4 @@ def make_args(shape: Shape, seed: int) -> list[dict]:
 WORKLOAD = Workload(
     name="generative_agents", title="Generative agents", program=agent_call, shapes=SHAPES, make_args=make_args,
     structure=lambda shape, args: Structure(gens=1),
-    note="one program = one agent call; the paper replays its trace one call at a time",
 )

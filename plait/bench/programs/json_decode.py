@@ -82,6 +82,5 @@ def make_args(shape: Shape, seed: int) -> list[dict]:
 WORKLOAD = Workload(
     name="json_decode", title="JSON (regex)", program=city_facts, shapes=SHAPES, make_args=make_args,
     structure=lambda shape, args: Structure(gens=len(FIELDS)),
-    note="constrained fields keep their natural length (a regex decides where a field ends)",
     validate=is_valid,
 )

@@ -5,7 +5,6 @@ reads the engine's own token counters before and after a run.
 
 from __future__ import annotations
 
-import json
 import threading
 import urllib.request
 from collections import Counter
@@ -177,7 +176,3 @@ def usage_between(before: dict[str, float], after: dict[str, float]) -> Usage:
         return int(after[key] - before[key])
 
     return Usage(delta("prompt_tokens"), delta("cached_tokens"), delta("output_tokens"), delta("forced_tokens"))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str)

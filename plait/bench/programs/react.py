@@ -31,23 +31,26 @@ ACTIONS = ("Search", "Lookup")
 @dataclass(frozen=True)
 class Shape:
     programs: int
-    examples: int  # worked trajectories in the shared instruction block
     steps: tuple[int, int]  # recorded steps per trajectory
     thought_tokens: tuple[int, int]
     observation_tokens: tuple[int, int]
     attempt_tokens: int  # what the model writes at each step
+    examples: int  # worked trajectories in the shared instruction block, shorter than the real ones:
+    example_steps: tuple[int, int]
+    example_observation_tokens: tuple[int, int]
     latency_programs: int
 
 
 SHAPES = {
-    # The paper: HotpotQA trajectories, a ~1,400-token instruction block, 3-7 steps, up to 200 tokens per
-    # attempt, observations of 80-200 tokens.
-    "paper": Shape(programs=100, examples=6, steps=(3, 7), thought_tokens=(20, 40), observation_tokens=(80, 200),
-                   attempt_tokens=128, latency_programs=8),
-    "cpu": Shape(programs=24, examples=3, steps=(3, 5), thought_tokens=(12, 24), observation_tokens=(40, 80),
-                 attempt_tokens=24, latency_programs=3),
-    "quick": Shape(programs=2, examples=1, steps=(2, 2), thought_tokens=(4, 6), observation_tokens=(6, 10),
-                   attempt_tokens=4, latency_programs=1),
+    # The paper: HotpotQA trajectories, a ~1,400-token instruction block (6 worked examples), 3-7 steps,
+    # up to 200 tokens per attempt, observations of 80-200 tokens.
+    "paper": Shape(programs=100, steps=(3, 7), thought_tokens=(20, 40), observation_tokens=(80, 200),
+                   attempt_tokens=128, examples=6, example_steps=(2, 4), example_observation_tokens=(20, 50),
+                   latency_programs=8),
+    "cpu": Shape(programs=24, steps=(3, 5), thought_tokens=(12, 24), observation_tokens=(40, 80), attempt_tokens=24,
+                 examples=4, example_steps=(2, 3), example_observation_tokens=(20, 40), latency_programs=3),
+    "quick": Shape(programs=2, steps=(2, 2), thought_tokens=(4, 6), observation_tokens=(6, 10), attempt_tokens=4,
+                   examples=1, example_steps=(2, 2), example_observation_tokens=(4, 6), latency_programs=1),
 }
 
 
@@ -68,14 +71,12 @@ def react_replay(s, instructions, question, trajectory, attempt_tokens):
         attempt += sgl.gen("final_attempt", max_tokens=attempt_tokens, stop="Observation")
 
 
-def trajectory(rng, shape: Shape) -> list[dict[str, str]]:
-    steps = []
-    for _ in range(rng.randint(*shape.steps)):
-        steps.append({"thought": " " + between(rng, *shape.thought_tokens),
-                      "action": f"{rng.choice(ACTIONS)}[{name(rng)}]",
-                      "observation": between(rng, *shape.observation_tokens)})
-    steps[-1]["action"] = f"Finish[{name(rng)}]"
-    return steps
+def trajectory(rng, steps: tuple[int, int], thought_tokens: tuple[int, int],
+               observation_tokens: tuple[int, int]) -> list[dict[str, str]]:
+    out = [{"thought": " " + between(rng, *thought_tokens), "action": f"{rng.choice(ACTIONS)}[{name(rng)}]",
+            "observation": between(rng, *observation_tokens)} for _ in range(rng.randint(*steps))]
+    out[-1]["action"] = f"Finish[{name(rng)}]"
+    return out
 
 
 def make_args(shape: Shape, seed: int) -> list[dict]:
@@ -84,14 +85,15 @@ def make_args(shape: Shape, seed: int) -> list[dict]:
                     "Thought can reason about the current situation, and Action can be three types: "
                     "Search[entity], Lookup[keyword] and Finish[answer].\nHere are some examples.\n")
     for _ in range(shape.examples):
-        steps = trajectory(rng, shape)
+        steps = trajectory(rng, shape.example_steps, shape.thought_tokens, shape.example_observation_tokens)
         instructions += "Question: " + between(rng, 12, 24) + "\n"
         instructions += "".join(f"Thought {i}:" + format_step(i, step) for i, step in enumerate(steps, 1)) + "\n"
     args = []
     for p in range(shape.programs):
         prng = rng_for(seed, "react", p)
         args.append({"instructions": instructions, "question": between(prng, 12, 24),
-                     "trajectory": trajectory(prng, shape), "attempt_tokens": shape.attempt_tokens})
+                     "trajectory": trajectory(prng, shape.steps, shape.thought_tokens, shape.observation_tokens),
+                     "attempt_tokens": shape.attempt_tokens})
     return args
 
 

@@ -78,5 +78,4 @@ def make_args(shape: Shape, seed: int) -> list[dict]:
 WORKLOAD = Workload(
     name="skeleton_of_thought", title="Skeleton of thought", program=suggest_tips, shapes=SHAPES,
     make_args=make_args, structure=lambda shape, args: Structure(gens=2 * shape.num_tips),
-    note="each tip's expansion is a sub-program (counted in the parent's calls)",
 )

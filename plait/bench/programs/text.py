@@ -5,13 +5,17 @@ leading space) in byte-level BPE vocabularies such as the default model's, so a 
 words is close to n tokens; the benchmark reports the tokens each engine actually counted.
 Every piece of text comes from a seed, so two runs with different seeds share no prefix by
 accident and a run never finds the previous run's text in the cache.
+
+`use_vocabulary("synthetic")` draws the words `w10` ... `w2009` instead: the word-level tokenizer
+written for dummy-weight runs (scripts/gpu/make_tokenizer.py) knows those and no English word, so
+English text would become one unknown token repeated, every prompt alike.
 """
 
 from __future__ import annotations
 
 import random
 
-WORDS = tuple(dict.fromkeys("""
+ENGLISH = tuple(dict.fromkeys("""
 the of and to in is was for that with as on by at from his her their this which are were be had
 have has not but they all one two three new first more other some time people year day world city
 state school work life house water place system part number group family country river market
@@ -33,6 +37,22 @@ machine tool metal glass wood paper cloth bread milk fruit apple salt sugar coff
 """.split()))
 
 
+VOCABULARIES = {"english": ENGLISH, "synthetic": tuple(f"w{i}" for i in range(10, 2010))}
+_words = ENGLISH
+
+
+def use_vocabulary(name: str) -> None:
+    """Draw text from this vocabulary from now on (english or synthetic)."""
+    global _words
+    if name not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {name!r}: choose from {', '.join(VOCABULARIES)}")
+    _words = VOCABULARIES[name]
+
+
+def _capital(word: str) -> str:
+    return word.capitalize() if _words is ENGLISH else word
+
+
 def rng_for(seed: int, *keys: object) -> random.Random:
     """A generator for one item of one run: the same (seed, keys) always gives the same text."""
     return random.Random(":".join(map(str, (seed, *keys))))
@@ -42,8 +62,8 @@ def words(rng: random.Random, n: int) -> str:
     """About n tokens of sentence-shaped text (capitalised, 6-16 words a sentence)."""
     out: list[str] = []
     while len(out) < n:
-        sentence = rng.choices(WORDS, k=min(rng.randint(6, 16), n - len(out)))
-        sentence[0] = sentence[0].capitalize()
+        sentence = rng.choices(_words, k=min(rng.randint(6, 16), n - len(out)))
+        sentence[0] = _capital(sentence[0])
         sentence[-1] += "."
         out.extend(sentence)
     return " ".join(out)
@@ -56,4 +76,4 @@ def between(rng: random.Random, low: int, high: int) -> str:
 
 def name(rng: random.Random) -> str:
     """A made-up proper name (two capitalised words)."""
-    return " ".join(rng.choice(WORDS).capitalize() for _ in range(2))
+    return " ".join(_capital(rng.choice(_words)) for _ in range(2))

@@ -27,7 +27,6 @@ class Workload:
     shapes: dict[str, Any]  # size name -> the module's frozen Shape
     make_args: Callable[[Any, int], list[dict[str, Any]]]  # (shape, seed) -> one argument dict per program
     structure: Callable[[Any, dict[str, Any]], Structure]  # (shape, arguments) -> what that program does
-    note: str = ""  # a line for the table's reader
     # For workloads whose output has a checkable form: does this finished program's output pass?
     validate: Callable[[Any], bool] | None = None
 
