@@ -180,10 +180,30 @@ def test_bad_arguments_are_clear_errors(capsys):
     from plait.bench.programs.__main__ import main
 
     for argv, words in ((["--workloads", "mmlu,nope"], "unknown workload"), (["--ablations", "no-tree"], "no-tree"),
-                        (["--backend", "openai", "--ablations", "no-cache"], "change the runtime"),
+                        (["--backend", "openai", "--ablations", "no-cache"],
+                         "no-cache changes the runtime.*--disable-radix-cache.*--server-ablation no-cache"),
+                        (["--server-ablation", "fcfs"], "names the setting of a server"),
+                        (["--backend", "endpoint", "--server-ablation", "fcfs", "--ablations", "no-hints"],
+                         "names the setting of a server"),
                         (["--backend", "endpoint", "--dtype", "float32"], "apply to --backend engine"),
                         (["--modes", "fast"], "--modes")):
         with pytest.raises(SystemExit):
             main(argv)
         assert re.search(words, capsys.readouterr().err)
     assert set(SIZES) == {"quick", "cpu", "paper"}
+
+
+def test_runtime_ablations_name_their_server_flags():
+    from plait.bench.programs.ablations import ABLATIONS
+
+    flags = {name: a.launch_flags for name, a in ABLATIONS.items() if a.engine}
+    assert flags == {"no-cache": "--disable-radix-cache", "flat-cache": "--prefix-cache flat",
+                     "fcfs": "--schedule-policy fcfs", "random": "--schedule-policy random",
+                     "no-jump-forward": "--disable-jump-forward"}
+    from plait.runtime.server.config import configs_from_args
+    from plait.runtime.server.launch import build_parser
+
+    for a in ABLATIONS.values():  # the server reads each flag as the engine option the ablation sets
+        if a.engine:
+            options, _ = configs_from_args(build_parser().parse_args(a.launch_flags.split()))
+            assert {k: options.get(k) for k in a.engine} == a.engine

@@ -5,6 +5,7 @@
     python -m plait.bench.programs --backend endpoint --base-url http://127.0.0.1:30000   # plait serve
     python -m plait.bench.programs --backend openai --base-url http://127.0.0.1:8000      # vLLM, llama-server
     python -m plait.bench.programs --ablations all                  # the paper's Fig. 8c on the engine
+    python -m plait.bench.programs --backend endpoint --server-ablation no-cache  # plait serve --disable-radix-cache
     python -m plait.bench.programs --plot results.jsonl             # tables and figures from results
 
 Each workload runs as a batch (`run_batch`, programs/s) and one program at a time (latency). Every
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", default="none",
                    help=f"none, all, or comma-separated ({', '.join(a for a in ABLATIONS if a != 'full')}); "
                         "ablations other than full run in batch mode only")
+    p.add_argument("--server-ablation", default=None, choices=[a.name for a in ABLATIONS.values() if a.engine],
+                   help="endpoint, openai: the server was started with this ablation's setting (e.g. no-cache: "
+                        "--disable-radix-cache); its runs are recorded as that ablation of --label, in batch mode")
     p.add_argument("--num-threads", type=int, default=64, help="run_batch threads (programs in flight)")
     p.add_argument("--natural-lengths", action="store_true", help="keep stop strings and EOS")
     p.add_argument("--seed", type=int, default=0)
@@ -102,10 +106,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.backend != "engine":
         if options:
             parser.error(f"runtime flags ({', '.join(options)}) apply to --backend engine; start the server with them")
-        runtime_side = [a.name for a in ablations if a.engine]
+        runtime_side = [a for a in ablations if a.engine]
         if runtime_side:
-            parser.error(f"{', '.join(runtime_side)} change the runtime: use --backend engine, or start the server "
-                         "with that setting and run the suite against it with its own --label")
+            parser.error("; ".join(f"{a.name} changes the runtime: use --backend engine, or start the server with "
+                                   f"{a.launch_flags} and pass --server-ablation {a.name}" for a in runtime_side))
+    if args.server_ablation and (args.backend == "engine" or len(ablations) > 1):
+        parser.error("--server-ablation names the setting of a server (--backend endpoint or openai), alone")
     use_vocabulary(args.vocabulary)
     size = "quick" if args.quick else args.size
     template = None if args.role_template == "auto" else args.role_template
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # Frontend ablations share the full system's target; a runtime ablation gets a fresh engine.
     shared = [a for a in ablations if not a.engine]
     runs = [(shared, build(shared[0]))] + [([a], None) for a in ablations if a.engine]
+    if args.server_ablation:
+        runs = [([ABLATIONS[args.server_ablation]], build(ABLATIONS["full"]))]
     for group, target in runs:
         target = target or build(group[0])
         try:

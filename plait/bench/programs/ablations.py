@@ -1,5 +1,6 @@
-"""The ablations of the paper's Fig. 8c, each one switch: a runtime option (a fresh engine with it)
-or a frontend setting (`global_config`, restored afterwards)."""
+"""The ablations of the paper's Fig. 8c, each one switch: a runtime option (a fresh engine with it,
+or a server started with its `launch_flags`) or a frontend setting (`global_config`, restored
+afterwards)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from plait.lang.backend.runtime import server_flags
 from plait.lang.global_config import global_config
 
 
@@ -17,6 +19,11 @@ class Ablation:
     engine: dict[str, Any] = field(default_factory=dict)  # runtime options
     frontend: dict[str, Any] = field(default_factory=dict)  # global_config attributes
     workloads: tuple[str, ...] | None = None  # where it can matter (None: everywhere)
+
+    @property
+    def launch_flags(self) -> str:
+        """The server flags that set a runtime ablation (`plait serve ... --disable-radix-cache`)."""
+        return " ".join(server_flags(self.engine))
 
 
 ABLATIONS = {a.name: a for a in (
