@@ -185,6 +185,78 @@ def test_endpoint_errors(server):
         bad.run(backend=endpoint)["y"]
 
 
+def test_endpoint_keeps_connections_alive():
+    """Requests from many threads share a few kept-alive connections; a connection the server closed
+    while idle is replaced without failing the request; a stream read to its end gives its connection
+    back, one left early closes it."""
+    opened: list = []
+    served = {"count": 0}
+    lock = threading.Lock()
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def setup(self):
+            super().setup()
+            opened.append(self.client_address)
+
+        def _reply(self, body: bytes, content_type: str = "application/json") -> None:
+            with lock:
+                served["count"] += 1
+                count = served["count"]
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            if count % 10 == 0:
+                self.close_connection = True  # an idle timeout, as the client sees it: closed without notice
+
+        def do_GET(self):
+            self._reply(json.dumps({"model_path": "m"}).encode())
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body.get("stream"):
+                self._reply(b"".join(b'data: {"text": "%d"}\n\n' % i for i in range(3)) + b"data: [DONE]\n\n",
+                            "text/event-stream")
+            else:
+                self._reply(json.dumps({"text": "ok", "meta_info": {"prompt_tokens": 1}}).encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        endpoint = RuntimeEndpoint(f"http://127.0.0.1:{httpd.server_port}")
+
+        results: list = []
+
+        def work():
+            for _ in range(10):
+                results.append(endpoint._generate({"text": "x"})["text"])
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == ["ok"] * 40 and served["count"] == 41  # model info, then 40 requests, each once
+        assert len(opened) <= 4 + 4  # one per thread at most, plus one per connection the server closed
+        opened.clear()
+        for _ in range(3):
+            assert [e["text"] for e in endpoint._generate_stream({"text": "x", "stream": True})] == ["0", "1", "2"]
+        assert len(opened) <= 1
+        abandoned = endpoint._generate_stream({"text": "x", "stream": True})
+        next(abandoned)
+        abandoned.close()
+        assert endpoint._generate({"text": "x"})["text"] == "ok"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 FAKE_SERVER = textwrap.dedent('''
     import argparse, json
     from http.server import BaseHTTPRequestHandler, HTTPServer
