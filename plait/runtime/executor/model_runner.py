@@ -197,6 +197,7 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_cache_dtype(kv_name, self.dtype, self.attn_backend,
                                                dtype_auto=model_config.dtype == "auto")
         self.graph_runner: CudaGraphRunner | None = None
+        self.cpu_stack = None  # built on the final KV pool, below; the graph measurement runs forward first
         graph_max_bs = self._cuda_graph_max_bs(model_config, memory_config)
         # The graphs are captured against the final KV pool, so their memory is measured first (one
         # eager decode at the largest captured size over a throwaway pool) and held back from it.
