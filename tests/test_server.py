@@ -470,6 +470,36 @@ def test_bench_serving(server, backend, tmp_path):
     assert saved["bench"] == "serving" and saved["backend"] == backend
 
 
+def test_bench_programs_through_the_server(server):
+    """The paper's workloads (plait.bench.programs --quick) through both server paths, the native
+    frontend protocol and the OpenAI API, on the workloads that use them differently (select, forks
+    with cache hints, regexes, roles); then a runtime ablation recorded against the full runs."""
+    from plait.bench.programs import WORKLOADS
+    from plait.bench.programs.__main__ import main
+
+    names = "hellaswag,tree_of_thought,json_decode,chat_short"
+    common = ["--quick", "--base-url", server.url, "--api-key", API_KEY, "--workloads", names, "--no-warmup",
+              "--num-threads", "4"]
+    native = main([*common, "--backend", "endpoint", "--label", "native"])
+    openai_path = main([*common, "--backend", "openai", "--label", "via-openai", "--modes", "batch"])
+    assert len(native) == 8 and len(openai_path) == 4
+    chat = WORKLOADS["chat_short"]
+    asked = sum(sum(a["answer_tokens"]) for a in chat.make_args(chat.shape("quick"), seed=0))
+    for r in native + openai_path:
+        assert r["error"] is None and r["structure_ok"] and r["server"] == "plait", r
+        assert r["prompt_tokens"] > 0
+        if r["workload"] == "chat_short" and r["mode"] == "batch":
+            assert r["output_tokens"] == asked  # exact lengths through either protocol
+        if r["workload"] == "json_decode":
+            assert r["valid"] is not None
+        if r["workload"] == "tree_of_thought" and r["mode"] == "batch":
+            assert r["hit_rate"] > 0  # branches reuse their parent's prefix (cached tokens reported by both)
+            assert (r["calls"]["hints"] > 0) == (r["backend"] == "endpoint")  # the OpenAI API takes no hints
+    ablated = main([*common, "--backend", "endpoint", "--label", "native", "--workloads", "tree_of_thought",
+                    "--server-ablation", "no-cache"])
+    assert [(r["ablation"], r["mode"], r["label"]) for r in ablated] == [("no-cache", "batch", "native")]
+
+
 def test_listener_connections_have_nagle_off():
     """Connections accepted on the server's socket get TCP_NODELAY from asyncio, as uvicorn's own
     sockets do. Without it each response on a kept-alive connection (the OpenAI SDK's, any pooled
