@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                         args, env)
         finally:
             target.close()
-    print()
-    print(comparison_table(records))
+    table = comparison_table(records)
+    if table:
+        print()
+        print(table)
     if len(ablations) > 1:
         print()
         print(ablation_table(records))

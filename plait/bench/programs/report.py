@@ -52,6 +52,8 @@ def latest(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 def comparison_table(records: list[dict[str, Any]]) -> str:
     """Workloads down, systems across: batch programs/s, latency and hit rate (full systems only)."""
     runs = {k: r for k, r in latest(records).items() if k[3] == "full" and not r.get("error")}
+    if not runs:
+        return ""
     labels = _ordered(k[2] for k in runs)
     workloads = _ordered(k[0] for k in runs)
     head = "| workload | " + " | ".join(f"{lab} prog/s | {lab} latency s | {lab} hit" for lab in labels) + " |"
