@@ -137,6 +137,25 @@ def test_select_agrees_with_engine_logprobs(engine, backend, method):
     assert state.text() == prompt + state["colour"]
 
 
+def test_select_is_one_engine_request(engine, backend, monkeypatch):
+    """The prompt's length is counted with the engine's tokenizer (as the engine counts it), so a
+    select costs one batched scoring request and no prefill-only request before it."""
+    texts = ["Plain text", "Café naïve 東京 <|im_start|>user\nHi<|im_end|>\n", " leading space"]
+    for text in texts:
+        counted = engine.generate(text, {"max_new_tokens": 0})["meta_info"]["prompt_tokens"]
+        assert backend.prompt_len(SimpleNamespace(text_=text, images_=[])) == counted
+    requests = []
+    real = backend._generate
+    monkeypatch.setattr(backend, "_generate", lambda body: requests.append(body) or real(body))
+
+    @sgl.function
+    def prog(s):
+        s += texts[1] + sgl.select("x", choices=[" a", " b c"])
+
+    assert prog.run(backend=backend)["x"] in (" a", " b c")
+    assert len(requests) == 1 and len(requests[0]["text"]) == 3  # the prompt and its two choices, together
+
+
 def test_select_unconditional(engine, backend):
     @sgl.function
     def prog(s):

@@ -23,7 +23,10 @@ from tests.test_lang_engine import tiny_engine
 API_KEY = "secret-key"
 
 
-def make_handler(engine, *, incremental: bool, seen: list):
+def make_handler(engine, *, incremental: bool, seen: list, tokenize: bool = True):
+    """`seen` gets (path, body) of every POST; without `tokenize` the server lacks /tokenize (404),
+    like older SGLang servers."""
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -60,7 +63,13 @@ def make_handler(engine, *, incremental: bool, seen: list):
                 self._send(200, {})
                 return
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
+            seen.append((self.path, body))
+            if self.path == "/tokenize" and tokenize:
+                self._send(200, {"count": len(engine.tokenizer.encode(body["prompt"]))})
+                return
+            if self.path != "/generate":
+                self._send(404, {"error": self.path})
+                return
             kwargs = dict(body)
             stream = kwargs.pop("stream", False)
             kwargs["prompt"] = kwargs.pop("text", None)
@@ -115,11 +124,37 @@ def test_endpoint_runs_programs_like_the_engine(server):
     assert remote.text() == local.text()
     assert remote.get_meta_info("sure")["normalized_prompt_logprobs"] == pytest.approx(
         local.get_meta_info("sure")["normalized_prompt_logprobs"], abs=1e-5)
-    gen_body = next(b for b in seen if b["sampling_params"].get("max_new_tokens") == 6)
+    gen_body = next(b for _, b in seen if b.get("sampling_params", {}).get("max_new_tokens") == 6)
     assert gen_body["sampling_params"]["temperature"] == 0 and "<|im_end|>" in gen_body["sampling_params"]["stop"]
-    batch = next(b for b in seen if isinstance(b.get("text"), list))
+    batch = next(b for _, b in seen if isinstance(b.get("text"), list))
     assert batch["return_logprob"] and batch["sampling_params"]["max_new_tokens"] == 0  # one scoring request
     assert endpoint.flush_cache() is True and endpoint.get_server_info()["model_path"] == "in-memory"
+
+
+def test_select_costs_one_generate_request(server):
+    """The prompt's length comes from /tokenize (no scheduler step), the choices are scored in one
+    batched request; a server without /tokenize gets a prefill-only request instead, once learned."""
+    url, engine, seen = server
+    endpoint = RuntimeEndpoint(url, api_key=API_KEY)
+    seen.clear()
+    first = qa.run(question="Hi", backend=endpoint, temperature=0)
+    first.sync()
+    assert [path for path, _ in seen] == ["/generate", "/tokenize", "/generate"]  # gen, count, score
+
+    bare: list = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(engine, incremental=False, seen=bare, tokenize=False))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        old = RuntimeEndpoint(f"http://127.0.0.1:{httpd.server_port}", api_key=API_KEY)
+        for _ in range(2):
+            bare.clear()
+            again = qa.run(question="Hi", backend=old, temperature=0)
+            assert again.text() == first.text()
+        prefill = [b for _, b in bare if b["sampling_params"] == {"max_new_tokens": 0}]
+        assert [path for path, _ in bare] == ["/generate", "/generate", "/generate"] and len(prefill) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_endpoint_streaming_both_modes(server):
@@ -148,6 +183,78 @@ def test_endpoint_errors(server):
 
     with pytest.raises(ProgramError, match="HTTP 400"):
         bad.run(backend=endpoint)["y"]
+
+
+def test_endpoint_keeps_connections_alive():
+    """Requests from many threads share a few kept-alive connections; a connection the server closed
+    while idle is replaced without failing the request; a stream read to its end gives its connection
+    back, one left early closes it."""
+    opened: list = []
+    served = {"count": 0}
+    lock = threading.Lock()
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def setup(self):
+            super().setup()
+            opened.append(self.client_address)
+
+        def _reply(self, body: bytes, content_type: str = "application/json") -> None:
+            with lock:
+                served["count"] += 1
+                count = served["count"]
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            if count % 10 == 0:
+                self.close_connection = True  # an idle timeout, as the client sees it: closed without notice
+
+        def do_GET(self):
+            self._reply(json.dumps({"model_path": "m"}).encode())
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body.get("stream"):
+                self._reply(b"".join(b'data: {"text": "%d"}\n\n' % i for i in range(3)) + b"data: [DONE]\n\n",
+                            "text/event-stream")
+            else:
+                self._reply(json.dumps({"text": "ok", "meta_info": {"prompt_tokens": 1}}).encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        endpoint = RuntimeEndpoint(f"http://127.0.0.1:{httpd.server_port}")
+
+        results: list = []
+
+        def work():
+            for _ in range(10):
+                results.append(endpoint._generate({"text": "x"})["text"])
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == ["ok"] * 40 and served["count"] == 41  # model info, then 40 requests, each once
+        assert len(opened) <= 4 + 4  # one per thread at most, plus one per connection the server closed
+        opened.clear()
+        for _ in range(3):
+            assert [e["text"] for e in endpoint._generate_stream({"text": "x", "stream": True})] == ["0", "1", "2"]
+        assert len(opened) <= 1
+        abandoned = endpoint._generate_stream({"text": "x", "stream": True})
+        next(abandoned)
+        abandoned.close()
+        assert endpoint._generate({"text": "x"})["text"] == "ok"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 FAKE_SERVER = textwrap.dedent('''

@@ -380,3 +380,70 @@ def test_executor_without_thread():
     ex = StreamExecutor(ScriptedBackend(), {}, GenParams(), None, stream=False, use_thread=False)
     ex.submit(sgl.lang.ir.SglConstantText("a") + sgl.gen("v"))
     assert ex.get_var("v") == "<gen 1>" and ex.text_ == "a<gen 1>"
+
+
+def test_without_parallel_execution_branches_run_one_after_another():
+    """global_config.enable_parallel_execution = False (the "no frontend parallelism" ablation):
+    every call runs in the program body's own thread, branch after branch, and a branch's gen has
+    returned before the next branch starts."""
+    threads, active, overlaps = [], [0], []
+    lock = threading.Lock()
+
+    def respond(prompt, params):
+        with lock:
+            active[0] += 1
+            overlaps.append(active[0])
+            threads.append(threading.get_ident())
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return "x"
+
+    @sgl.function
+    def prog(s):
+        s += "Prefix."
+        forks = s.fork(3)
+        forks += lambda i: f" {i}:" + sgl.gen("g", max_tokens=2)
+        forks.join()
+        s += sgl.gen("last", max_tokens=2)
+
+    sgl.global_config.enable_parallel_execution = False
+    try:
+        state = within(10, prog.run, backend=ScriptedBackend(respond=respond))
+    finally:
+        sgl.global_config.enable_parallel_execution = True
+    assert state["g"] == ["x", "x", "x"] and max(overlaps) == 1
+    assert len(set(threads)) == 1 and len(threads) == 4  # all in the body's thread (within's)
+    barrier = threading.Barrier(3, timeout=10)  # passes only if the three branches generate at once
+
+    def meet(prompt, params):
+        if prompt.endswith(":"):
+            barrier.wait()
+        return "x"
+
+    assert within(20, lambda: prog.run(backend=ScriptedBackend(respond=meet))["last"]) == "x"
+
+
+def test_dropping_a_state_leaves_its_branches_usable(backend):
+    """A tree search keeps only the current leaves: the states above them are dropped (garbage
+    collected) while their branches are still appended to. Those branches must keep working; they
+    end when the program returns."""
+    @sgl.function
+    def tree(s):
+        leaves = [s]
+        for level in range(3):
+            next_leaves = []
+            for leaf in leaves:
+                leaf += f" L{level}"
+                next_leaves += leaf.fork(2)
+            leaves = next_leaves  # drops the previous level's states
+        for leaf in leaves:
+            leaf += sgl.gen("x", max_tokens=1)
+        return leaves
+
+    state = within(10, tree.run, backend=backend)
+    leaves = state.ret_value
+    assert len(leaves) == 8 and all(leaf["x"].startswith("<gen") for leaf in leaves)
+    assert leaves[-1].text().startswith(" L0 L1 L2<gen")
+    executors = [leaf.stream_executor for leaf in leaves]
+    within(10, lambda: [e._worker.join() for e in executors])  # the program returned: every branch ended

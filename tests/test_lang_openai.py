@@ -237,3 +237,16 @@ def test_streaming_through_openai():
     assert backend.token_usage.completion_tokens == count_tokens("Streaming answer here")
     with pytest.raises(ValueError):
         sgl.function(prog.func, num_api_spec_tokens=8).run(backend=backend, stream=True)
+
+
+def test_token_usage_adds_cached_tokens_when_reported():
+    from plait.lang.backend.openai import TokenUsage
+
+    usage = TokenUsage()
+    usage.add(NS(prompt_tokens=10, completion_tokens=2))  # a server that does not report them
+    assert usage.cached_tokens is None
+    usage.add(NS(prompt_tokens=30, completion_tokens=1, prompt_tokens_details=NS(cached_tokens=24)))
+    usage.add(NS(prompt_tokens=5, completion_tokens=1, prompt_tokens_details=None))
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (45, 4, 24)
+    usage.reset()
+    assert usage.cached_tokens is None and usage.prompt_tokens == 0

@@ -18,6 +18,10 @@ class GlobalConfig:
         self.enable_precache_with_tracing = True
         # join("concate_and_append") may ask the backend to splice KV caches (else: text).
         self.enable_parallel_encoding = True
+        # A program's expressions run on a worker thread and fork branches run concurrently. False:
+        # they run synchronously in the program body's thread, branches one after another (the
+        # paper's "no frontend parallelism" ablation; run_batch still runs programs concurrently).
+        self.enable_parallel_execution = True
         # A traced constant prefix shorter than this is not worth a separate request.
         self.precache_min_chars = 64
 

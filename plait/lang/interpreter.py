@@ -163,19 +163,21 @@ class StreamExecutor:
             self.is_finished = True
             self._cv.notify_all()
 
-    def end(self) -> None:
-        """No more expressions will come; the worker exits after the queued ones."""
-        if self._ended:
-            return
-        self._ended = True
-        if self.use_thread:
-            self.queue.put(None)
-        else:
-            self._mark_finished()
-        for child in self._children:  # branches never joined would otherwise keep their threads
-            child.end()
-        self._children.clear()
-        self.backend.end_program(self)
+    def end(self, *, cascade: bool = True) -> None:
+        """No more expressions will come; the worker exits after the queued ones. With `cascade`,
+        the fork branches (and theirs) end too: branches never joined would otherwise keep their
+        threads after the program returns."""
+        if not self._ended:
+            self._ended = True
+            if self.use_thread:
+                self.queue.put(None)
+            else:
+                self._mark_finished()
+            self.backend.end_program(self)
+        if cascade:
+            children, self._children = self._children, []
+            for child in children:
+                child.end()
 
     def sync(self) -> None:
         """Wait until everything queued so far has executed (does not raise)."""
@@ -450,6 +452,8 @@ def run_program(program: Any, backend: Any, func_args: tuple, func_kwargs: dict[
                 use_thread: bool = True) -> ProgramState:
     """Run `program` (an `SglFunction`) once. Streaming runs the body on its own thread and
     returns the state at once; otherwise the body runs here (its exceptions propagate)."""
+    # Streaming reads the text while the worker writes it, so it always keeps the worker thread.
+    use_thread = use_thread and (stream or global_config.enable_parallel_execution)
     executor = StreamExecutor(backend, func_kwargs, default_sampling_para, chat_template=None, stream=stream,
                               num_api_spec_tokens=program.num_api_spec_tokens, use_thread=use_thread)
     # Started inside another program's body (or a `workflow()` block): this run is an agent of it.

@@ -166,8 +166,10 @@ class ProgramState:
         return f"ProgramState({self.stream_executor.text_!r})"
 
     def __del__(self) -> None:
+        # Only this state: its branches may still be in use (a tree search keeps the leaves and drops
+        # the levels above them); they end when dropped themselves, joined, or when the program returns.
         try:
-            self.stream_executor.end()
+            self.stream_executor.end(cascade=False)
         except Exception:
             pass
 

@@ -43,6 +43,11 @@ class EngineBackend(GenerateProtocolBackend):
     def _generate_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         return self.engine.generate(**_engine_kwargs(body))
 
+    def prompt_len(self, s: Any) -> int:
+        if s.images_:
+            return super().prompt_len(s)
+        return len(self.engine.tokenizer.encode(s.text_))  # as the engine tokenizes a text prompt
+
     def get_model_name(self) -> str:
         return str(self.engine.runner.source.path)
 

@@ -38,18 +38,26 @@ _EXTRA_BODY_NAMES = {"min_new_tokens": "min_tokens"}
 class TokenUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens the server served from its prefix cache (`usage.prompt_tokens_details.cached_tokens`);
+    # None until a response reports them (not every server does).
+    cached_tokens: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, usage: Any) -> None:
         if usage is None:
             return
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) if details is not None else None
         with self._lock:
             self.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
             self.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
+            if cached is not None:
+                self.cached_tokens = (self.cached_tokens or 0) + cached
 
     def reset(self) -> None:
         with self._lock:
             self.prompt_tokens = self.completion_tokens = 0
+            self.cached_tokens = None
 
 
 class OpenAI(BaseBackend):

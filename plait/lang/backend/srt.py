@@ -70,16 +70,21 @@ class GenerateProtocolBackend(BaseBackend):
             received = received + delta
             yield delta, meta
 
+    def prompt_len(self, s: Any) -> int:
+        """Tokens in the transcript so far, as the server counts them. Here: a prefill-only request,
+        which any SGLang server answers; backends that can count without a scheduler step override
+        it (a request the scheduler must fit into its next batch costs a whole step's wait)."""
+        res = self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s)})
+        return res["meta_info"]["prompt_tokens"]
+
     def select(self, s: Any, choices: list[str], temperature: float,
                choices_method: ChoicesSamplingMethod) -> ChoicesDecision:
-        """Score every choice in one batched prefill-only request (after prefilling the prompt, so
-        the batch shares its KV) and let `choices_method` decide."""
+        """Score every choice in one batched prefill-only request and let `choices_method` decide.
+        The batch's requests share the prompt: it is usually cached already (the transcript's earlier
+        requests), and the scheduler computes an uncached shared prefix once for the whole batch."""
         if temperature > 1e-5:
             raise ValueError("select scores the choices; it needs temperature 0")
-        prompt_len = 0
-        if s.text_:
-            res = self._generate({"text": s.text_, "sampling_params": dict(PREFILL_ONLY), **self._image_fields(s)})
-            prompt_len = res["meta_info"]["prompt_tokens"]
+        prompt_len = self.prompt_len(s) if s.text_ else 0
         # Two tokens early: the prompt's last token may merge with the choice's first ("token healing").
         # The prompt itself rides along (all cached, so nearly free): its last tokens' ids show
         # where each choice's own tokens begin.
