@@ -462,6 +462,8 @@ class Recording(sgl.RuntimeEndpoint):
 
 
 def test_select_choices_hit_the_prefilled_prompt(runtime):
+    """A select is one batched scoring request (the prompt's length comes from /tokenize, no
+    scheduler step); run again, every item finds the prompt cached up to where its logprobs start."""
     backend = Recording(runtime.url, timeout=120)
     prompt = SHARED + "Question: is this context long? Answer:"
     choices = [" yes", " no", " maybe so"]
@@ -473,16 +475,18 @@ def test_select_choices_hit_the_prefilled_prompt(runtime):
     assert backend.flush_cache()
     state = pick.run(backend=backend)
     assert state["a"] in choices
-    (prefill_body, prefill), (batch_body, batch) = backend.calls
-    assert prefill_body["text"] == prompt and prefill_body["sampling_params"]["max_new_tokens"] == 0
-    num_prompt = prefill["meta_info"]["prompt_tokens"]
+    ((batch_body, _),) = backend.calls
+    num_prompt = prompt_tokens(runtime, prompt)
     assert batch_body["text"] == [prompt] + [prompt + c for c in choices]
-    # Every item reuses the prompt up to where its logprobs start (two tokens early), less the
-    # one token whose logits score the first of them.
+    # Logprobs start two tokens early (the prompt's last token may merge with a choice's first).
     assert batch_body["logprob_start_len"] == num_prompt - 2
-    assert [r["meta_info"]["cached_tokens"] for r in batch] == [num_prompt - 3] * 4
+    assert pick.run(backend=backend)["a"] == state["a"]
+    (_, again) = backend.calls[1]
+    # Every item reuses the prompt up to where its logprobs start, less the one token whose logits
+    # score the first of them.
+    assert [r["meta_info"]["cached_tokens"] for r in again] == [num_prompt - 3] * 4
 
-    # The same batch without the prefill first: the choices find little or nothing cached.
+    # The same batch on an empty cache: the choices find little or nothing cached.
     assert backend.flush_cache()
     cold = generate(runtime, batch_body)
     assert min(r["meta_info"]["cached_tokens"] for r in cold) < num_prompt - 3
