@@ -45,8 +45,8 @@ class PeerOpenAI(OpenAI):
         super().__init__(model_name, is_chat_model=False, sglang_extensions=True, **kwargs)
         self.server = server
 
-    def _sampling_kwargs(self, params: GenParams) -> dict[str, Any]:
-        kw = super()._sampling_kwargs(params)
+    def _sampling_kwargs(self, params: GenParams, s: Any = None) -> dict[str, Any]:
+        kw = super()._sampling_kwargs(params, s)
         extra = kw.get("extra_body") or {}
         regex = extra.pop("regex", None)
         if regex is not None:
