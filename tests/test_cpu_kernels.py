@@ -178,15 +178,17 @@ def reference_attention(q, k_cache, v_cache, slots, causal, scale):
 @needs_kernels
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_over_slot_lists(cache_dtype, causal):
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (8, 4)])  # 3, 1 and 2 query heads per KV head
+def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv):
     torch.manual_seed(2)
-    hq, hkv, d, pool = 6, 2, 64, 3000
+    d, pool = 64, 3000
     if cache_dtype == torch.int8:
         k_cache, v_cache = int8_rows(torch.randn(pool, hkv, d)), int8_rows(torch.randn(pool, hkv, d))
     else:
         k_cache = torch.randn(pool, hkv, d).to(cache_dtype)
         v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
-    # (query rows, keys): decode-like (one or two queries; long ones are split along the keys), extend-like
+    # (query rows, keys): decode-like (one or two queries; long ones are split along the keys; decode reads
+    # the pool's rows in place, more rows go through a float32 block copy), extend-like
     # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
     shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]
     total = sum(n for n, _ in shapes)

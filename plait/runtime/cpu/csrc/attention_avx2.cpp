@@ -1,12 +1,18 @@
 // Attention over the KV pool in place: every query sequence reads its keys and values through its
-// list of slots (a req_to_token row, or a shared prefix), a block of 32 at a time, converted to
-// float32 in cache, with an online softmax; nothing is gathered into per-request copies.
+// list of slots (a req_to_token row, or a shared prefix), a block of 32 at a time, with an online
+// softmax; nothing is gathered into per-request copies.
 //
-// Work is split into tasks of (sequence, KV head, block of query rows, range of keys). The G query
+// Work is split into tasks of (sequence, KV heads, block of query rows, range of keys). The G query
 // heads that read one KV head are rows of the same task, so each key is loaded once for all of
 // them. Sequences with few query rows (decode) and long KV are split along the keys as well, so
 // that a single request still keeps every thread busy; their partial results are merged through
 // their log-sum-exps at the end (flash-decoding).
+//
+// Two ways through a block: tasks with many query rows (prefill, extend) convert it to float32 in
+// cache, keys transposed, and run register-blocked products over it; decode tasks (one query token,
+// G <= 3) cover all KV heads and read each key's rows in place, converting in registers, since the
+// copy would cost more than the few products it feeds (decode at 4,000 tokens of context: 24.4 ms
+// of attention per 30-layer step before, 13.6 ms after, on the 2-core machine of docs/benchmarks.md).
 #pragma GCC target("avx2,fma,f16c")
 
 #include <omp.h>
@@ -143,6 +149,117 @@ inline void accumulate_rows(const float* p, const float* v, int64_t D, int64_t n
     }
 }
 
+// ---- Decode: few query rows read the pool's K/V rows in place (no float32 block copy) ----
+//
+// With one query token per task (R = G rows, 3 for SmolLM2) the block copy above costs more than the
+// products it feeds: its transposes are many shuffles per key for only 24 FMAs. Here each key's row
+// is converted to float32 in registers where it is used: scores as four keys' dot products at a
+// time reduced by horizontal adds, values added to the output 16 dims at a time.
+
+// Row values d .. d + 8 as float32 before the row's scale (int8 codes as integers).
+template <int FMT>
+inline __m256 load_raw8(const uint8_t* row, int64_t d) {
+    if constexpr (FMT == kCacheBF16) return load_bf16(reinterpret_cast<const uint16_t*>(row) + d);
+    else if constexpr (FMT == kCacheF16) return load_f16(reinterpret_cast<const uint16_t*>(row) + d);
+    else if constexpr (FMT == kCacheI8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))));
+    else return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
+}
+
+// Where keys t0 .. t0 + kT of the task's first KV head start in the pool (rows past the block's end
+// repeat its last row: their scores are masked and their weights 0), and a touch of every line of
+// the next block's rows of all the task's heads (adjacent in the pool). Loads, not prefetch hints:
+// on the machines we measured, hints left the pool's reads unoverlapped with the arithmetic (decode
+// at 4,000 tokens of context took the sum of the two), loads are never dropped (10-15% less time).
+inline void block_rows(const int64_t* slots, int64_t nt, int64_t next, const uint8_t* base, int64_t slot_bytes,
+                       int64_t row_bytes, const uint8_t* rows[kT]) {
+    for (int64_t t = 0; t < kT; ++t) rows[t] = base + slots[std::min<int64_t>(t, nt - 1)] * slot_bytes;
+    uint8_t sink = 0;
+    for (int64_t t = 0; t < next; ++t) {
+        const uint8_t* p = base + slots[kT + t] * slot_bytes;
+        for (int64_t b = 0; b < row_bytes; b += 64) sink ^= *reinterpret_cast<const volatile uint8_t*>(p + b);
+    }
+    (void)sink;
+}
+
+// The rows of one head `off` bytes past the task's first, and their scales (1 but for int8 pools).
+template <int FMT>
+inline void head_rows(const uint8_t* const base_rows[kT], int64_t off, int64_t D, const uint8_t* rows[kT],
+                      float scales[kT]) {
+    for (int64_t t = 0; t < kT; ++t) {
+        rows[t] = base_rows[t] + off;
+        if constexpr (FMT == kCacheI8) std::memcpy(&scales[t], rows[t] + D, sizeof(float));
+        else scales[t] = 1.0f;
+    }
+}
+
+// s[r][t] = q[r] . k[t] for the block's keys (four at a time), R <= 3 rows.
+template <int R, int FMT>
+inline void scores_direct(const float* q, int64_t D, const uint8_t* const rows[kT], const float scales[kT], float* s) {
+    for (int64_t t = 0; t < kT; t += 4) {
+        __m256 acc[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            for (int j = 0; j < 4; ++j) {
+                const __m256 k = load_raw8<FMT>(rows[t + j], d);
+                for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), k, acc[r][j]);
+            }
+        }
+        const __m128 sc = _mm_loadu_ps(scales + t);
+        for (int r = 0; r < R; ++r) {
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            if constexpr (FMT == kCacheI8) s4 = _mm_mul_ps(s4, sc);
+            _mm_storeu_ps(s + r * kT + t, s4);
+        }
+    }
+}
+
+// o[r] += sum_t p[r][t] v[t] over the block's first nt keys, R <= 3 rows, 16 dims at a time; even
+// and odd keys add into separate accumulators, so that 4 R chains of FMAs run side by side.
+template <int R, int FMT>
+inline void accumulate_direct(const float* p, const uint8_t* const rows[kT], const float scales[kT], int64_t D,
+                              int64_t nt, float* o) {
+    // p (0 past nt: those keys are masked) with each value row's scale folded in for int8 pools
+    alignas(32) float scaled[FMT == kCacheI8 ? R : 1][kT];
+    const float(*w)[kT] = reinterpret_cast<const float(*)[kT]>(p);
+    if constexpr (FMT == kCacheI8) {
+        for (int r = 0; r < R; ++r)
+            for (int64_t t = 0; t < kT; t += 8)
+                _mm256_store_ps(&scaled[r][t], _mm256_mul_ps(_mm256_loadu_ps(p + r * kT + t), _mm256_loadu_ps(scales + t)));
+        w = scaled;
+    }
+    const int64_t n2 = (nt + 1) / 2 * 2;  // an odd count reads one zero row with weight 0
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m256 even[R][2], odd[R][2];
+        for (int r = 0; r < R; ++r) {
+            even[r][0] = _mm256_loadu_ps(o + r * D + d0);
+            even[r][1] = _mm256_loadu_ps(o + r * D + d0 + 8);
+            odd[r][0] = odd[r][1] = _mm256_setzero_ps();
+        }
+        for (int64_t t = 0; t < n2; t += 2) {
+            __m256 v0 = load_raw8<FMT>(rows[t], d0), v1 = load_raw8<FMT>(rows[t], d0 + 8);
+            for (int r = 0; r < R; ++r) {
+                const __m256 pv = _mm256_broadcast_ss(&w[r][t]);
+                even[r][0] = _mm256_fmadd_ps(pv, v0, even[r][0]);
+                even[r][1] = _mm256_fmadd_ps(pv, v1, even[r][1]);
+            }
+            v0 = load_raw8<FMT>(rows[t + 1], d0);
+            v1 = load_raw8<FMT>(rows[t + 1], d0 + 8);
+            for (int r = 0; r < R; ++r) {
+                const __m256 pv = _mm256_broadcast_ss(&w[r][t + 1]);
+                odd[r][0] = _mm256_fmadd_ps(pv, v0, odd[r][0]);
+                odd[r][1] = _mm256_fmadd_ps(pv, v1, odd[r][1]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            _mm256_storeu_ps(o + r * D + d0, _mm256_add_ps(even[r][0], odd[r][0]));
+            _mm256_storeu_ps(o + r * D + d0 + 8, _mm256_add_ps(even[r][1], odd[r][1]));
+        }
+    }
+}
+
 struct Args {
     const float* q;
     int64_t q_row_stride;
@@ -166,54 +283,22 @@ inline void rotate_half_split(float* x, const float* cs, int64_t half) {
     }
 }
 
-void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
-    const int64_t D = a.D, G = a.G, R = task.nq * G;
-    const int64_t s = task.seq, kv_len = a.kv_len[s], q_len = a.q_len[s];
-    float *qs = sc.q.data(), *o = sc.o.data(), *sp = sc.s.data(), *mx = sc.mx.data(), *l = sc.l.data();
-    // Rows r = i * G + g: query token q0 + i, head head * G + g; pre-scaled.
-    const __m256 scale = _mm256_set1_ps(a.scale);
-    for (int64_t i = 0; i < task.nq; ++i) {
-        const int64_t row = a.q_rows[a.q_off[s] + task.q0 + i];
-        const float* src = a.q + row * a.q_row_stride + task.head * G * D;
-        if (a.rope != nullptr) {  // the query as it comes out of the QKV product: rotate our copy
-            const float* cs = a.rope->table + a.rope->positions[row] * D;
-            std::copy(src, src + G * D, qs + i * G * D);
-            for (int64_t g = 0; g < G; ++g) rotate_half_split(qs + (i * G + g) * D, cs, D / 2);
-            src = qs + i * G * D;
-        }
-        for (int64_t e = 0; e < G * D; e += 8)
-            _mm256_storeu_ps(qs + i * G * D + e, _mm256_mul_ps(_mm256_loadu_ps(src + e), scale));
-        if (a.rope != nullptr && a.rope->k_cache != nullptr && task.k1 == kv_len) {
-            // The task that reads the sequence's newest key (it reads it below, after this store)
-            // rotates and stores this KV head's new K and V; no other task reads them this step.
-            const RopeStore& r = *a.rope;
-            alignas(32) float k[256];
-            std::copy(r.k + row * r.kv_stride + task.head * D, r.k + row * r.kv_stride + (task.head + 1) * D, k);
-            rotate_half_split(k, r.table + r.positions[row] * D, D / 2);
-            store_row(r.k_cache, a.fmt, r.loc[row], a.Hkv, task.head, D, k);
-            store_row(r.v_cache, a.fmt, r.loc[row], a.Hkv, task.head, D, r.v + row * r.kv_stride + task.head * D);
-        }
+// The online softmax over one block of scores: sp[r][0..nt) become the block's weights (0 past the
+// keys row r sees), and each row's running max, sum and output are rescaled to the new max.
+struct BlockSoftmax {
+    int64_t R, G, first_visible;  // query row r sees keys [0, first_visible + r / G)
+    float *sp, *mx, *l, *o;
+    int64_t D;
+
+    // The same softmax for rows r0 .. of this one (their own scores, maxima, sums and outputs).
+    BlockSoftmax rows_from(int64_t r0, int64_t n) const {
+        return {n, G, first_visible, sp + r0 * kT, mx + r0, l + r0, o + r0 * D, D};
     }
-    std::fill(o, o + R * D, 0.0f);
-    std::fill(mx, mx + R, kNegInf);
-    std::fill(l, l + R, 0.0f);
-    // Query token i sees keys [0, visible0 + i) (all when not causal).
-    const int64_t visible0 = a.causal ? kv_len - q_len + 1 : kv_len;
-    const int64_t last_visible = std::min(kv_len, visible0 + task.q0 + task.nq - 1);
-    const int64_t* slots = a.slots + a.slot_off[s];
-    for (int64_t t0 = task.k0; t0 < std::min(task.k1, last_visible); t0 += kT) {
-        const int64_t nt = std::min<int64_t>(kT, task.k1 - t0);
-        load_block_kv(slots + t0, nt, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, sc.kt.data(), sc.v.data());
-        for (int64_t r0 = 0; r0 < R; r0 += 3) {
-            switch (std::min<int64_t>(3, R - r0)) {
-                case 1: scores_rows<1>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
-                case 2: scores_rows<2>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
-                default: scores_rows<3>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
-            }
-        }
+
+    void update(int64_t t0, int64_t nt) const {
         for (int64_t r = 0; r < R; ++r) {
             float* sr = sp + r * kT;
-            const int64_t limit = std::min(nt, visible0 + task.q0 + r / G - t0);  // visible keys of this block
+            const int64_t limit = std::min(nt, first_visible + r / G - t0);  // visible keys of this block
             if (limit <= 0) {  // no visible key in this block: weight 0 everywhere
                 std::fill(sr, sr + kT, 0.0f);
                 continue;
@@ -238,16 +323,115 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
                     _mm256_storeu_ps(o + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(o + r * D + d), av));
             }
         }
-        for (int64_t r0 = 0; r0 < R; r0 += 6) {
-            const float* pr = sp + r0 * kT;
-            float* orow = o + r0 * D;
-            switch (std::min<int64_t>(6, R - r0)) {
-                case 1: accumulate_rows<1>(pr, sc.v.data(), D, nt, orow); break;
-                case 2: accumulate_rows<2>(pr, sc.v.data(), D, nt, orow); break;
-                case 3: accumulate_rows<3>(pr, sc.v.data(), D, nt, orow); break;
-                case 4: accumulate_rows<4>(pr, sc.v.data(), D, nt, orow); break;
-                case 5: accumulate_rows<5>(pr, sc.v.data(), D, nt, orow); break;
-                default: accumulate_rows<6>(pr, sc.v.data(), D, nt, orow); break;
+    }
+};
+
+// The keys k0 .. end of a decode task, read in place: per block, each of the task's KV heads in turn
+// (R rows each, rows of head hh after those of head hh - 1).
+template <int R, int FMT>
+void blocks_direct(const Args& a, const AttentionTask& task, const int64_t* slots, int64_t end, const float* qs,
+                   const BlockSoftmax& sm) {
+    const int64_t D = a.D, row_bytes = cache_row_bytes(FMT, D), slot_bytes = a.Hkv * row_bytes;
+    const uint8_t* kbase = static_cast<const uint8_t*>(a.k_cache) + task.head * row_bytes;
+    const uint8_t* vbase = static_cast<const uint8_t*>(a.v_cache) + task.head * row_bytes;
+    const uint8_t *kslot[kT], *vslot[kT], *krows[kT], *vrows[kT];
+    float kscale[kT], vscale[kT];
+    for (int64_t t0 = task.k0; t0 < end; t0 += kT) {
+        const int64_t nt = std::min<int64_t>(kT, task.k1 - t0);
+        const int64_t next = std::clamp<int64_t>(task.k1 - t0 - kT, 0, kT);
+        block_rows(slots + t0, nt, next, kbase, slot_bytes, task.nh * row_bytes, kslot);
+        block_rows(slots + t0, nt, next, vbase, slot_bytes, task.nh * row_bytes, vslot);
+        for (int64_t hh = 0; hh < task.nh; ++hh) {
+            head_rows<FMT>(kslot, hh * row_bytes, D, krows, kscale);
+            head_rows<FMT>(vslot, hh * row_bytes, D, vrows, vscale);
+            const BlockSoftmax h = sm.rows_from(hh * R, R);
+            scores_direct<R, FMT>(qs + hh * R * D, D, krows, kscale, h.sp);
+            h.update(t0, nt);
+            accumulate_direct<R, FMT>(h.sp, vrows, vscale, D, nt, h.o);
+        }
+    }
+}
+
+// Query token (index in the task) and query head of row r of a task: rows run over the G heads of
+// each query token, then (decode tasks over several KV heads, one token) over the KV heads.
+inline void task_row(const AttentionTask& task, int64_t G, int64_t r, int64_t& token, int64_t& head) {
+    token = task.nh == 1 ? r / G : 0;
+    head = task.head * G + (task.nh == 1 ? r % G : r);
+}
+
+void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
+    const int64_t D = a.D, G = a.G, R = task.nq * G * task.nh, head_rows = task.nq * G;
+    const int64_t s = task.seq, kv_len = a.kv_len[s], q_len = a.q_len[s];
+    float *qs = sc.q.data(), *o = sc.o.data(), *sp = sc.s.data(), *mx = sc.mx.data(), *l = sc.l.data();
+    // The task's query rows (see task_row), pre-scaled: each token's nh * G heads are adjacent in q.
+    const __m256 scale = _mm256_set1_ps(a.scale);
+    const int64_t width = task.nh * G * D;
+    for (int64_t i = 0; i < task.nq; ++i) {
+        const int64_t row = a.q_rows[a.q_off[s] + task.q0 + i];
+        const float* src = a.q + row * a.q_row_stride + task.head * G * D;
+        if (a.rope != nullptr) {  // the query as it comes out of the QKV product: rotate our copy
+            const float* cs = a.rope->table + a.rope->positions[row] * D;
+            std::copy(src, src + width, qs + i * width);
+            for (int64_t g = 0; g < task.nh * G; ++g) rotate_half_split(qs + i * width + g * D, cs, D / 2);
+            src = qs + i * width;
+        }
+        for (int64_t e = 0; e < width; e += 8)
+            _mm256_storeu_ps(qs + i * width + e, _mm256_mul_ps(_mm256_loadu_ps(src + e), scale));
+        if (a.rope != nullptr && a.rope->k_cache != nullptr && task.k1 == kv_len) {
+            // The task that reads the sequence's newest key (it reads it below, after this store)
+            // rotates and stores its KV heads' new K and V; no other task reads them this step.
+            const RopeStore& r = *a.rope;
+            for (int64_t h = task.head; h < task.head + task.nh; ++h) {
+                alignas(32) float k[256];
+                std::copy(r.k + row * r.kv_stride + h * D, r.k + row * r.kv_stride + (h + 1) * D, k);
+                rotate_half_split(k, r.table + r.positions[row] * D, D / 2);
+                store_row(r.k_cache, a.fmt, r.loc[row], a.Hkv, h, D, k);
+                store_row(r.v_cache, a.fmt, r.loc[row], a.Hkv, h, D, r.v + row * r.kv_stride + h * D);
+            }
+        }
+    }
+    std::fill(o, o + R * D, 0.0f);
+    std::fill(mx, mx + R, kNegInf);
+    std::fill(l, l + R, 0.0f);
+    // Query token i sees keys [0, visible0 + i) (all when not causal).
+    const int64_t visible0 = a.causal ? kv_len - q_len + 1 : kv_len;
+    const int64_t last_visible = std::min(kv_len, visible0 + task.q0 + task.nq - 1);
+    const int64_t* slots = a.slots + a.slot_off[s];
+    const int64_t end = std::min(task.k1, last_visible);
+    const BlockSoftmax sm{R, G, visible0 + task.q0, sp, mx, l, o, D};
+    if (head_rows <= 3) {
+        switch (a.fmt * 4 + int(head_rows)) {
+#define PLAIT_DIRECT(F, RR) \
+    case F * 4 + RR: blocks_direct<RR, F>(a, task, slots, end, qs, sm); break;
+            PLAIT_DIRECT(kCacheF32, 1) PLAIT_DIRECT(kCacheF32, 2) PLAIT_DIRECT(kCacheF32, 3)
+            PLAIT_DIRECT(kCacheBF16, 1) PLAIT_DIRECT(kCacheBF16, 2) PLAIT_DIRECT(kCacheBF16, 3)
+            PLAIT_DIRECT(kCacheF16, 1) PLAIT_DIRECT(kCacheF16, 2) PLAIT_DIRECT(kCacheF16, 3)
+            PLAIT_DIRECT(kCacheI8, 1) PLAIT_DIRECT(kCacheI8, 2) PLAIT_DIRECT(kCacheI8, 3)
+#undef PLAIT_DIRECT
+        }
+    } else {  // one KV head (the planner's contract for more than 3 rows per head)
+        for (int64_t t0 = task.k0; t0 < end; t0 += kT) {
+            const int64_t nt = std::min<int64_t>(kT, task.k1 - t0);
+            load_block_kv(slots + t0, nt, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, sc.kt.data(), sc.v.data());
+            for (int64_t r0 = 0; r0 < R; r0 += 3) {
+                switch (std::min<int64_t>(3, R - r0)) {
+                    case 1: scores_rows<1>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                    case 2: scores_rows<2>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                    default: scores_rows<3>(qs + r0 * D, D, sc.kt.data(), sp + r0 * kT); break;
+                }
+            }
+            sm.update(t0, nt);
+            for (int64_t r0 = 0; r0 < R; r0 += 6) {
+                const float* pr = sp + r0 * kT;
+                float* orow = o + r0 * D;
+                switch (std::min<int64_t>(6, R - r0)) {
+                    case 1: accumulate_rows<1>(pr, sc.v.data(), D, nt, orow); break;
+                    case 2: accumulate_rows<2>(pr, sc.v.data(), D, nt, orow); break;
+                    case 3: accumulate_rows<3>(pr, sc.v.data(), D, nt, orow); break;
+                    case 4: accumulate_rows<4>(pr, sc.v.data(), D, nt, orow); break;
+                    case 5: accumulate_rows<5>(pr, sc.v.data(), D, nt, orow); break;
+                    default: accumulate_rows<6>(pr, sc.v.data(), D, nt, orow); break;
+                }
             }
         }
     }
@@ -258,7 +442,9 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
         return;
     }
     for (int64_t r = 0; r < R; ++r) {
-        const int64_t row = a.q_rows[a.q_off[s] + task.q0 + r / G], head = task.head * G + r % G;
+        int64_t token, head;
+        task_row(task, G, r, token, head);
+        const int64_t row = a.q_rows[a.q_off[s] + task.q0 + token];
         float* dst = a.out + (row * a.Hq + head) * D;
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         const __m256 iv = _mm256_set1_ps(inv);
@@ -270,40 +456,44 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
 }  // namespace
 
 // Splits the work into tasks (see the top of the file); run by one thread.
-void plan_attention(const int64_t* q_len_p, const int64_t* kv_len_p, int64_t num_seqs, int64_t Hq, int64_t Hkv,
+void plan_attention(const int64_t* q_len, const int64_t* kv_len, int64_t num_seqs, int64_t Hq, int64_t Hkv,
                     int64_t D, int nthreads, TeamScratch& ts) {
-    struct {
-        const int64_t *q_len, *kv_len;
-    } a{q_len_p, kv_len_p};
     const int64_t G = Hq / Hkv;
     const int64_t rows_per_task = std::max<int64_t>(1, kMaxRows / G);
+    // KV heads per task: all of them for decode (one query token, at most 3 heads per KV head: read in
+    // place, one task then reads each key's rows of every head, adjacent in the pool), else one.
+    auto heads_per_task = [&](int64_t s) { return q_len[s] == 1 && G <= 3 ? std::min(Hkv, kMaxRows / G) : int64_t(1); };
     // Tasks without splitting the keys first; then split the keys of short-query sequences until
     // there are a few tasks per thread.
     int64_t base_tasks = 0;
-    for (int64_t s = 0; s < num_seqs; ++s) base_tasks += Hkv * ((a.q_len[s] + rows_per_task - 1) / rows_per_task);
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t nh = heads_per_task(s);
+        base_tasks += (Hkv + nh - 1) / nh * ((q_len[s] + rows_per_task - 1) / rows_per_task);
+    }
     const int64_t want = 4 * int64_t(nthreads);
     ts.tasks.clear();
     ts.splits.clear();
     int64_t num_partials = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
-        const int64_t q_len = a.q_len[s], kv_len = a.kv_len[s];
         int64_t chunks = 1;
-        if (q_len * G <= 16 && base_tasks < want) {
+        if (q_len[s] * G <= 16 && base_tasks < want) {
             const int64_t per = (want + base_tasks - 1) / base_tasks;
-            chunks = std::max<int64_t>(1, std::min(per, kv_len / kMinChunk));
+            chunks = std::max<int64_t>(1, std::min(per, kv_len[s] / kMinChunk));
         }
-        const int64_t chunk_len = ((kv_len + chunks - 1) / chunks + kT - 1) / kT * kT;
-        for (int64_t h = 0; h < Hkv; ++h) {
-            for (int64_t q0 = 0; q0 < q_len; q0 += rows_per_task) {
-                const int64_t nq = std::min(rows_per_task, q_len - q0);
+        const int64_t chunk_len = ((kv_len[s] + chunks - 1) / chunks + kT - 1) / kT * kT;
+        const int64_t heads = heads_per_task(s);
+        for (int64_t h = 0; h < Hkv; h += heads) {
+            const int64_t nh = std::min(heads, Hkv - h);
+            for (int64_t q0 = 0; q0 < q_len[s]; q0 += rows_per_task) {
+                const int64_t nq = std::min(rows_per_task, q_len[s] - q0);
                 if (chunks == 1) {
-                    ts.tasks.push_back({s, h, q0, nq, 0, kv_len, -1});
+                    ts.tasks.push_back({s, h, nh, q0, nq, 0, kv_len[s], -1});
                     continue;
                 }
                 // chunked sequences have a single block of query rows (q_len * G <= 16 rows)
-                ts.splits.push_back({s, h, num_partials, 0});
-                for (int64_t k0 = 0; k0 < kv_len; k0 += chunk_len) {
-                    ts.tasks.push_back({s, h, q0, nq, k0, std::min(kv_len, k0 + chunk_len), num_partials++});
+                ts.splits.push_back({s, h, nh, num_partials, 0});
+                for (int64_t k0 = 0; k0 < kv_len[s]; k0 += chunk_len) {
+                    ts.tasks.push_back({s, h, nh, q0, nq, k0, std::min(kv_len[s], k0 + chunk_len), num_partials++});
                     ts.splits.back().count++;
                 }
             }
@@ -318,11 +508,14 @@ namespace {
 
 // Merges the chunks of one split (sequence, head) through their log-sum-exps.
 void merge_split(const Args& a, const AttentionSplit& sp, const TeamScratch& ts) {
-    const int64_t s = sp.seq, R = a.q_len[s] * a.G, D = a.D;
+    const int64_t s = sp.seq, R = a.q_len[s] * a.G * sp.nh, D = a.D;
+    const AttentionTask rows{s, sp.head, sp.nh, 0, a.q_len[s], 0, 0, -1};  // the chunks' row layout
     for (int64_t r = 0; r < R; ++r) {
         float m = kNegInf;
         for (int64_t c = 0; c < sp.count; ++c) m = std::max(m, ts.partial_m[(sp.first + c) * kMaxRows + r]);
-        const int64_t row = a.q_rows[a.q_off[s] + r / a.G], head = sp.head * a.G + r % a.G;
+        int64_t token, head;
+        task_row(rows, a.G, r, token, head);
+        const int64_t row = a.q_rows[a.q_off[s] + token];
         float* dst = a.out + (row * a.Hq + head) * D;
         float total = 0.0f;
         std::fill(dst, dst + D, 0.0f);

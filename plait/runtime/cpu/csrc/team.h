@@ -10,13 +10,13 @@
 namespace plait {
 
 struct AttentionTask {
-    int64_t seq, head, q0, nq;  // query rows q0 .. q0 + nq of the sequence
+    int64_t seq, head, nh, q0, nq;  // KV heads head .. head + nh (nh > 1 only when nq == 1); query rows q0 .. q0 + nq
     int64_t k0, k1;             // keys k0 .. k1
     int64_t partial;            // index of its partial result, or -1 when it writes the output itself
 };
 
 struct AttentionSplit {
-    int64_t seq, head, first, count;  // a (sequence, head) whose keys were split into `count` chunks
+    int64_t seq, head, nh, first, count;  // a (sequence, head) whose keys were split into `count` chunks
 };
 
 struct TeamScratch {
