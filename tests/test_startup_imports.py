@@ -66,3 +66,32 @@ RuntimeConfig.from_options(**options)
 import plait.runtime.server.model_processes
 """
     assert _imported_after(code) == set()
+
+
+def test_the_http_process_needs_neither_torch_nor_transformers_for_a_gguf_model(default_tokenizer, tmp_path):
+    """The server's HTTP process: its app, and the default model's tokenizer as the scheduler sends it
+    (pickled); the tokenizer is read the way a warm start reads it (from the saved folder)."""
+    from plait.runtime import fast_tokenizer
+    from plait.runtime.tokenizer import Tokenizer
+
+    default_tokenizer.hf.save_pretrained(tmp_path)
+    pickled = tmp_path / "tokenizer.pickle"
+    pickled.write_bytes(__import__("pickle").dumps(Tokenizer(fast_tokenizer.load(str(tmp_path)))))
+    code = f"""
+import pickle
+import plait.runtime.server.app, plait.runtime.server.uvicorn_server, plait.runtime.frontend.front_end
+tokenizer = pickle.loads(open({str(pickled)!r}, "rb").read())
+tokenizer.apply_chat_template([{{"role": "user", "content": "hi"}}])
+tokenizer.decode(tokenizer.encode("hi"))
+"""
+    assert _imported_after(code) <= {"fastapi"}
+
+
+def test_a_warm_start_reads_the_default_models_tokenizer_without_transformers(default_tokenizer):
+    # default_tokenizer (resolve_model) has saved the tokenizer already, if this machine had not.
+    code = """
+from plait.runtime.model_loader.default_model import default_model_path
+from plait.runtime.tokenizer import Tokenizer
+assert type(Tokenizer.from_gguf(str(default_model_path())).backend).__name__ == "FastTokenizer"
+"""
+    assert _imported_after(code) == set()
