@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve a model over HTTP (SGLang's native API and the OpenAI API)",
                            description="Serve a model over HTTP: SGLang's native API and the OpenAI API.")
     add_server_args(serve)
-    from plait.router.app import DESCRIPTION, add_router_args
+    from plait.router.config import DESCRIPTION, add_router_args
 
     router = sub.add_parser("router", help="route requests over several servers by where their prompts' prefixes "
                                            "are cached", description=DESCRIPTION)

@@ -25,6 +25,8 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+# The flags live with the config, so that `plait --help` does not import FastAPI.
+from plait.router.config import DESCRIPTION, add_router_args  # noqa: F401 (re-exported)
 from plait.router.core import NoWorkerAvailable, Router, Worker
 from plait.router.tree import token_key
 from plait.router.upstream import NotStarted, open_request
@@ -272,15 +274,6 @@ def _prometheus(router: Router, infos: list[dict[str, Any] | None]) -> bytes:
     return generate_latest(registry)
 
 
-def add_router_args(parser: Any) -> None:
-    from plait.router.config import RouterConfig
-    from plait.router.policy import ROUTING_POLICIES
-    from plait.runtime.cli_args import add_section_args
-
-    add_section_args(parser, "router", RouterConfig, choices={"policy": list(ROUTING_POLICIES),
-                                                              "log_level": ["debug", "info", "warning", "error"]})
-
-
 def router_from_args(args: Any, parser: Any) -> int:
     """Run the router with flags parsed by a parser that has `add_router_args`, until Ctrl-C or SIGTERM."""
     import dataclasses
@@ -313,5 +306,3 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     add_router_args(parser)
     return router_from_args(parser.parse_args(argv), parser)
 
-
-DESCRIPTION = "Route requests over several servers, each to the one whose prefix cache most probably holds its prompt."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from plait.runtime.config import option
 
@@ -42,3 +43,14 @@ class RouterConfig:
                 raise ValueError(f"worker URLs must start with http://, got {url!r}")
         if self.health_failure_threshold < 1 or self.health_success_threshold < 1:
             raise ValueError("--health-failure-threshold and --health-success-threshold must be at least 1")
+
+
+DESCRIPTION = "Route requests over several servers, each to the one whose prefix cache most probably holds its prompt."
+
+
+def add_router_args(parser: Any) -> None:
+    from plait.router.policy import ROUTING_POLICIES
+    from plait.runtime.cli_args import add_section_args
+
+    add_section_args(parser, "router", RouterConfig, choices={"policy": list(ROUTING_POLICIES),
+                                                              "log_level": ["debug", "info", "warning", "error"]})

@@ -16,25 +16,21 @@ from plait.runtime.config import RuntimeConfig
 
 
 def _choices() -> dict[str, list[str]]:
-    from plait.runtime.attention.base import ATTENTION_BACKENDS
-    from plait.runtime.cache import PREFIX_CACHES
-    from plait.runtime.cache.eviction import EVICTION_POLICIES
-    from plait.runtime.cache.hiradix_cache import WRITE_POLICIES
-    from plait.runtime.memory.host_pool import STORAGE_BACKENDS
+    # Names only (plait.runtime.choices): the registries themselves import torch.
+    from plait.runtime import choices
     from plait.runtime.constrained.base import GRAMMAR_BACKENDS
-    from plait.runtime.scheduler.policy import SCHEDULE_POLICIES
 
     return {
-        "schedule_policy": list(SCHEDULE_POLICIES),
-        "prefix_cache": list(PREFIX_CACHES),
-        "attention_backend": list(ATTENTION_BACKENDS),
+        "schedule_policy": list(choices.SCHEDULE_POLICIES),
+        "prefix_cache": list(choices.PREFIX_CACHES),
+        "attention_backend": list(choices.ATTENTION_BACKENDS),
         "grammar_backend": list(GRAMMAR_BACKENDS),
         "dtype": ["auto", "bfloat16", "float16", "float32"],
         "kv_cache_dtype": ["auto", "float32", "bfloat16", "float16", "int8", "fp8_e5m2", "fp8_e4m3"],
         "load_format": ["auto", "safetensors", "gguf", "dummy"],
-        "hicache_write_policy": list(WRITE_POLICIES),
-        "hicache_storage_backend": list(STORAGE_BACKENDS),
-        "radix_eviction_policy": list(EVICTION_POLICIES),
+        "hicache_write_policy": list(choices.WRITE_POLICIES),
+        "hicache_storage_backend": list(choices.STORAGE_BACKENDS),
+        "radix_eviction_policy": list(choices.EVICTION_POLICIES),
     }
 
 

@@ -1,8 +1,11 @@
 """The tokenizer wrapper: one object for encoding, decoding, chat templates and stop tokens.
 
-It wraps a Hugging Face fast tokenizer (`.hf`, used directly by the detokenizer) and adds the two
-things the runtime needs that HF spreads over several files: the full list of end-of-sequence ids
-and the chat template, either of which a user may override.
+It wraps a fast tokenizer (`.backend`, used directly by the detokenizer): transformers'
+`PreTrainedTokenizerFast`, or for the tokenizers Plait saves itself (a GGUF file's) a `FastTokenizer`
+over the `tokenizers` library alone, which keeps transformers out of start-up. `.hf` is always a
+transformers tokenizer, built on first use where the backend is not one (grammar backends take it).
+It adds the two things the runtime needs that HF spreads over several files: the full list of
+end-of-sequence ids and the chat template, either of which a user may override.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from plait.runtime.chat_template import is_plain, render
+from plait.runtime.fast_tokenizer import FastTokenizer
 from plait.runtime.model_loader.source import ModelLoadError
 
 if TYPE_CHECKING:
@@ -32,14 +37,15 @@ class Tokenizer:
 
     def __init__(
         self,
-        hf: PreTrainedTokenizerBase,
+        hf: PreTrainedTokenizerBase | FastTokenizer,
         *,
         extra_eos_token_ids: Iterable[int] = (),
         chat_template: str | None = None,
     ):
-        self.hf = hf
+        self.backend = hf
+        self._hf = None if isinstance(hf, FastTokenizer) else hf
         if chat_template is not None:
-            self.hf.chat_template = load_chat_template(chat_template)
+            self.backend.chat_template = load_chat_template(chat_template)
         eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
         eos += list(extra_eos_token_ids)
         eos += self._turn_end_token_ids()
@@ -72,9 +78,16 @@ class Tokenizer:
         result is saved once under the cache folder (`$PLAIT_CACHE_DIR/tokenizers/`, keyed by the file's
         name, size and modification time and the transformers version) and read from there afterwards.
         """
+        cached = _gguf_tokenizer_cache(path)
+        if cached is not None:
+            # The saved folder, read without transformers (see fast_tokenizer.py).
+            from plait.runtime import fast_tokenizer
+
+            fast = fast_tokenizer.load(cached)
+            if fast is not None:
+                return cls(fast, extra_eos_token_ids=extra_eos_token_ids, chat_template=chat_template)
         from transformers import PreTrainedTokenizerFast
 
-        cached = _gguf_tokenizer_cache(path)
         hf = None
         if cached is not None and os.path.isfile(os.path.join(cached, "tokenizer.json")):
             try:
@@ -93,41 +106,57 @@ class Tokenizer:
                 _save_atomically(hf, cached)
         return cls(hf, extra_eos_token_ids=extra_eos_token_ids, chat_template=chat_template)
 
+    @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        """transformers' tokenizer (grammar backends and other libraries take one); where the backend is
+        a `FastTokenizer`, built from the same folder on first use, which imports transformers."""
+        if self._hf is None:
+            self._hf = self.backend.to_transformers()
+        return self._hf
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A transformers tokenizer built from a FastTokenizer stays behind: unpickling it would import
+        # transformers in the receiving process (the server's HTTP process gets this object).
+        state = dict(self.__dict__)
+        if isinstance(self.backend, FastTokenizer):
+            state["_hf"] = None
+        return state
+
     # ---- properties -------------------------------------------------------------------------
     @property
     def chat_template(self) -> str | None:
-        template = self.hf.chat_template
+        template = self.backend.chat_template
         if isinstance(template, dict):  # named templates (older tokenizer_config.json)
             template = template.get("default") or next(iter(template.values()), None)
         return template or None
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.hf.bos_token_id
+        return self.backend.bos_token_id
 
     @property
     def pad_token_id(self) -> int | None:
-        return self.hf.pad_token_id
+        return self.backend.pad_token_id
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (may be below the model's padded vocab_size)."""
-        return len(self.hf)
+        return len(self.backend)
 
     # ---- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(
         self, ids: list[int], *, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
     ) -> str:
-        return self.hf.decode(
+        return self.backend.decode(
             ids, skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=spaces_between_special_tokens
         )
 
     def id_to_token_text(self, token_id: int) -> str:
         """The decoded text of one token (a partial UTF-8 byte decodes to U+FFFD)."""
-        return self.hf.decode([token_id], skip_special_tokens=False)
+        return self.backend.decode([token_id], skip_special_tokens=False)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: Any = None, **kw: Any
@@ -135,6 +164,10 @@ class Tokenizer:
         """Render messages to the prompt string (not ids: the caller encodes with add_special_tokens=False)."""
         if self.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template; pass one with --chat-template")
+        fast = self.backend if isinstance(self.backend, FastTokenizer) else None
+        if fast is not None and isinstance(fast.chat_template, str) and is_plain([messages, tools, kw]):
+            return render(fast.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                          **{**fast.special_tokens_map, **kw})
         return self.hf.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kw
         )
@@ -145,8 +178,8 @@ class Tokenizer:
         for token in _TURN_END_TOKENS:
             if token not in template:
                 continue
-            token_id = self.hf.convert_tokens_to_ids(token)
-            if token_id is not None and self.hf.convert_ids_to_tokens(token_id) == token:
+            token_id = self.backend.convert_tokens_to_ids(token)
+            if token_id is not None and self.backend.convert_ids_to_tokens(token_id) == token:
                 ids.append(token_id)
         return ids
 
@@ -163,7 +196,7 @@ def load_chat_template(template_or_path: str) -> str:
 
 def _gguf_tokenizer_cache(path: str) -> str | None:
     """The cache folder for the tokenizer built from this GGUF file (None if the file cannot be stat'ed)."""
-    import transformers
+    from importlib.metadata import version
 
     from plait.runtime.model_loader.default_model import cache_dir
 
@@ -172,7 +205,7 @@ def _gguf_tokenizer_cache(path: str) -> str | None:
     except OSError:
         return None
     stem = os.path.basename(path).removesuffix(".gguf")
-    return os.path.join(cache_dir(), "tokenizers", f"{stem}-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}")
+    return os.path.join(cache_dir(), "tokenizers", f"{stem}-{st.st_size}-{st.st_mtime_ns}-tf{version('transformers')}")
 
 
 def _save_atomically(hf: PreTrainedTokenizerBase, folder: str) -> None:

@@ -75,7 +75,7 @@ def template_for_tokenizer(tokenizer: Any, model_path: str | None) -> ChatTempla
         bos = ""
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is not None and tokenizer.encode("a")[:1] == [bos_id]:
-            bos = tokenizer.hf.bos_token or ""  # the engine adds this token itself when it tokenizes
+            bos = tokenizer.backend.bos_token or ""  # the engine adds this token itself when it tokenizes
 
         def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)

@@ -150,6 +150,15 @@ def _cpu_has_bf16_units() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def _to_empty(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model.to_empty(device=device)`: uninitialised storage of the same shapes, strides and dtypes.
+
+    `to_empty` calls `empty_like` on the meta tensors, which runs PyTorch's Python reference code for
+    it; the first such call imports sympy (a second of start-up on a small CPU). `empty_strided` is a
+    plain factory call on the target device."""
+    return model._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device))
+
+
 class ModelRunner:
     def __init__(
         self, model_config: ModelConfig, memory_config: MemoryConfig | None = None, *, source: ModelSource | None = None,
@@ -309,7 +318,7 @@ class ModelRunner:
         with torch.device("meta"):
             model = model_cls(self.config, tp=self.tp).to(self.dtype)
         # Allocated but untouched: layers that take stored weights below free theirs unwritten.
-        model = model.to_empty(device=self.device)
+        model = _to_empty(model, self.device)
         if self.source.load_format == "dummy":
             _init_dummy_weights(model)
         else:

@@ -71,7 +71,7 @@ def resolve_model(
             raise ModelLoadError(f"{source.path}: a chat template was given but the model has no tokenizer")
         from plait.runtime.tokenizer import Tokenizer
 
-        source.tokenizer = Tokenizer(source.tokenizer.hf, extra_eos_token_ids=source.tokenizer.eos_token_ids,
+        source.tokenizer = Tokenizer(source.tokenizer.backend, extra_eos_token_ids=source.tokenizer.eos_token_ids,
                                      chat_template=chat_template)
     return source
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm import tqdm
 
 from plait.runtime.model_loader.source import normalize_config
+
+if TYPE_CHECKING:
+    import torch
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -121,6 +123,8 @@ def param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def iter_dummy_weights(config: dict[str, Any], *, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Deterministic random weights: normal(0, 0.02) and norm weights 1, in the config's dtype."""
+    import torch  # here: the package (and the tokenizer, which the server's HTTP process unpickles) stays torch-free
+
     dtype = getattr(torch, normalize_config(config)["torch_dtype"])
     gen = torch.Generator().manual_seed(seed)
     shapes = param_shapes(config)

@@ -30,7 +30,7 @@ def new_detokenizer(req: Req, tokenizer, *, context_ids: list[int] | None = None
         return None
     p = req.params
     detok = IncrementalDetokenizer(
-        tokenizer.hf,
+        tokenizer.backend,
         prompt_ids=req.prompt_ids if context_ids is None else context_ids,
         skip_special_tokens=p.skip_special_tokens,
         spaces_between_special_tokens=p.spaces_between_special_tokens,

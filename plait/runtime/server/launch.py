@@ -27,9 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator
-
-import uvicorn
+from typing import Any
 
 logger = logging.getLogger("plait.server")
 
@@ -101,23 +99,30 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, ipc_dir: str) -> int:
-    from plait.runtime.frontend.front_end import FrontEnd
     from plait.runtime.server.model_processes import start_model_processes
-    from plait.runtime.server.app import ServerState, create_app
-    from plait.runtime.server.metrics import ServerMetrics
 
     # Idle OpenMP workers of the scheduler process would spin on the cores the HTTP process needs for
     # every token; sleeping instead made decoding 5-10x faster on a busy 2-core machine (and no slower
     # on an idle one). An explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The model's processes first: their `import torch` and model load are the longest part of
+    # start-up, and this process's own imports (FastAPI, uvicorn) run meanwhile on another core.
     transport, processes = start_model_processes(options, config, ipc_dir)
-    # The tokenizer arrives pickled with the scheduler's ready message; importing transformers now,
-    # while the model loads, keeps that import off the event loop.
-    threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
+    import uvicorn
+
+    from plait.runtime.frontend.front_end import FrontEnd
+    from plait.runtime.server.app import ServerState, create_app
+    from plait.runtime.server.metrics import ServerMetrics
+    from plait.runtime.server.uvicorn_server import Server
+
+    if _tokenizer_needs_transformers(options):
+        # The tokenizer arrives pickled with the scheduler's ready message; importing transformers now,
+        # while the model loads, keeps that import off the event loop.
+        threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
     logger.info("starting: %s", _changed_options(config, options) or "default options")
 
     exit_code = {"value": 0}
-    server: _Server | None = None
+    server: Server | None = None
 
     def on_dead(message: str) -> None:
         exit_code["value"] = 1
@@ -152,7 +157,7 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
         # lines say what happens, and `_announce_when_ready` prints the ready line. (After uvicorn's
         # Config, which sets its loggers' levels.)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    server = _Server(uv_config, on_exit_signal=lambda: _drain(state, server))
+    server = Server(uv_config, on_exit_signal=lambda: _drain(state, server))
     try:
         server.run(sockets=[sock])
     finally:
@@ -163,6 +168,13 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
     if exit_code["value"]:
         logger.error("exiting: %s", front.dead)
     return exit_code["value"]
+
+
+def _tokenizer_needs_transformers(options: dict[str, Any]) -> bool:
+    """Whether the tokenizer will be transformers' (any but a GGUF file's, which Plait reads with the
+    `tokenizers` library alone once it has saved it; the default model is a GGUF file)."""
+    path = options.get("tokenizer_path") or options.get("model_path") or "default"
+    return not (path == "default" or str(path).endswith(".gguf"))
 
 
 async def _announce_when_ready(state: Any, url: str) -> None:
@@ -217,38 +229,6 @@ def _changed_options(config: Any, options: dict[str, Any]) -> str:
             changed.append(flag if value is True else f"{flag} {'***' if name == 'api_key' else value}")
     return " ".join(changed)
 
-
-class _Server(uvicorn.Server):
-    """uvicorn's Server with two changes: a first SIGTERM/SIGINT also starts the drain of in-flight
-    requests, and the signal is not re-raised after shutdown (uvicorn does that, which would make a
-    cleanly stopped server die by the signal instead of exiting 0)."""
-
-    def __init__(self, config: uvicorn.Config, *, on_exit_signal: Callable[[], None]):
-        super().__init__(config)
-        self.on_exit_signal = on_exit_signal
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        first = not self.should_exit
-        super().handle_exit(sig, frame)
-        if first:
-            self.on_exit_signal()
 
 
 if __name__ == "__main__":

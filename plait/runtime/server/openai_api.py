@@ -388,7 +388,7 @@ class _TokenStrings:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.cache: dict[int, tuple[str, list[int]]] = {}
-        hf = tokenizer.hf if tokenizer is not None else None
+        hf = tokenizer.backend if tokenizer is not None else None
         decoder = getattr(getattr(hf, "backend_tokenizer", None), "decoder", None)
         self.byte_level = type(decoder).__name__ == "ByteLevel"
         self.special = set(getattr(hf, "all_special_ids", None) or [])
@@ -411,7 +411,7 @@ class _TokenStrings:
     def _bytes(self, token_id: int) -> bytes:
         if self.tokenizer is None:
             return str(token_id).encode()
-        hf = self.tokenizer.hf
+        hf = self.tokenizer.backend
         piece = hf.convert_ids_to_tokens(token_id)
         if piece is None:
             return b""
