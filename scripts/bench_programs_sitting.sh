@@ -17,7 +17,8 @@
 # Environment: PY (a Python with Plait installed; default .venv/bin/python), SIZE (cpu), ENGINES
 # ("plait plait-ablations vllm llama"), WORKLOADS (all), ABLATION_WORKLOADS (the workloads of the
 # ablation runs), THREADS (run_batch threads, 64), and where the peers are: PEERS (default
-# $TMPDIR/cpupeers), VLLM_PY, VLLM_MODEL, LLAMA_SERVER, LLAMA_GGUF.
+# $TMPDIR/cpupeers), VLLM_PY, VLLM_MODEL, VLLM_DTYPE (bfloat16; float32 is vLLM's faster choice on a
+# CPU without AVX-512 BF16), LLAMA_SERVER, LLAMA_GGUF.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench_programs_sitting.sh OUTDIR}
@@ -33,6 +34,7 @@ THREADS=${THREADS:-64}
 PEERS=${PEERS:-${TMPDIR:-/tmp}/cpupeers}
 VLLM_PY=${VLLM_PY:-$PEERS/vllm-venv/bin/python}
 VLLM_MODEL=${VLLM_MODEL:-$PEERS/smollm2-135m}
+VLLM_DTYPE=${VLLM_DTYPE:-bfloat16}
 LLAMA_SERVER=${LLAMA_SERVER:-$PEERS/llamacpp-build/bin/llama-server}
 LLAMA_GGUF=${LLAMA_GGUF:-$PEERS/gguf/smollm2-135m-bf16.gguf}
 PORT=${PORT:-30210}
@@ -130,7 +132,7 @@ for engine in $ENGINES; do
           VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_SERVER_DEV_MODE=1 \
           LD_PRELOAD="${tc}${iomp:+:$iomp}" \
           "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$VLLM_MODEL" --host 127.0.0.1 --port "$PORT" \
-          --served-model-name smollm2 --dtype bfloat16 --max-model-len 4096 --enable-prefix-caching; then
+          --served-model-name smollm2 --dtype "$VLLM_DTYPE" --max-model-len 4096 --enable-prefix-caching; then
         suite vllm --backend openai --server vllm
         stop
       fi

@@ -84,7 +84,8 @@ def test_wheel_installs_into_a_bare_venv_and_plait_runs_from_it(tmp_path):
     env = _system_env()
     dist = tmp_path / "dist"
     checkout = _fresh_checkout(tmp_path / "checkout")  # the build's scratch folders stay out of the real checkout
-    build = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(checkout)], env=env)
+    build = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(checkout)], env=env,
+                 cwd=tmp_path)  # not the repository root: a local build/ folder there would shadow `build`
     log = build.stdout + build.stderr
     assert "deprecat" not in log.lower(), log  # setuptools' deprecation warnings (a table `license`, ...)
     (wheel,) = dist.glob("plait-*.whl")
