@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plait.runtime.engine import Engine
-from tests.test_constrained import json_schemas, regexes
+from tests.test_constrained_properties import json_schemas, regexes
 from tests.tiny_models import InMemorySource
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
