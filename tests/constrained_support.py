@@ -19,6 +19,14 @@ PROPERTY_SETTINGS = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 
+# An EBNF grammar of integer arithmetic: the examples feed it expressions, the property tests walk it.
+ARITHMETIC = r"""
+root ::= expr
+expr ::= term (("+" | "-") term)*
+term ::= factor (("*" | "/") factor)*
+factor ::= [0-9]+ | "(" expr ")"
+"""
+
 _backends: dict[str, object] = {}
 
 

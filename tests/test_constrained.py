@@ -21,7 +21,7 @@ from plait.runtime.constrained.base import (
     validate_constraint,
 )
 from plait.sampling_params import SamplingParams
-from tests.constrained_support import BACKENDS, backend, encode, accepts  # noqa: F401 (fixtures)
+from tests.constrained_support import ARITHMETIC, BACKENDS, backend, encode, accepts  # noqa: F401 (fixtures)
 
 
 # ---- keys and validation ---------------------------------------------------------------------------

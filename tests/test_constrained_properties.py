@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from plait.runtime.constrained.base import GrammarKey, close_objects
-from tests.constrained_support import PROPERTY_SETTINGS, backend, random_walk  # noqa: F401 (fixtures)
+from tests.constrained_support import ARITHMETIC, PROPERTY_SETTINGS, backend, random_walk  # noqa: F401 (fixtures)
 
 
 # ---- property tests: random walks through the mask ---------------------------------------------
@@ -101,14 +101,6 @@ def test_random_walk_validates_json_schema(backend, schema, seed):
 def test_random_walk_json_object(backend, seed):
     text = random_walk(backend, GrammarKey("json_object", ""), seed)
     assert isinstance(json.loads(text), dict), text
-
-
-ARITHMETIC = r"""
-root ::= expr
-expr ::= term (("+" | "-") term)*
-term ::= factor (("*" | "/") factor)*
-factor ::= [0-9]+ | "(" expr ")"
-"""
 
 
 def parse_arithmetic(text: str) -> bool:
