@@ -230,7 +230,7 @@ inline void accumulate_direct(const float* p, const uint8_t* const rows[kT], con
                 _mm256_store_ps(&scaled[r][t], _mm256_mul_ps(_mm256_loadu_ps(p + r * kT + t), _mm256_loadu_ps(scales + t)));
         w = scaled;
     }
-    const int64_t n2 = (nt + 1) / 2 * 2;  // an odd count reads one zero row with weight 0
+    const int64_t n2 = (nt + 1) / 2 * 2;  // an odd count reads one more row (the last, repeated) with weight 0
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
         __m256 even[R][2], odd[R][2];
         for (int r = 0; r < R; ++r) {
