@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from plait.runtime.engine import Engine
+from plait.runtime.executor.model_runner import cpu_default_kv_slots
 from plait.runtime.memory.kv_pool import KVPool
 from tests.tiny_models import InMemorySource
 
@@ -59,8 +60,25 @@ def engine(default_tokenizer):
         yield e
 
 
-def test_cpu_pool_holds_two_contexts_by_default(engine):
-    assert engine.runner.kv_pool.num_slots == 2 * engine.runner.context_length == 2048
+def test_cpu_pool_default_takes_room_for_many_requests(engine):
+    # a tiny model's KV is small: the budget allows more than 16 contexts, so 16 it is
+    assert engine.runner.kv_pool.num_slots == 16 * engine.runner.context_length == 16384
+
+
+def test_cpu_pool_default_rule():
+    gib = 1 << 30
+    per_token = 23040  # the default model: 30 layers, 3 KV heads of 64, 16-bit K and V
+    # plenty of memory: 2 GiB of KV
+    assert cpu_default_kv_slots(per_token, 8192, 20 * gib) == (2 * gib) // per_token
+    # little memory: a quarter of it, but never fewer than two contexts
+    assert cpu_default_kv_slots(per_token, 8192, 4 * gib) == gib // per_token
+    assert cpu_default_kv_slots(per_token, 8192, gib // 2) == 2 * 8192
+    # memory unknown: the 2 GiB budget
+    assert cpu_default_kv_slots(per_token, 8192, None) == (2 * gib) // per_token
+    # a long-context model: two contexts would pass 2 GiB, so 2 GiB it is
+    assert cpu_default_kv_slots(131072, 131072, 64 * gib) == (2 * gib) // 131072
+    # a small context: at most 16 of them
+    assert cpu_default_kv_slots(per_token, 1024, 20 * gib) == 16 * 1024
 
 
 def test_flush_cache_gives_the_pool_back(engine):

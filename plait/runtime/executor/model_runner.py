@@ -38,11 +38,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# On the CPU without --max-total-tokens, the KV pool holds this many full contexts (one request at
-# the full context length and as much again for other requests and cached prefixes) ...
-_CPU_KV_CONTEXTS = 2
-# ... but at most this many bytes (long-context models would otherwise take tens of GB).
+# On the CPU without --max-total-tokens, the KV pool takes this many bytes, which concurrent programs
+# with shared prefixes need (24 programs of 700 tokens overflow two contexts of a small model) ...
 _CPU_KV_BUDGET_BYTES = 2 << 30
+# ... but no more than this share of the memory available at start ...
+_CPU_KV_MEMORY_SHARE = 0.25
+# ... and no more than this many full contexts; at least two (one request at the full context
+# length and as much again for others), even where the budget is smaller.
+_CPU_KV_MAX_CONTEXTS = 16
+_CPU_KV_MIN_CONTEXTS = 2
 # Without --max-running-requests: one request row per 16 KV tokens, at most this many.
 _MAX_DEFAULT_RUNNING = 512
 # Held back for CUDA graphs beyond the measured decode activations: the backend's static buffers.
@@ -267,8 +271,8 @@ class ModelRunner:
         logger.info("dtype: %s on %s%s", str(self.dtype).replace("torch.", ""), self.device, why)
         rule = ", taken as it fills" if self.device.type == "cpu" else ""
         if not memory_config.max_total_tokens and self.device.type == "cpu":
-            rule += f"; sized for {_CPU_KV_CONTEXTS} contexts of {self.context_length} tokens, at most " \
-                   f"{_CPU_KV_BUDGET_BYTES / gib:.0f} GiB; --max-total-tokens sets it"
+            rule += f"; {_CPU_KV_BUDGET_BYTES / gib:.0f} GiB or a quarter of available memory, " \
+                   f"{_CPU_KV_MIN_CONTEXTS}-{_CPU_KV_MAX_CONTEXTS} contexts; --max-total-tokens sets it"
         logger.info("KV pool: %d tokens, %.2f GiB %s, up to %d running requests%s", report.kv_pool_tokens,
                     report.kv_pool_bytes / gib, report.kv_dtype, report.max_running_requests, rule)
         if report.graph_batch_sizes or report.device_total_bytes:
@@ -374,7 +378,7 @@ class ModelRunner:
                     f"{reserve_bytes / 2**30:.2f} GiB held for CUDA graphs"
                 )
             return int(budget // per_token)
-        return max(256, min(_CPU_KV_CONTEXTS * self.context_length, _CPU_KV_BUDGET_BYTES // per_token))
+        return cpu_default_kv_slots(per_token, self.context_length, available_memory_bytes())
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -500,3 +504,27 @@ def _init_dummy_weights(model: torch.nn.Module) -> None:
             param.zero_()
         else:
             param.normal_(0.0, 0.02)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_default_kv_slots(bytes_per_token: int, context_length: int, available: int | None) -> int:
+    """The CPU KV pool without --max-total-tokens: `_CPU_KV_BUDGET_BYTES`, or a quarter of the
+    available memory where that is less, between 2 and 16 full contexts. The pool's pages are taken
+    as KV is written, so an idle server pays nothing for the room."""
+    budget = _CPU_KV_BUDGET_BYTES
+    if available is not None:
+        budget = min(budget, int(available * _CPU_KV_MEMORY_SHARE))
+    tokens = budget // bytes_per_token
+    floor = min(_CPU_KV_MIN_CONTEXTS * context_length, _CPU_KV_BUDGET_BYTES // bytes_per_token)
+    return max(256, floor, min(tokens, _CPU_KV_MAX_CONTEXTS * context_length))
