@@ -244,8 +244,9 @@ inline void scores_direct(const float* q, int64_t D, const uint8_t* const rows[k
     }
 }
 
-// o[r] += sum_t p[r][t] v[t] over the block's first nt keys, R <= 3 rows, 16 dims at a time; even
-// and odd keys add into separate accumulators, so that 4 R chains of FMAs run side by side.
+// o[r] += sum_t p[r][t] v[t] over the block's first nt keys, R <= 3 rows: for 3 rows 32 dims at a
+// time (12 chains of FMAs); else 16 dims at a time, even and odd keys adding into separate
+// accumulators, so that 4 R chains run side by side.
 template <int R, int FMT>
 inline void accumulate_direct(const float* p, const uint8_t* const rows[kT], const float scales[kT], int64_t D,
                               int64_t nt, float* o, LinesAhead& ahead) {
@@ -257,6 +258,29 @@ inline void accumulate_direct(const float* p, const uint8_t* const rows[kT], con
             for (int64_t t = 0; t < kT; t += 8)
                 _mm256_store_ps(&scaled[r][t], _mm256_mul_ps(_mm256_loadu_ps(p + r * kT + t), _mm256_loadu_ps(scales + t)));
         w = scaled;
+    }
+    if constexpr (R == 3) {
+        if (D % 32 == 0) {  // 32 dims a pass: 12 accumulators, each weight broadcast once a pass
+            for (int64_t d0 = 0; d0 < D; d0 += 32) {
+                __m256 acc[3][4];
+                for (int r = 0; r < 3; ++r)
+                    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_loadu_ps(o + r * D + d0 + 8 * c);
+                for (int64_t t = 0; t < nt; ++t) {
+                    ahead.read(2);
+                    const __m256 p0 = _mm256_broadcast_ss(&w[0][t]), p1 = _mm256_broadcast_ss(&w[1][t]),
+                                 p2 = _mm256_broadcast_ss(&w[2][t]);
+                    for (int c = 0; c < 4; ++c) {
+                        const __m256 v = load_raw8<FMT>(rows[t], d0 + 8 * c);
+                        acc[0][c] = _mm256_fmadd_ps(p0, v, acc[0][c]);
+                        acc[1][c] = _mm256_fmadd_ps(p1, v, acc[1][c]);
+                        acc[2][c] = _mm256_fmadd_ps(p2, v, acc[2][c]);
+                    }
+                }
+                for (int r = 0; r < 3; ++r)
+                    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + r * D + d0 + 8 * c, acc[r][c]);
+            }
+            return;
+        }
     }
     const int64_t n2 = (nt + 1) / 2 * 2;  // an odd count reads one more row (the last, repeated) with weight 0
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
@@ -336,7 +360,7 @@ struct BlockSoftmax {
             __m256 m4 = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(sr), _mm256_loadu_ps(sr + 8)),
                                       _mm256_max_ps(_mm256_loadu_ps(sr + 16), _mm256_loadu_ps(sr + 24)));
             const float m_new = std::max(mx[r], hmax(m4));
-            const float alpha = std::exp(mx[r] - m_new);  // 0 for the first visible block
+            const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);  // 0 for the first visible block
             const __m256 mv = _mm256_set1_ps(m_new);
             __m256 sum = _mm256_setzero_ps();
             for (int j = 0; j < kT; j += 8) {
@@ -504,7 +528,10 @@ void plan_attention(const int64_t* q_len, const int64_t* kv_len, int64_t num_seq
         const int64_t nh = heads_per_task(s);
         base_tasks += (Hkv + nh - 1) / nh * ((q_len[s] + rows_per_task - 1) / rows_per_task);
     }
-    const int64_t want = 4 * int64_t(nthreads);
+    // One sequence splits evenly: a chunk per thread (each chunk's first block is read before any
+    // arithmetic hides it, so fewer chunks are faster). Several, of different lengths, balance only
+    // with more, smaller tasks.
+    const int64_t want = (num_seqs == 1 ? 1 : 4) * int64_t(nthreads);
     ts.tasks.clear();
     ts.splits.clear();
     int64_t num_partials = 0;
