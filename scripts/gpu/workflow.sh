@@ -7,7 +7,8 @@
 #      agents' steps), with the multi-turn chat workload (8 sessions, 1,024-token system prompt,
 #      512-token user turns, a pool of 8,192 tokens);
 #   2. 16 agents, 8 concurrent workflows (KV pool of 9.5 agents' steps), no chat.
-# T1 and T2 bound the two runs in seconds (0 skips one). JSON in $OUT/workflow_*.json, the
+# T1 and T2 bound the two runs in seconds (0 skips one); WORKFLOWS sets the first run's concurrent
+# workflows, SKIP_CHAT=1 leaves its chat workload out. JSON in $OUT/workflow_*.json, the
 # printed tables in $OUT/workflow.log.
 # Run from the repository root with plait importable.
 #
@@ -23,6 +24,7 @@ MODEL=${MODEL:-llama-3.1-8b}
 PROMPT=${PROMPT:-4096}
 ROUNDS=${ROUNDS:-3}
 CHAT=(--chat-sessions 8 --chat-turns 4 --chat-system-len 1024 --chat-turn-len 512 --chat-pool 8192)
+[ "${SKIP_CHAT:-0}" = 1 ] && CHAT=(--skip-chat)
 if [ "${QUICK:-0}" = 1 ]; then
   PROMPT=512 ROUNDS=1
   CHAT=(--chat-sessions 3 --chat-turns 2 --chat-system-len 128 --chat-turn-len 64 --chat-pool 600)
