@@ -7,7 +7,7 @@
 #      agents' steps), with the multi-turn chat workload (8 sessions, 1,024-token system prompt,
 #      512-token user turns, a pool of 8,192 tokens);
 #   2. 16 agents, 8 concurrent workflows (KV pool of 9.5 agents' steps), no chat.
-# T1 and T2 bound the two runs in seconds (0 skips one); WORKFLOWS sets the first run's concurrent
+# T1 and T2 bound the two runs in seconds (0 skips one), DEADLINE (seconds since the epoch) both; WORKFLOWS sets the first run's concurrent
 # workflows, SKIP_CHAT=1 leaves its chat workload out. JSON in $OUT/workflow_*.json, the
 # printed tables in $OUT/workflow.log.
 # Run from the repository root with plait importable.
@@ -42,6 +42,11 @@ $PY scripts/gpu/make_tokenizer.py "$TOK" --preset "$MODEL" > /dev/null || exit 1
 bench() {  # bench TIMEOUT_S NAME ARGS...
   local limit=$1 name=$2
   shift 2
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - $(date +%s) - 10))
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -gt 30 ] || { echo "!!! no time left for workflow $name"; return; }
+  fi
   echo "=== workflow $name: $* ($(date +%T))"
   timeout "$limit" $PY -m plait.bench.workflow --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
     --tokenizer-path "$TOK" --prompt-len "$PROMPT" --rounds "$ROUNDS" --output-file "$OUT/workflow_$name.json" "$@" \
