@@ -7,9 +7,9 @@
 #      agents' steps), with the multi-turn chat workload (8 sessions, 1,024-token system prompt,
 #      512-token user turns, a pool of 8,192 tokens);
 #   2. 16 agents, 8 concurrent workflows (KV pool of 9.5 agents' steps), no chat.
-# T1 and T2 bound the two runs in seconds (0 skips one), DEADLINE (seconds since the epoch) both; WORKFLOWS sets the first run's concurrent
-# workflows, SKIP_CHAT=1 leaves its chat workload out. JSON in $OUT/workflow_*.json, the
-# printed tables in $OUT/workflow.log.
+# T1 and T2 bound the two runs in seconds (0 skips one), DEADLINE (seconds since the epoch) both;
+# WORKFLOWS sets the first run's concurrent workflows, SKIP_CHAT=1 leaves its chat workload out.
+# JSON in $OUT/workflow_*.json, the printed tables in $OUT/workflow.log.
 # Run from the repository root with plait importable.
 #
 #   OUT=results/gpu bash scripts/gpu/workflow.sh
