@@ -15,13 +15,17 @@ histories) compares (a) and (b): there tiers alone help.
     python -m plait.bench.workflow --output-file workflow.json
     python -m plait.bench.workflow --num-agents 6 --prompt-len 2048 --workflows 1,4 --rounds 3
     python -m plait.bench.workflow -- --dtype float32      # flags after -- go to every engine
+    python -m plait.bench.workflow --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        --tokenizer-path TOK --prompt-len 4096 --workflows 1,4     # a GPU, 8B shapes, random weights
 
-Prints the CPU (lscpu's model name) and each figure as measured, then a table; writes JSON.
+Prints the CPU (lscpu's model name), the GPU if there is one, and each figure as measured, then a
+table; writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import random
@@ -76,6 +80,9 @@ def _engine(mode: str, args: argparse.Namespace, max_total_tokens: int, extra: d
     options = {**MODES[mode][1], "max_total_tokens": max_total_tokens, **extra}
     if MODES[mode][1].get("enable_hierarchical_cache"):
         options.setdefault("hicache_ratio", args.hicache_ratio)
+    for name in ("load_format", "dtype", "tokenizer_path"):  # given: every engine gets it
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     engine = Engine(args.model_path, **options)
     engine.generate(input_ids=[engine.runner.vocab_size // 4] * 8, sampling_params={"max_new_tokens": 2})  # warm-up
     return engine
@@ -141,6 +148,16 @@ def run_chat(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
             "final_history_tokens": max(len(h) for h in histories), **_tier_summary(engine)}
 
 
+def _free_memory() -> None:
+    """Give a stopped engine's memory back before the next one loads (one GPU holds one model
+    comfortably, not a pile of them waiting for the garbage collector)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _extra_options(extra: list[str]) -> dict[str, Any]:
     """Engine options from `--flag value` pairs after `--`."""
     from plait.runtime.cli_args import add_runtime_args, runtime_options
@@ -156,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="default: the bundled default model")
+    parser.add_argument("--load-format", default=None, choices=["auto", "safetensors", "gguf", "dummy"],
+                        help="dummy: random weights of the model's shapes (a preset name as --model-path)")
+    parser.add_argument("--dtype", default=None, help="weights and activations, e.g. bfloat16 on a GPU")
+    parser.add_argument("--tokenizer-path", default=None, help="a tokenizer for a dummy-weight preset")
     parser.add_argument("--num-agents", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=1024, help="tokens of each agent's fixed prompt")
     parser.add_argument("--task-len", type=int, default=32, help="tokens each step adds to the agent's prompt")
@@ -188,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     env = {**environment(), "cpu": cpu_model()}
     print(f"CPU: {env['cpu']}")
+    if env.get("gpu"):
+        print(f"GPU: {env['gpu']}")
     print(f"date: {env['date']}  torch threads: {env['torch_threads']}  commit: {env['plait_commit']}")
     results: dict[str, Any] = {"environment": env, "args": vars(args), "engine_options": extra, "agents": [],
                                "chat": []}
@@ -204,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = run_agents(engine, mode, args, num_workflows)
             finally:
                 engine.shutdown()
+                engine = None
+                _free_memory()
             row.update(mode=mode, setup=MODES[mode][0], workflows=num_workflows, pool_tokens=pool)
             rows[mode] = row
             results["agents"].append(row)
@@ -226,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = run_chat(engine, args)
             finally:
                 engine.shutdown()
+                engine = None
+                _free_memory()
             row.update(mode=mode, setup=MODES[mode][0], pool_tokens=args.chat_pool)
             rows[mode] = row
             results["chat"].append(row)

@@ -10,6 +10,14 @@
 #
 #   OUT=results/gpu bash scripts/gpu/programs.sh
 #   QUICK=1 MODEL=llama-3.2-1b bash scripts/gpu/programs.sh    # a smoke run
+#
+# Parts of a sitting: ON_RUNS lists the runs with the cache on as MODES:WORKLOADS words (default
+# "batch,latency:all"; "-" skips them), OFF_WORKLOADS the workloads without it (default all; "-" skips
+# the no-cache server). SUITE_TIMEOUT bounds each cache-on run, NO_CACHE_TIMEOUT the no-cache one, and
+# DEADLINE (seconds since the epoch) every run: each stops 20 s before it. A results file already in
+# $OUT (--skip-done) makes a rerun finish what an interrupted one left.
+#
+#   ON_RUNS="batch:llm_judge,dspy_rag latency:all" OFF_WORKLOADS=react bash scripts/gpu/programs.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench_results/gpu}
@@ -50,6 +58,11 @@ stop_server() {
 suite() {  # suite TIMEOUT_S ARGS...: the programs suite against the running server
   local limit=$1
   shift
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - $(date +%s) - 20))
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -gt 10 ] || { echo "!!! no time left for suite $*"; return; }
+  fi
   echo "=== suite $* ($(date +%T))"
   timeout "$limit" $PY -m plait.bench.programs --backend endpoint --base-url "http://127.0.0.1:$PORT" \
     --size "$SIZE" --exclude "$EXCLUDE" --modes "${MODES:-batch,latency}" --vocabulary synthetic --label "plait-$MODEL" \
@@ -60,15 +73,19 @@ suite() {  # suite TIMEOUT_S ARGS...: the programs suite against the running ser
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-  git rev-parse --short HEAD 2> /dev/null || true
+  cat COMMIT 2> /dev/null || git rev-parse --short HEAD 2> /dev/null || true
   date -Iseconds
 } 2>&1 | tee "$OUT/env.log"
 
-if with_server default; then
-  suite "${SUITE_TIMEOUT:-400}"
+ON_RUNS=${ON_RUNS:-"${MODES:-batch,latency}:all"}
+OFF_WORKLOADS=${OFF_WORKLOADS:-all}
+if [ "$ON_RUNS" != - ] && with_server default; then
+  for run in $ON_RUNS; do
+    suite "${SUITE_TIMEOUT:-400}" --modes "${run%%:*}" --workloads "${run#*:}"
+  done
   stop_server
 fi
-if with_server no_cache --disable-radix-cache; then
-  suite "${NO_CACHE_TIMEOUT:-300}" --server-ablation no-cache --modes batch
+if [ "$OFF_WORKLOADS" != - ] && with_server no_cache --disable-radix-cache; then
+  suite "${NO_CACHE_TIMEOUT:-300}" --server-ablation no-cache --modes batch --workloads "$OFF_WORKLOADS"
   stop_server
 fi
