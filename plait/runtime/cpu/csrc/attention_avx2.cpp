@@ -202,8 +202,8 @@ public:
     void read_rest() { read(count_); }
 
 private:
-    // A block's K and V rows over every KV head of a decode task (at most 3 * 2 lines of 64 dims
-    // float32 each per head and key, 16 KV heads).
+    // Room for a block's K and V rows of 16 KV heads of 64 float32 dims (4 lines each per key). A
+    // task over more heads or wider rows reads ahead only this many lines: slower, never wrong.
     static constexpr int kMaxLines = 2 * kT * 16 * 4;
     const uint8_t* lines_[kMaxLines];
     int count_ = 0, next_ = 0;
