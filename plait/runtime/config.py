@@ -47,10 +47,12 @@ class ModelConfig:
     # the KV pool in place, fused small layers; used when they are built and the CPU has AVX2.
     disable_cpu_kernels: bool = option(
         False, "CPU: run PyTorch operations on dequantized weights instead of Plait's C++ kernels")
-    enable_cpu_int8_dot: bool = option(
-        False, "CPU kernels: decode-sized products with GGUF 4- and 8-bit weights round the activations to int8 "
-        "per 32 values and multiply in integers, as llama.cpp does (faster decode; outputs no longer those of "
-        "float32 products)")
+    cpu_decode_products: str = option(
+        "auto", "CPU kernels: how decode-sized products (up to 8 rows) with GGUF block weights (Q4_0, Q4_1, Q8_0) "
+        "multiply. int16: the activations rounded to int16 per 32 values (an error of at most 2^-16 of the block's "
+        "largest value), integer products; int8: rounded to int8, as llama.cpp does (fastest, coarser); float: "
+        "float32 products of the decoded weights. auto: int16 when --dtype is auto too, else float")
+    enable_cpu_int8_dot: bool = option(False, "CPU kernels: the same as --cpu-decode-products int8")
     # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
     disable_cpu_graph: bool = option(
         False, "CPU kernels: run the decoder stack layer by layer instead of one native call per step")

@@ -75,22 +75,27 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-INT8_DOT = 0x100  # added to a block format's code: decode products with x rounded to int8 (kernels.h)
+# Added to a block format's code: decode-sized products with x rounded per 32 values to int8 or int16
+# and multiplied in integers (kernels.h).
+DECODE_DOTS = {"float": 0, "int8": 0x100, "int16": 0x200}
 
 
-def kernel_format(fmt: WeightFormat, int8_dot: bool = False) -> int:
-    """The format code the kernels take: `fmt`, plus INT8_DOT for a block format when `int8_dot`."""
-    return int(fmt) | (INT8_DOT if int8_dot and fmt.block_bytes is not None else 0)
+def kernel_format(fmt: WeightFormat, dot: str = "float") -> int:
+    """The format code the kernels take: `fmt`, plus for a block format the flag of `dot`, how its
+    decode-sized products multiply ("float", "int16" or "int8"; other formats always use float)."""
+    if dot not in DECODE_DOTS:
+        raise ValueError(f"unknown decode product {dot!r}; choose from {', '.join(DECODE_DOTS)}")
+    return int(fmt) | (DECODE_DOTS[dot] if fmt.block_bytes is not None else 0)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
-           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, int8_dot: bool = False) -> torch.Tensor:
+           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, dot: str = "float") -> torch.Tensor:
     """x [M, K] float32 times the stored weight [N, K] transposed (+ bias): [M, N] float32.
 
     `weight` holds the rows in format `fmt`: uint8 [N, row_bytes] for block formats, the float
     tensor [N, K] itself otherwise. `out`, if given, is a [M, N] float32 tensor to write into.
-    `int8_dot`: for a block format, products of up to 8 rows round x to int8 per 32 values and
-    multiply in integers (faster; no longer the float32 product of the dequantized weight)."""
+    `dot`: for a block format, "int16" / "int8" round x to that type per 32 values in products of up
+    to 8 rows and multiply in integers (faster; no longer exactly the float32 product)."""
     _check(x, "x", torch.float32)
     _check(weight, "weight")
     m, k = x.shape
@@ -104,7 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_feature
     else:
         _check(out, "out", torch.float32)
         assert out.shape == (m, out_features)
-    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, int8_dot), out_features,
+    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot), out_features,
                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
     return out
 

@@ -28,13 +28,14 @@ class StoredWeight:
     fmt: WeightFormat
     out_features: int
     in_features: int
-    # Block formats: decode-sized products round x to int8 and multiply in integers (kernels.INT8_DOT).
-    int8_dot: bool = False
+    # Block formats: how decode-sized products multiply: "float", or x rounded to "int16" / "int8" and
+    # integer products (kernels.DECODE_DOTS).
+    decode_dot: str = "float"
 
     @property
     def kernel_format(self) -> int:
         """The format code products with this weight pass to the kernels."""
-        return kernels.kernel_format(self.fmt, self.int8_dot)
+        return kernels.kernel_format(self.fmt, self.decode_dot)
 
     def __post_init__(self) -> None:
         assert self.data.is_contiguous() and self.in_features % 32 == 0
@@ -82,7 +83,7 @@ class CpuLinear(nn.Module):
         if not flat.is_contiguous():
             flat = flat.contiguous()
         out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias,
-                             int8_dot=self.stored.int8_dot)
+                             dot=self.stored.decode_dot)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -127,6 +127,25 @@ _KV_CACHE_DTYPES = {
 }
 
 
+_DECODE_PRODUCTS = {
+    "int16": "up to 8 rows (decode): block weights times int16-rounded activations in integers; ",
+    "int8": "up to 8 rows (decode): block weights times int8-rounded activations in integers; ",
+    "float": "up to 8 rows (decode): stored blocks decoded in registers, float32 products; ",
+}
+
+
+def resolve_cpu_decode_products(config: ModelConfig) -> str:
+    """How the CPU kernels multiply decode-sized products with block weights: "auto" is int16 (nearly
+    the float32 product at the integer path's speed) when the dtype is chosen automatically too, and
+    float32 products when the user asked for a dtype; --enable-cpu-int8-dot means int8."""
+    name = "int8" if config.enable_cpu_int8_dot else config.cpu_decode_products
+    if name == "auto":
+        return "int16" if config.dtype == "auto" else "float"
+    if name not in _DECODE_PRODUCTS:
+        raise ValueError(f"unknown cpu_decode_products {name!r}; choose from auto, {', '.join(_DECODE_PRODUCTS)}")
+    return name
+
+
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: AttentionBackend, *,
                            dtype_auto: bool = False) -> torch.dtype:
     """The KV pool's storage dtype. "auto": the model's, except on a backend that prefers a smaller
@@ -336,18 +355,17 @@ class ModelRunner:
             from plait.runtime.cpu.convert import convert_remaining
 
             summary = convert_remaining(model, self.weight_dtype)
-            if self.model_config.enable_cpu_int8_dot:
-                from plait.runtime.cpu.linear import CpuLinear
+            from plait.runtime.cpu.linear import CpuLinear
 
-                for module in model.modules():
-                    if isinstance(module, CpuLinear) and module.stored.fmt.block_bytes is not None:
-                        module.stored.int8_dot = True
+            dot = resolve_cpu_decode_products(self.model_config)
+            blocks = [m for m in model.modules() if isinstance(m, CpuLinear) and m.stored.fmt.block_bytes is not None]
+            for module in blocks:
+                module.stored.decode_dot = dot
             self.execution["cpu_kernels"] = cpu_kernels.isa()
             self.execution["weights"] = summary.describe()
+            self.execution["decode_products"] = dot if blocks else "float"
             self.execution["products"] = (
-                ("up to 8 rows (decode): block weights times int8-rounded activations in integers; "
-                 if self.model_config.enable_cpu_int8_dot else
-                 "up to 8 rows (decode): stored blocks decoded in registers; ")
+                (_DECODE_PRODUCTS[dot] if blocks else "up to 8 rows (decode): stored weights decoded in registers; ")
                 + "more rows (prefill): decoded into float32 panels")
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
