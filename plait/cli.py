@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP workers that spin instead of sleeping starve everything else on a small or shared
     # machine (loading the default model took 3x longer on a busy 2-core one); set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     parser = argparse.ArgumentParser(prog="plait", description="Structured LLM programs and their runtime.")
     parser.add_argument("--version", action="version", version=f"plait {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -247,3 +247,17 @@ def test_the_kernels_are_built_wherever_they_can_run():
     if not {"avx2", "fma", "f16c"} <= set(flags):
         pytest.skip("this CPU lacks AVX2/FMA/F16C")
     assert kernels.isa() == "avx2"
+
+
+def test_decode_products_setting_resolves_from_dtype_and_flags():
+    """auto: int16 with an automatic dtype, float32 products when the user chose a dtype;
+    --enable-cpu-int8-dot means int8; a name the kernels do not know is refused."""
+    from plait.runtime.config import ModelConfig
+    from plait.runtime.executor.model_runner import resolve_cpu_decode_products
+
+    assert resolve_cpu_decode_products(ModelConfig()) == "int16"
+    assert resolve_cpu_decode_products(ModelConfig(dtype="float32")) == "float"
+    assert resolve_cpu_decode_products(ModelConfig(dtype="float32", cpu_decode_products="int16")) == "int16"
+    assert resolve_cpu_decode_products(ModelConfig(enable_cpu_int8_dot=True)) == "int8"
+    with pytest.raises(ValueError, match="cpu_decode_products"):
+        resolve_cpu_decode_products(ModelConfig(cpu_decode_products="int4"))

@@ -61,8 +61,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MemoryConfig:
     max_total_tokens: int | None = option(
-        None, "KV cache size in tokens; default: on GPU what --mem-fraction-static leaves, on CPU two full "
-        "contexts (2 x --context-length), at most 2 GiB")
+        None, "KV cache size in tokens; default: on GPU what --mem-fraction-static leaves, on CPU 2 GiB or a "
+        "quarter of available memory where that is less, between 2 and 16 contexts (--context-length)")
     mem_fraction_static: float | None = option(
         None, "GPU: share of the device memory for weights, KV cache and CUDA graphs; default: 0.85")
     max_running_requests: int | None = option(

@@ -105,6 +105,7 @@ def _run(options: dict[str, Any], config: Any, sock: socket.socket, port: int, i
     # every token; sleeping instead made decoding 5-10x faster on a busy 2-core machine (and no slower
     # on an idle one). An explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     # The model's processes first: their `import torch` and model load are the longest part of
     # start-up, and this process's own imports (FastAPI, uvicorn) run meanwhile on another core.
     transport, processes = start_model_processes(options, config, ipc_dir)
