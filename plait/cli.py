@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Idle OpenMP workers that spin instead of sleeping starve everything else on a small or shared
     # machine (loading the default model took 3x longer on a busy 2-core one); set before torch loads.
+    # A short spin before sleeping keeps the barriers inside a step cheap (runtime/server/launch.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     parser = argparse.ArgumentParser(prog="plait", description="Structured LLM programs and their runtime.")

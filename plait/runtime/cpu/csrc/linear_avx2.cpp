@@ -87,17 +87,24 @@ inline const float* private_block_sums(const float* x, int64_t M, int64_t K) {
     return sums.data();
 }
 
-// ---- Integer products for decode (kInt8Dot) ----
+// ---- Integer products for decode (kInt8Dot, kInt16Dot) ----
 
-// x rounded to int8 per block of 32 values: codes [M][K] and one scale per block [M][K / 32]
-// (value = code * scale, scale = max|x| / 127 of the block).
-struct QuantizedRows {
-    const int8_t* codes;
+// x rounded to integers per block of 32 values: codes [M][K] and one scale per block [M][K / 32]
+// (value = code * scale, scale = max|x| / LEVELS of the block; LEVELS 127 for int8, 32767 for int16).
+template <typename T>
+struct IntRows {
+    const T* codes;
     const float* scales;
 };
+using QuantizedRows = IntRows<int8_t>;
+using Int16Rows = IntRows<int16_t>;
 
-inline QuantizedRows private_quantized_rows(const float* x, int64_t M, int64_t K) {
-    static thread_local std::vector<int8_t> codes;
+// int8 codes are stored in value order; int16 codes per block in the order the weight codes widen to
+// 16 bits (block_codes16): x[0..7], x[16..23], x[8..15], x[24..31].
+template <typename T>
+inline IntRows<T> private_int_rows(const float* x, int64_t M, int64_t K) {
+    constexpr float kLevels = sizeof(T) == 1 ? 127.0f : 32767.0f;
+    static thread_local std::vector<T> codes;
     static thread_local std::vector<float> scales;
     const int64_t nb = K / kBlock;
     codes.resize(size_t(M * K));
@@ -112,13 +119,20 @@ inline QuantizedRows private_quantized_rows(const float* x, int64_t M, int64_t K
                 m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
             }
             const float max_abs = hmax(m);
-            scales[size_t(r * nb + b)] = max_abs / 127.0f;
-            const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
-            int8_t* out = codes.data() + r * K + b * kBlock;
+            scales[size_t(r * nb + b)] = max_abs / kLevels;
+            const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? kLevels / max_abs : 0.0f);
+            __m128i q[4];  // 8 codes each, as int16
             for (int i = 0; i < 4; ++i) {
-                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest even
-                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-                _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 8 * i), _mm_packs_epi16(q16, q16));
+                const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest even
+                q[i] = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+            }
+            T* out = codes.data() + r * K + b * kBlock;
+            if constexpr (sizeof(T) == 1) {
+                for (int i = 0; i < 4; ++i)
+                    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 8 * i), _mm_packs_epi16(q[i], q[i]));
+            } else {
+                for (int i = 0; i < 4; ++i)  // blocks of 8: 0, 2, 1, 3
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(out) + i, q[(i & 1) * 2 + (i >> 1)]);
             }
         }
     return {codes.data(), scales.data()};
@@ -131,79 +145,54 @@ static PLAIT_INLINE __m256i q4_codes(const uint8_t* qs) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
 }
 
-// ---- Integer products with x in int16 (kInt16Dot) ----
-
-// x rounded to int16 per block of 32 values (scale = max|x| / 32767 of the block: an error of at most
-// 2^-16 of the block's largest value, finer than the float16 KV cache's rounding). Each block's codes
-// are stored in the order the weight codes widen to 16 bits below: x[0..7], x[16..23], x[8..15],
-// x[24..31].
-struct Int16Rows {
-    const int16_t* codes;
-    const float* scales;
-};
-
-inline Int16Rows private_int16_rows(const float* x, int64_t M, int64_t K) {
-    static thread_local std::vector<int16_t> codes;
-    static thread_local std::vector<float> scales;
-    const int64_t nb = K / kBlock;
-    codes.resize(size_t(M * K));
-    scales.resize(size_t(M * nb));
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    for (int64_t r = 0; r < M; ++r)
-        for (int64_t b = 0; b < nb; ++b) {
-            const float* p = x + r * K + b * kBlock;
-            __m256 v[4], m = _mm256_setzero_ps();
-            for (int i = 0; i < 4; ++i) {
-                v[i] = _mm256_loadu_ps(p + 8 * i);
-                m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
-            }
-            const float max_abs = hmax(m);
-            scales[size_t(r * nb + b)] = max_abs / 32767.0f;
-            const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 32767.0f / max_abs : 0.0f);
-            __m128i q[4];
-            for (int i = 0; i < 4; ++i) {
-                const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest even
-                q[i] = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-            }
-            __m128i* out = reinterpret_cast<__m128i*>(codes.data() + r * K + b * kBlock);
-            _mm_storeu_si128(out + 0, q[0]);
-            _mm_storeu_si128(out + 1, q[2]);
-            _mm_storeu_si128(out + 2, q[1]);
-            _mm_storeu_si128(out + 3, q[3]);
-        }
-    return {codes.data(), scales.data()};
-}
-
-// Block b's scale d, offset m (w = d * code + m) and 32 codes as 16-bit integers: `lo` holds the codes
-// of values 0..7 and 16..23, `hi` those of 8..15 and 24..31 (the order of Int16Rows).
+// Block b's scale d, offset m (w = d * code + m; m = 0 for Q8_0) and 32 codes as bytes, in value
+// order: signed for Q8_0, unsigned 0..15 for the 4-bit formats.
 template <int FMT>
-static PLAIT_INLINE void block_codes16(const uint8_t* row, int64_t b, __m256i& lo, __m256i& hi, float& d, float& m) {
+static PLAIT_INLINE __m256i block_code_bytes(const uint8_t* row, int64_t b, float& d, float& m) {
+    static_assert(is_block_format<FMT>());
     uint16_t h[2];
-    __m256i w, ext;  // the codes as bytes; `ext` their upper bytes once widened (sign or zero)
     m = 0.0f;
     if constexpr (FMT == kQ8_0) {
         const uint8_t* blk = row + b * 34;
         std::memcpy(h, blk, 2);
         d = fp16_to_f32(h[0]);
-        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        ext = _mm256_cmpgt_epi8(_mm256_setzero_si256(), w);
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
     } else if constexpr (FMT == kQ4_0) {
         const uint8_t* blk = row + b * 18;
         std::memcpy(h, blk, 2);
         d = fp16_to_f32(h[0]);
         m = -8.0f * d;
-        w = q4_codes(blk + 2);
-        ext = _mm256_setzero_si256();
+        return q4_codes(blk + 2);
     } else {
         const uint8_t* blk = row + b * 20;
         std::memcpy(h, blk, 4);
         d = fp16_to_f32(h[0]);
         m = fp16_to_f32(h[1]);
-        w = q4_codes(blk + 4);
-        ext = _mm256_setzero_si256();
+        return q4_codes(blk + 4);
     }
+}
+
+// The same codes as 16-bit integers: `lo` holds the codes of values 0..7 and 16..23, `hi` those of
+// 8..15 and 24..31 (the order of Int16Rows).
+template <int FMT>
+static PLAIT_INLINE void block_codes16(const uint8_t* row, int64_t b, __m256i& lo, __m256i& hi, float& d, float& m) {
+    const __m256i w = block_code_bytes<FMT>(row, b, d, m);
+    // the upper bytes once widened: the sign for Q8_0, zero for the unsigned 4-bit codes
+    const __m256i ext = FMT == kQ8_0 ? _mm256_cmpgt_epi8(_mm256_setzero_si256(), w) : _mm256_setzero_si256();
     lo = _mm256_unpacklo_epi8(w, ext);
     hi = _mm256_unpackhi_epi8(w, ext);
+}
+
+// The exact integer sum of a block's 32 code products with int8 x (8 partial sums): maddubs multiplies
+// unsigned bytes by signed ones, so signed weights lend their sign to x.
+template <int FMT>
+static PLAIT_INLINE __m256i block_dot8(__m256i w, const int8_t* xp) {
+    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+    if constexpr (FMT == kQ8_0) {
+        xv = _mm256_sign_epi8(xv, w);
+        w = _mm256_sign_epi8(w, w);
+    }
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1));
 }
 
 // The exact integer sum of a block's 32 code products (8 partial sums).
@@ -212,70 +201,43 @@ static PLAIT_INLINE __m256i block_dot16(__m256i lo, __m256i hi, const int16_t* x
                             _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16))));
 }
 
-// As dot_rows, with x as int16 codes: per block and row, d * (x's block scale) * the exact code sum.
-template <int FMT, int R>
-inline void dot_rows_int16(const uint8_t* row, Int16Rows xq, int64_t K, const float* sums, float* out) {
-    static_assert(is_block_format<FMT>());
-    const int64_t nb = K / kBlock;
-    __m256 acc[R];
-    __m256 offset = _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
+// The exact integer sum of the 32 products of block b's codes with x's codes `xp` (8 partial sums).
+template <int FMT, typename T>
+static PLAIT_INLINE __m256i block_int_dot(const uint8_t* row, int64_t b, const T* xp, float& d, float& m) {
+    if constexpr (sizeof(T) == 2) {
         __m256i lo, hi;
-        float d, m;
         block_codes16<FMT>(row, b, lo, hi, d, m);
-        for (int r = 0; r < R; ++r) {
-            const __m256i s = block_dot16(lo, hi, xq.codes + r * K + b * kBlock);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xq.scales[r * nb + b]), acc[r]);
-        }
-        if constexpr (has_offset<FMT>())
-            offset = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(sums + b * kGemvRows), offset);
+        return block_dot16(lo, hi, xp);
+    } else {
+        return block_dot8<FMT>(block_code_bytes<FMT>(row, b, d, m), xp);
     }
-    alignas(32) float off[kGemvRows];
-    _mm256_store_ps(off, offset);
-    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
 }
 
-// As dot_rows, with x as int8 codes: per block and row, the 32 code products are summed exactly
-// in integers (unsigned x signed byte pairs, then pairs of those), then scaled by d * the row's
-// block scale. The offset term (m * sum of x) keeps the float sums of x.
-template <int FMT, int R>
-inline void dot_rows_int8(const uint8_t* row, QuantizedRows xq, int64_t K, const float* sums, float* out) {
+// As dot_rows, with x as integer codes (int8 or int16): per block and row, the 32 code products are
+// summed exactly in integers, then scaled by d * the row's block scale. The offset term (m * sum of
+// x) keeps the float sums of x.
+template <int FMT, typename T, int R>
+inline void dot_rows_int(const uint8_t* row, IntRows<T> xq, int64_t K, const float* sums, float* out) {
     static_assert(is_block_format<FMT>());
     const int64_t nb = K / kBlock;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[R];
     __m256 offset = _mm256_setzero_ps();
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        __m256i w;
-        float d, m = 0.0f;
-        uint16_t h[2];
-        if constexpr (FMT == kQ8_0) {
-            const uint8_t* blk = row + b * 34;
-            std::memcpy(h, blk, 2);
-            d = fp16_to_f32(h[0]);
-            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        } else if constexpr (FMT == kQ4_0) {
-            const uint8_t* blk = row + b * 18;
-            std::memcpy(h, blk, 2);
-            d = fp16_to_f32(h[0]);
-            m = -8.0f * d;
-            w = q4_codes(blk + 2);
+        float d, m;
+        if constexpr (sizeof(T) == 2) {  // widen the codes once for all rows
+            __m256i lo, hi;
+            block_codes16<FMT>(row, b, lo, hi, d, m);
+            for (int r = 0; r < R; ++r) {
+                const __m256i s = block_dot16(lo, hi, xq.codes + r * K + b * kBlock);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xq.scales[r * nb + b]), acc[r]);
+            }
         } else {
-            const uint8_t* blk = row + b * 20;
-            std::memcpy(h, blk, 4);
-            d = fp16_to_f32(h[0]);
-            m = fp16_to_f32(h[1]);
-            w = q4_codes(blk + 4);
-        }
-        // maddubs multiplies unsigned bytes by signed ones: signed weights lend their sign to x.
-        const __m256i wu = FMT == kQ8_0 ? _mm256_sign_epi8(w, w) : w;
-        for (int r = 0; r < R; ++r) {
-            __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.codes + r * K + b * kBlock));
-            if constexpr (FMT == kQ8_0) xv = _mm256_sign_epi8(xv, w);
-            const __m256i sum32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum32), _mm256_set1_ps(d * xq.scales[r * nb + b]), acc[r]);
+            const __m256i w = block_code_bytes<FMT>(row, b, d, m);
+            for (int r = 0; r < R; ++r) {
+                const __m256i s = block_dot8<FMT>(w, xq.codes + r * K + b * kBlock);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xq.scales[r * nb + b]), acc[r]);
+            }
         }
         if constexpr (has_offset<FMT>())
             offset = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(sums + b * kGemvRows), offset);
@@ -285,40 +247,17 @@ inline void dot_rows_int8(const uint8_t* row, QuantizedRows xq, int64_t K, const
     for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
 }
 
-// dot_rows_int8 for one row of x (same arithmetic), the offset kept in a scalar.
-template <int FMT>
-inline float dot_row_int8(const uint8_t* row, QuantizedRows xq, int64_t K, const float* sums) {
+// One row of x (batch-1 decode): dot_rows_int for R = 1 with the same arithmetic (so a request's
+// logits do not depend on its batch), the offset kept in a scalar.
+template <int FMT, typename T>
+inline float dot_row_int(const uint8_t* row, IntRows<T> xq, int64_t K, const float* sums) {
     const int64_t nb = K / kBlock;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
-        __m256i w;
-        float d, m = 0.0f;
-        uint16_t h[2];
-        if constexpr (FMT == kQ8_0) {
-            const uint8_t* blk = row + b * 34;
-            std::memcpy(h, blk, 2);
-            d = fp16_to_f32(h[0]);
-            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        } else if constexpr (FMT == kQ4_0) {
-            const uint8_t* blk = row + b * 18;
-            std::memcpy(h, blk, 2);
-            d = fp16_to_f32(h[0]);
-            m = -8.0f * d;
-            w = q4_codes(blk + 2);
-        } else {
-            const uint8_t* blk = row + b * 20;
-            std::memcpy(h, blk, 4);
-            d = fp16_to_f32(h[0]);
-            m = fp16_to_f32(h[1]);
-            w = q4_codes(blk + 4);
-        }
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.codes + b * kBlock));
-        if constexpr (FMT == kQ8_0) xv = _mm256_sign_epi8(xv, w);
-        const __m256i wu = FMT == kQ8_0 ? _mm256_sign_epi8(w, w) : w;
-        const __m256i sum32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum32), _mm256_set1_ps(d * xq.scales[b]), acc);
+        float d, m;
+        const __m256i s = block_int_dot<FMT>(row, b, xq.codes + b * kBlock, d, m);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xq.scales[b]), acc);
         if constexpr (has_offset<FMT>()) offset = std::fma(m, sums[b * kGemvRows], offset);
     }
     return hsum(acc) + offset;
@@ -331,22 +270,19 @@ inline int64_t chunk_rows(int64_t N) {
     return std::max<int64_t>(8, std::min<int64_t>(256, N / (8 * threads)));
 }
 
-// One row of x in integers (batch-1 decode): dot_rows_int16 / dot_rows_int8 for R = 1 with the same
-// arithmetic (so a request's logits do not depend on its batch), the offset kept in a scalar.
-template <int FMT>
-inline float dot_row_int16(const uint8_t* row, Int16Rows xq, int64_t K, const float* sums) {
-    const int64_t nb = K / kBlock;
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.0f;
-    for (int64_t b = 0; b < nb; ++b) {
-        __m256i lo, hi;
-        float d, m;
-        block_codes16<FMT>(row, b, lo, hi, d, m);
-        const __m256i s = block_dot16(lo, hi, xq.codes + b * kBlock);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xq.scales[b]), acc);
-        if constexpr (has_offset<FMT>()) offset = std::fma(m, sums[b * kGemvRows], offset);
+// dot_rows_int for any count of rows up to kGemvRows.
+template <int FMT, typename T>
+inline void dot_rows_int_any(const uint8_t* row, IntRows<T> xq, int64_t M, int64_t K, const float* sums, float* out) {
+    switch (M) {
+        case 1: out[0] = dot_row_int<FMT>(row, xq, K, sums); return;
+        case 2: dot_rows_int<FMT, T, 2>(row, xq, K, sums, out); return;
+        case 3: dot_rows_int<FMT, T, 3>(row, xq, K, sums, out); return;
+        case 4: dot_rows_int<FMT, T, 4>(row, xq, K, sums, out); return;
+        case 5: dot_rows_int<FMT, T, 5>(row, xq, K, sums, out); return;
+        case 6: dot_rows_int<FMT, T, 6>(row, xq, K, sums, out); return;
+        case 7: dot_rows_int<FMT, T, 7>(row, xq, K, sums, out); return;
+        default: dot_rows_int<FMT, T, 8>(row, xq, K, sums, out); return;
     }
-    return hsum(acc) + offset;
 }
 
 // x as the decode kernels take it: float rows, and for the integer products their codes.
@@ -363,9 +299,9 @@ inline DecodeX decode_x(const float* x, int64_t M, int64_t K, int dot) {
     DecodeX dx{x, has_offset<FMT>() ? private_block_sums(x, M, K) : nullptr, {nullptr, nullptr}, {nullptr, nullptr}};
     if constexpr (is_block_format<FMT>()) {
         if (dot & kInt8Dot) {
-            dx.q8 = private_quantized_rows(x, M, K);
+            dx.q8 = private_int_rows<int8_t>(x, M, K);
         } else if (dot & kInt16Dot) {
-            dx.q16 = private_int16_rows(x, M, K);
+            dx.q16 = private_int_rows<int16_t>(x, M, K);
         }
     }
     return dx;
@@ -378,30 +314,12 @@ inline void dot_all_rows(const uint8_t* row, const DecodeX& dx, int64_t M, int64
     const float* sums = dx.sums;
     if constexpr (is_block_format<FMT>()) {
         if (dx.q16.codes != nullptr) {
-            const Int16Rows xq = dx.q16;
-            switch (M) {
-                case 1: out[0] = dot_row_int16<FMT>(row, xq, K, sums); return;
-                case 2: dot_rows_int16<FMT, 2>(row, xq, K, sums, out); return;
-                case 3: dot_rows_int16<FMT, 3>(row, xq, K, sums, out); return;
-                case 4: dot_rows_int16<FMT, 4>(row, xq, K, sums, out); return;
-                case 5: dot_rows_int16<FMT, 5>(row, xq, K, sums, out); return;
-                case 6: dot_rows_int16<FMT, 6>(row, xq, K, sums, out); return;
-                case 7: dot_rows_int16<FMT, 7>(row, xq, K, sums, out); return;
-                default: dot_rows_int16<FMT, 8>(row, xq, K, sums, out); return;
-            }
+            dot_rows_int_any<FMT>(row, dx.q16, M, K, sums, out);
+            return;
         }
         if (dx.q8.codes != nullptr) {
-            const QuantizedRows xq = dx.q8;
-            switch (M) {
-                case 1: out[0] = dot_row_int8<FMT>(row, xq, K, sums); return;
-                case 2: dot_rows_int8<FMT, 2>(row, xq, K, sums, out); return;
-                case 3: dot_rows_int8<FMT, 3>(row, xq, K, sums, out); return;
-                case 4: dot_rows_int8<FMT, 4>(row, xq, K, sums, out); return;
-                case 5: dot_rows_int8<FMT, 5>(row, xq, K, sums, out); return;
-                case 6: dot_rows_int8<FMT, 6>(row, xq, K, sums, out); return;
-                case 7: dot_rows_int8<FMT, 7>(row, xq, K, sums, out); return;
-                default: dot_rows_int8<FMT, 8>(row, xq, K, sums, out); return;
-            }
+            dot_rows_int_any<FMT>(row, dx.q8, M, K, sums, out);
+            return;
         }
     }
     switch (M) {
@@ -418,10 +336,10 @@ inline void dot_all_rows(const uint8_t* row, const DecodeX& dx, int64_t M, int64
 
 // One row of x in integers: the product with weight row `row` (dx holds int16 or int8 codes).
 template <int FMT>
-PLAIT_INLINE float dot_row_int(const uint8_t* row, const DecodeX& dx, int64_t K) {
+PLAIT_INLINE float dot_row_codes(const uint8_t* row, const DecodeX& dx, int64_t K) {
     if constexpr (is_block_format<FMT>()) {
-        return dx.q16.codes != nullptr ? dot_row_int16<FMT>(row, dx.q16, K, dx.sums)
-                                       : dot_row_int8<FMT>(row, dx.q8, K, dx.sums);
+        return dx.q16.codes != nullptr ? dot_row_int<FMT>(row, dx.q16, K, dx.sums)
+                                       : dot_row_int<FMT>(row, dx.q8, K, dx.sums);
     }
     return 0.0f;
 }
@@ -446,7 +364,7 @@ void gemv_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N
         for (int64_t n = 0; n < N; ++n) {
             const uint8_t* row = w + n * stride;
             if (n + kPrefetchRows < N) prefetch_row(row + kPrefetchRows * stride, stride);
-            y[n] = dot_row_int<FMT>(row, dx, K) + (bias ? bias[n] : 0.0f);
+            y[n] = dot_row_codes<FMT>(row, dx, K) + (bias ? bias[n] : 0.0f);
         }
         return;
     }
@@ -550,8 +468,8 @@ void gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
                 prefetch_row(gate_row + kPrefetchRows * stride, stride);
                 prefetch_row(up_row + kPrefetchRows * stride, stride);
             }
-            const float g = dot_row_int<FMT>(gate_row, dx, K);
-            const float u = dot_row_int<FMT>(up_row, dx, K);
+            const float g = dot_row_codes<FMT>(gate_row, dx, K);
+            const float u = dot_row_codes<FMT>(up_row, dx, K);
             out[n] = _mm256_cvtss_f32(silu_mul(_mm256_set1_ps(g), _mm256_set1_ps(u)));
         }
         return;
