@@ -299,6 +299,60 @@ def test_workflow_order_is_largest_steps_first_shared_prefixes_take_the_minimum(
     cache.assert_integrity()
 
 
+def run_cycle(eviction: str, rounds: int = 3) -> tuple[HiRadixCache, int]:
+    """Four agents of 10 tokens in a cycle, a device pool of 2 agents and a host tier of 3: the
+    prompt tokens found in some tier over the rounds after the first."""
+    cache, _ = make_cache(device_slots=20, host_slots=30, eviction=eviction)
+    agents = {name: [i + 1] * 10 for i, name in enumerate("abcd")}
+    cache.workflows.publish("w", graph(*((f"s{i}", [n], [f"s{(i + 1) % 4}"]) for i, n in enumerate("abcd"))), "s0")
+    found = 0
+    for r in range(rounds):
+        for name, seq in agents.items():
+            cache.workflows.on_agent("w", name)
+            match = cache.match_tiers(seq)
+            if r > 0:
+                found += match.device.slot_ids.numel() + match.lower_len
+            assert cache_seq(cache, seq)
+            cache.tag(seq, "w", name)
+            check_device_kv(cache, seq)
+            cache.assert_integrity()
+    return cache, found
+
+
+def test_workflow_tiers_keep_a_cycle_that_lru_thrashes():
+    # LRU over inclusive tiers (the host holds copies of what the device holds) drops each agent
+    # just before it runs again; under `workflow` the host drops copies of device-resident nodes
+    # first and skips backing up an agent needed later than all it holds, so the two tiers hold
+    # four different agents between them.
+    _, lru_found = run_cycle("lru")
+    cache, wf_found = run_cycle("workflow")
+    assert lru_found == 0
+    assert wf_found == 2 * 4 * 10  # every agent, every later round
+    assert cache.tier_stats.host_evicted_tokens > 0
+
+
+def test_workflow_backup_is_skipped_when_the_host_holds_only_sooner_needs():
+    cache, _ = make_cache(device_slots=10, host_slots=20, eviction="workflow")
+    a, b, c = [1] * 10, [2] * 10, [3] * 10
+    cache.workflows.publish("w", graph(("s0", ["a"], ["s1"]), ("s1", ["b"], ["s2"]), ("s2", ["c"], ["s0"])), "s0")
+    for name, seq in (("b", b), ("c", c)):
+        cache_seq(cache, seq)
+        cache.tag(seq, "w", name)
+    # b and c are on the host (c on the device too); at s0, a runs: b is 1 step away, c 2 ...
+    cache.workflows.on_agent("w", "a")
+    assert cache.match_tiers(b).lower_len == 10
+    cache_seq(cache, a)  # ... a's copy makes room by dropping c's host copy (c stays on the device)
+    cache.tag(a, "w", "a")
+    assert cache.match_tiers(c).device.slot_ids.numel() == 0 or cache.match_tiers(c).lower_len == 0
+    cache.workflows.on_agent("w", "b")  # now a (just run) is 2 steps away and c 1: b loads, a ...
+    assert cache_seq(cache, b)
+    # ... is not written over c: the host keeps b and c, a (needed last) is dropped
+    assert cache.match_tiers(c).lower_len + cache.match_tiers(c).device.slot_ids.numel() == 10
+    assert cache.match_tiers(a).lower_len + cache.match_tiers(a).device.slot_ids.numel() == 0
+    assert cache.tier_stats.backups_skipped_tokens >= 10
+    cache.assert_integrity()
+
+
 # --- loads and prefetch ------------------------------------------------------------------------
 
 

@@ -245,14 +245,25 @@ class HiRadixCache(RadixCache):
 
     # --- moving between tiers ------------------------------------------------------------------
 
-    def _backup(self, node: TierNode) -> bool:
-        """Copy a device node to the host (making room there); False if the host cannot take it."""
+    def _backup(self, node: TierNode, *, leaving: bool = False) -> bool:
+        """Copy a device node to the host (making room there); False if the host cannot take it,
+        or (under `workflow`) if everything it would displace is worth more than the copy: needed
+        sooner than the node if it is `leaving` the device, anything but other copies of
+        device-resident nodes if it stays (written through)."""
         if self.host is None:
             return False
         n = len(node.key)
         host_slots = self.host.allocator.alloc(n)
         if host_slots is None:
-            self._evict_host(n - self.host.allocator.num_free_slots)
+            need = n - self.host.allocator.num_free_slots
+            below = None
+            # (with a file tier below, host eviction spills to files instead: nothing to weigh)
+            if self.eviction_policy == "workflow" and not node.children and self.storage is None:
+                below = self._priority(node, self.workflows) if leaving else self._host_key(node)
+                if self._host_freeable(below) < need:
+                    self.tier_stats.backups_skipped_tokens += n
+                    return False
+            self._evict_host(need, below=below)
             host_slots = self.host.allocator.alloc(n)
         if host_slots is None:
             return False
@@ -262,6 +273,20 @@ class HiRadixCache(RadixCache):
         self.tier_stats.backup_tokens += n
         self.tier_stats.bytes_to_host += n * self.host.bytes_per_token
         return True
+
+    def _host_key(self, node: TierNode):
+        """Host eviction order. Under `workflow`, a host copy of a node still on the device goes
+        first: it is read only if the device evicts the node before its next step, and the device
+        keeps the nodes needed soonest (one that is evicted later is backed up again then). The host
+        tier then holds other nodes than the device does when it is short of room."""
+        key = self._priority(node, self.workflows)
+        if self.eviction_policy == "workflow" and node.value is not None:
+            return (float("-inf"), key[1])
+        return key
+
+    def _host_freeable(self, below) -> int:
+        """Host tokens that eviction would free before reaching a node of key `below`."""
+        return sum(len(n.key) for n in self._nodes() if self._host_evictable(n) and self._host_key(n) < below)
 
     def _is_device_leaf(self, node: TierNode) -> bool:
         return (node.value is not None and node.lock_ref == 0 and node.loading is None
@@ -296,8 +321,10 @@ class HiRadixCache(RadixCache):
         """Take an unlocked device leaf off the device (the caller frees its slots)."""
         n = len(node.key)
         kept = node.host_value is not None or node.storage is not None
-        if not kept and (self.write_policy == "write_back" or node.children):
-            kept = self._backup(node)
+        # Under `workflow` a node whose host copy made room for others is written back now (unless
+        # everything on the host is needed sooner).
+        if not kept and (self.write_policy == "write_back" or node.children or self.eviction_policy == "workflow"):
+            kept = self._backup(node, leaving=True)
         self._evictable_size -= n
         if node.prefetched:
             self.tier_stats.prefetch_unused_tokens += n
@@ -342,12 +369,15 @@ class HiRadixCache(RadixCache):
                 and (node.value is not None or (node.lock_ref == 0 and (
                     node.storage is not None or self.storage is not None or not node.children))))
 
-    def _evict_host(self, num_tokens: int) -> int:
-        """Free at least `num_tokens` host slots (fewer if not enough can go), in policy order."""
-        heap = [(self._priority(n, self.workflows), n.id, n) for n in self._nodes() if self._host_evictable(n)]
+    def _evict_host(self, num_tokens: int, *, below=None) -> int:
+        """Free at least `num_tokens` host slots (fewer if not enough can go, or if `below` is given
+        and the next candidate's key is not below it), in policy order."""
+        heap = [(self._host_key(n), n.id, n) for n in self._nodes() if self._host_evictable(n)]
         heapq.heapify(heap)
         num_freed = 0
         while num_freed < num_tokens and heap:
+            if below is not None and heap[0][0] >= below:
+                break
             _, _, node = heapq.heappop(heap)
             if not node.in_tree or not self._host_evictable(node):
                 continue
@@ -364,7 +394,7 @@ class HiRadixCache(RadixCache):
                 self.tier_stats.dropped_tokens += n
                 self._remove_subtree(node)
                 if parent is not self.root and self._host_evictable(parent):
-                    heapq.heappush(heap, (self._priority(parent, self.workflows), parent.id, parent))
+                    heapq.heappush(heap, (self._host_key(parent), parent.id, parent))
             num_freed += n
             self.tier_stats.host_evicted_tokens += n
         return num_freed

@@ -69,6 +69,7 @@ class TierStats:
     loads_cancelled: int = 0  # jobs cancelled (their requests aborted)
     device_evicted_tokens: int = 0  # left the device, still on the host or in a file
     host_evicted_tokens: int = 0  # host copies dropped (moved to a file, or gone)
+    backups_skipped_tokens: int = 0  # not copied to a full host: all there is needed sooner (workflow)
     dropped_tokens: int = 0  # left every tier
     evictions_by_policy: dict[str, int] = field(default_factory=dict)  # device evictions, in tokens
 

@@ -116,11 +116,13 @@ class KVPool:
             # and `release_memory` can hand them back.
             self._host, pages = zeroed_pages(2 * num_layers * math.prod(shape) * dtype.itemsize)
             buffers = torch.from_numpy(pages).view(dtype).view(2, num_layers, *shape)
-            self.k_buffers, self.v_buffers = list(buffers[0].unbind()), list(buffers[1].unbind())
         else:
             self._host = None
-            self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-            self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            buffers = torch.zeros((2, num_layers, *shape), dtype=dtype, device=device)
+        # `buffer` is every layer's K and V, [2, num_layers, num_slots + 1, num_kv_heads, row_size]:
+        # moves between tiers index it once for all layers; the model reads the per-layer views.
+        self.buffer = buffers
+        self.k_buffers, self.v_buffers = list(buffers[0].unbind()), list(buffers[1].unbind())
 
     def release_memory(self) -> None:
         """CPU: give the pool's pages back to the system; they read as zeros again. Only while no slot
