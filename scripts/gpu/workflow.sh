@@ -8,7 +8,8 @@
 #      512-token user turns, a pool of 8,192 tokens);
 #   2. 16 agents, 8 concurrent workflows (KV pool of 9.5 agents' steps), no chat.
 # T1 and T2 bound the two runs in seconds (0 skips one), DEADLINE (seconds since the epoch) both;
-# WORKFLOWS sets the first run's concurrent workflows, SKIP_CHAT=1 leaves its chat workload out.
+# WORKFLOWS sets the first run's concurrent workflows, SKIP_CHAT=1 leaves its chat workload out,
+# HICACHE_RATIO sizes the host tier against the pool (default 2; 1.5 leaves the host short of the agents).
 # JSON in $OUT/workflow_*.json, the printed tables in $OUT/workflow.log.
 # Run from the repository root with plait importable.
 #
@@ -49,7 +50,7 @@ bench() {  # bench TIMEOUT_S NAME ARGS...
   fi
   echo "=== workflow $name: $* ($(date +%T))"
   timeout "$limit" $PY -m plait.bench.workflow --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
-    --tokenizer-path "$TOK" --prompt-len "$PROMPT" --rounds "$ROUNDS" --output-file "$OUT/workflow_$name.json" "$@" \
+    --tokenizer-path "$TOK" --prompt-len "$PROMPT" --rounds "$ROUNDS" --hicache-ratio "${HICACHE_RATIO:-2}" --output-file "$OUT/workflow_$name.json" "$@" \
     -- --context-length 8192 --cuda-graph-max-bs 16 ${ENGINE_ARGS:-}
   [ $? = 0 ] || echo "!!! workflow $name failed or timed out"
 }
