@@ -235,6 +235,50 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv):
         assert (lse[rows].double() - ref_lse).abs().max() < 2e-6
 
 
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("hq,hkv,n", [(9, 3, 1), (6, 3, 1), (3, 3, 1), (2, 2, 3)])
+def test_attention_in_place_segments(cache_dtype, hq, hkv, n):
+    """The path that reads the pool in place (at most 3 query rows per KV head) scores a segment of
+    keys, takes one softmax step over it, then adds its values: lengths around the block (32) and
+    segment (256) boundaries, long ones split along the keys, contiguous and scattered slots, several
+    sequences in one call; with 3 query tokens of one head (n = 3) causal masks end inside segments."""
+    torch.manual_seed(3)
+    d, pool = 64, 6000
+    if cache_dtype == torch.int8:
+        k_cache, v_cache = int8_rows(torch.randn(pool, hkv, d)), int8_rows(torch.randn(pool, hkv, d))
+    else:
+        # scores spread wide enough that the running maximum moves between segments
+        k_cache = (3 * torch.randn(pool, hkv, d)).to(cache_dtype)
+        v_cache = torch.randn(pool, hkv, d).to(cache_dtype)
+    lengths = [n, 31, 32, 33, 255, 256, 257, 513, 700, 2049]
+    slot_lists = [torch.arange(1, 1 + length) if i % 2 else torch.randperm(pool - 1)[:length] + 1
+                  for i, length in enumerate(lengths)]
+    total = n * len(lengths)
+    q = torch.randn(total, hq, d)
+    q_rows = torch.arange(total)
+    q_off = torch.arange(len(lengths)) * n
+    slot_off = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    lse = torch.empty(total, hq)
+    for split in (False, True):  # one sequence alone is split along the keys for the two threads
+        seqs = range(len(lengths)) if not split else [len(lengths) - 1]
+        for i in seqs:
+            rows = q_rows[q_off[i] : q_off[i] + n]
+            if split:
+                out = kernels.attention(q, k_cache, v_cache, q_rows=rows, q_off=torch.tensor([0]),
+                                        q_len=torch.tensor([n]), slots=slot_lists[i], slot_off=torch.tensor([0]),
+                                        kv_len=torch.tensor([lengths[i]]), causal=True, scale=d**-0.5, lse=lse)
+            elif i == 0:
+                out = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
+                                        q_len=torch.full((len(lengths),), n), slots=torch.cat(slot_lists),
+                                        slot_off=slot_off, kv_len=torch.tensor(lengths), causal=True,
+                                        scale=d**-0.5, lse=lse)
+            ref_out, ref_lse = reference_attention(q[rows], k_cache, v_cache, slot_lists[i], True, d**-0.5)
+            # (scores 3 times as wide as above: float32 rounding of the scores alone gives ~2e-6)
+            assert (out[rows].double() - ref_out).abs().max() < 5e-6, (split, lengths[i])
+            assert (lse[rows].double() - ref_lse).abs().max() < 5e-6, (split, lengths[i])
+
+
 def test_the_kernels_are_built_wherever_they_can_run():
     """An install on x86-64 Linux builds the extension; on a CPU with AVX2, FMA and F16C it runs.
     (If this fails, `pip install` could not compile plait/runtime/cpu/csrc: see its build log.)"""
