@@ -376,6 +376,57 @@ def test_prefetch_loads_the_next_agents_context_and_counts_the_hit():
     cache.assert_integrity()
 
 
+def test_a_prefetch_that_cannot_fit_whole_evicts_nothing():
+    cache, _ = make_cache(device_slots=30, eviction="workflow", prefetch=True)
+    a, b, d = [1] * 12, [2] * 12, [4] * 20
+    cache.workflows.publish("w", graph(*((f"s{i}", [n], [f"s{(i + 1) % 4}"]) for i, n in enumerate("abcd"))), "s0")
+    cache_seq(cache, d)
+    cache.tag(d, "w", "d")
+    cache.evict(100)  # d on the host only
+    for agent, seq in (("a", a), ("b", b)):
+        cache_seq(cache, seq)
+        cache.tag(seq, "w", agent)
+    running = cache.match_prefix(a).last_node
+    cache.lock(running)  # a's request holds it: 6 free slots, b's 12 evictable, d needs 20
+    cache.workflows.on_agent("w", "c")  # d is next, a 2 steps away, b 3
+    evicted_before = cache.tier_stats.device_evicted_tokens + cache.tier_stats.dropped_tokens
+    assert cache.prefetch("w") == []
+    assert cache.match_prefix(b).slot_ids.numel() == 12  # b was not evicted for a load that could not start
+    assert cache.tier_stats.device_evicted_tokens + cache.tier_stats.dropped_tokens == evicted_before
+    cache.assert_integrity()
+    cache.unlock(running)  # now a (2 steps) and b (3) may make room for d (1)
+    (job,) = cache.prefetch("w")
+    cache.loads.wait()
+    assert cache.match_tiers(d).device.slot_ids.numel() == 20
+    check_device_kv(cache, d)
+    cache.assert_integrity()
+
+
+def test_a_prefetch_leaves_room_for_the_current_steps_contexts_of_other_workflows():
+    # Two workflows over the same four agents; w2 is at a, whose context is on the host, and w1 at
+    # c, before d. The pool (30) cannot hold a and d (20 each): prefetching d would be undone by a's
+    # own load, which evicts d (1 step away) to make room for a (0).
+    cache, _ = make_cache(device_slots=30, eviction="workflow", prefetch=True)
+    seqs = {n: [i + 1] * 20 for i, n in enumerate("abcd")}
+    cycle = graph(*((f"s{i}", [n], [f"s{(i + 1) % 4}"]) for i, n in enumerate("abcd")))
+    for w in ("w1", "w2"):
+        cache.workflows.publish(w, cycle, "s0")
+    for name in ("a", "d"):
+        cache_seq(cache, seqs[name])
+        cache.tag(seqs[name], "w1", name)
+        cache.evict(100)
+    cache.workflows.on_agent("w2", "a")
+    cache.workflows.on_agent("w1", "c")
+    assert cache.prefetch("w1") == []
+    assert cache.tier_stats.prefetch_skipped == 1
+    assert cache_seq(cache, seqs["a"])  # w2's request loads a
+    cache.workflows.on_agent("w2", "b")  # w2 moves on: a is no longer needed now, d may come
+    (job,) = cache.prefetch("w1")
+    cache.loads.wait()
+    assert cache.match_tiers(seqs["d"]).device.slot_ids.numel() == 20
+    cache.assert_integrity()
+
+
 def test_a_load_cancelled_in_flight_gives_everything_back():
     cache, _ = make_cache(device_slots=40, background=True)
     seq = list(range(20))

@@ -288,6 +288,13 @@ class HiRadixCache(RadixCache):
         """Host tokens that eviction would free before reaching a node of key `below`."""
         return sum(len(n.key) for n in self._nodes() if self._host_evictable(n) and self._host_key(n) < below)
 
+    def device_freeable(self, below: tuple) -> int:
+        """Device tokens that eviction would free before reaching a node of key `below` (at most:
+        a parent is counted though its own key may be the higher)."""
+        return sum(len(n.key) for n in self._nodes()
+                   if n.value is not None and n.lock_ref == 0 and n.loading is None
+                   and self._priority(n, self.workflows) < below)
+
     def _is_device_leaf(self, node: TierNode) -> bool:
         return (node.value is not None and node.lock_ref == 0 and node.loading is None
                 and not any(c.value is not None for c in node.children.values()))
@@ -426,6 +433,12 @@ class HiRadixCache(RadixCache):
         slots in all."""
         if not self.prefetch_enabled:
             return []
+        below = workflow_key_for(1) if self.eviction_policy == "workflow" else None
+        # Room a prefetch may take: free slots and nodes needed later than the next step, less the
+        # contexts of current-step agents (of every workflow) that are off the device: their
+        # requests load them on demand, which would evict a prefetched context again.
+        room = self.allocator.num_free_slots + (self.device_freeable(below) if below is not None else 0)
+        room -= self._off_device_tokens(self.workflows.agent_node(w, a) for w, a in self.workflows.current_agents())
         jobs = []
         for agent in self.workflows.next_agents(workflow_id):
             node = self.workflows.agent_node(workflow_id, agent)
@@ -441,18 +454,33 @@ class HiRadixCache(RadixCache):
             if not run:
                 continue
             run.reverse()
-            size = sum(len(n.key) for n in run)  # plus the device part it locks meanwhile:
+            run_size = sum(len(n.key) for n in run)
+            size = run_size  # plus the device part it locks meanwhile:
             while node is not self.root:
                 size, node = size + len(node.key), node.parent
-            if budget is not None and size > budget:
+            if (budget is not None and size > budget) or run_size > room:
+                self.tier_stats.prefetch_skipped += 1
                 continue
-            below = workflow_key_for(1) if self.eviction_policy == "workflow" else None
             job = self.loads.start(run, prefetch=True, below=below, workflow_id=workflow_id)
             if job is not None:
                 jobs.append(job)
+                room -= run_size
                 if budget is not None:
                     budget -= size
         return jobs
+
+    def _off_device_tokens(self, nodes) -> int:
+        """Tokens along the paths to `nodes` that are neither on the device nor being loaded (each
+        node counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for node in nodes:
+            while node is not None and node is not self.root and node.in_tree and node.id not in seen:
+                seen.add(node.id)
+                if node.value is None and node.loading is None:
+                    total += len(node.key)
+                node = node.parent
+        return total
 
     # --- reset, integrity, report ------------------------------------------------------------
 

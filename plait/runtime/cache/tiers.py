@@ -66,6 +66,7 @@ class TierStats:
     prefetch_hits: int = 0  # requests that found (part of) their prefix already prefetched
     prefetch_late: int = 0  # requests that found their prefix still being prefetched, and waited
     prefetch_unused_tokens: int = 0  # prefetched tokens evicted again before any request matched them
+    prefetch_skipped: int = 0  # next-step contexts not prefetched: no room that this step's needs leave
     loads_cancelled: int = 0  # jobs cancelled (their requests aborted)
     device_evicted_tokens: int = 0  # left the device, still on the host or in a file
     host_evicted_tokens: int = 0  # host copies dropped (moved to a file, or gone)
@@ -176,6 +177,12 @@ class LoadManager:
         lock_node = nodes[-1]
         cache.lock(lock_node)  # the device ancestors stay, and so do the lower copies
         slots = cache.allocator.alloc(num_tokens)
+        if slots is None and below is not None:
+            # Evict only if that makes room for the whole run: a prefetch that evicted and then
+            # failed would have displaced nodes (and written them back) for nothing.
+            if cache.allocator.num_free_slots + cache.device_freeable(below) < num_tokens:
+                cache.unlock(lock_node)
+                return None
         if slots is None:
             cache.evict(num_tokens - cache.allocator.num_free_slots, below=below)
             slots = cache.allocator.alloc(num_tokens)

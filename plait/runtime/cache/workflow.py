@@ -180,6 +180,14 @@ class WorkflowTracker:
         self.steps_to_execution(workflow_id, "")  # fills the memo
         return sorted(a for a, d in self._distances[workflow_id].items() if d == 1)
 
+    def current_agents(self) -> list[tuple[str, str]]:
+        """`(workflow, agent)` of every live workflow's current step (distance 0)."""
+        out = []
+        for workflow_id in self._workflows:
+            self.steps_to_execution(workflow_id, "")  # fills the memo
+            out.extend((workflow_id, a) for a, d in self._distances[workflow_id].items() if d == 0)
+        return out
+
     def remember_node(self, workflow_id: str, agent: str, node: object) -> None:
         self._get(workflow_id).agent_nodes[agent] = node
         self._latest_nodes[agent] = node

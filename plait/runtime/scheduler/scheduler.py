@@ -189,7 +189,7 @@ class Scheduler:
             self._reject_message(msg, f"internal error while admitting the request: {e}", STATUS_INTERNAL_ERROR)
             return
         if msg.workflow_id and msg.agent:
-            self.cache.on_workflow_request(msg.workflow_id, msg.agent, budget=self._spare_tokens())
+            self.cache.on_workflow_request(msg.workflow_id, msg.agent, budget=self._prefetch_budget(req))
         if self.constraints.needs_grammar(req):
             error = self.constraints.submit(req)  # joins `waiting` once its grammar is compiled
             if error:
@@ -256,6 +256,13 @@ class Scheduler:
         if self.chunked is not None:
             reserved += self.chunked.seq_len - self.chunked.kv_committed_len
         return self.cache.available_tokens - reserved
+
+    def _prefetch_budget(self, arriving: Req) -> int:
+        """Spare slots less what the requests already waiting (and the one arriving) will hold once
+        admitted (their cached prefixes, counted as evictable now, get locked then): a prefetch for a
+        later step must not evict what this step's requests are about to use."""
+        waiting = sum(len(r.fill_ids) for r in self.waiting)
+        return self._spare_tokens() - waiting - len(arriving.fill_ids)
 
     def _future_tokens(self, req: Req) -> int:
         left = min(req.remaining_new_tokens, self.runner.context_length - req.seq_len - req.inflight)
