@@ -425,3 +425,18 @@ def test_cuda_mixed_batch():
     assert out.next_token_ids[0].item() == logits[0].argmax().item()
     again = Sampler()(logits, info)
     assert out.next_token_ids[2].item() == again.next_token_ids[2].item()
+
+
+def test_cpu_argmax_matches_torch_on_ties_nans_and_masked_rows():
+    from plait.runtime.sampling.sampler import _argmax_rows
+
+    x = torch.randn(6, 49152)
+    x[1, 7] = x[1, 9] = x[1].max() + 1  # a tie: the first wins
+    x[2, 3] = x[2, 10] = float("nan")  # NaN is the maximum
+    x[3] = float("-inf")  # everything masked
+    x[4, 5] = float("inf")
+    got = _argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    assert got[:3].tolist()[1:] == [7, 3]
+    t = x.t().contiguous().t()  # not contiguous: torch's own path
+    assert torch.equal(_argmax_rows(t), x.argmax(dim=-1))

@@ -194,6 +194,15 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim. On the CPU through NumPy: torch's takes ~90 us for one row of a
+    49k vocabulary (its parallel reduction), NumPy's ~11 us; both pick the first of equal maxima and a
+    NaN if there is one."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return torch.from_numpy(x.numpy().argmax(axis=-1).astype("int64", copy=False))
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Turns a batch's last-position logits into next tokens; holds only a reusable RNG per device."""
 
@@ -207,7 +216,7 @@ class Sampler:
         """logits [bs, vocab] (any float dtype) -> next token ids and their raw-distribution logprobs
         (zeros when `need_logprobs` is false: a log-sum-exp over the vocabulary per row saved)."""
         processed = process_logits(logits, info, vocab_mask=vocab_mask)  # [bs, vocab] float32
-        next_token_ids = processed.argmax(dim=-1)  # [bs]
+        next_token_ids = _argmax_rows(processed)  # [bs]
         if not info.is_all_greedy:
             sampled = self._sample(processed, info)
             next_token_ids = torch.where(info.greedy_rows, next_token_ids, sampled)
