@@ -142,7 +142,9 @@ def process_logits(
     `vocab_mask` is a bool [bs, vocab] of *allowed* tokens. The input is never modified.
     """
     assert logits.shape == (info.batch_size, info.vocab_size), (tuple(logits.shape), info.vocab_size)
-    x = logits.to(torch.float32, copy=True)
+    # A copy only where it is written in place below (49k float32 logits take ~0.3 ms to copy on a
+    # 2-core CPU, 2% of a small model's token).
+    x = logits.to(torch.float32, copy=info.logit_bias is not None or info.min_tokens_mask is not None)
     if info.logit_bias is not None:
         b = info.logit_bias
         x.index_put_((b.rows, b.cols), b.values, accumulate=True)
