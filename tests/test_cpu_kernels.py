@@ -21,6 +21,7 @@ from plait.runtime.layers.rotary import RotaryEmbedding, apply_rotary_native
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built or no AVX2 here")
 
 BLOCK_TYPES = {WeightFormat.Q8_0: QT.Q8_0, WeightFormat.Q4_0: QT.Q4_0, WeightFormat.Q4_1: QT.Q4_1}
+FLOAT_CONSTANTS = {WeightFormat.Q8_0F: WeightFormat.Q8_0, WeightFormat.Q4_1F: WeightFormat.Q4_1}  # -> GGUF format
 
 
 def gguf_weight(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,11 @@ def test_linear_matches_the_dequantized_product(fmt, rows):
     torch.manual_seed(rows)
     n, k = 100, 320
     w = torch.randn(n, k)
-    if fmt.block_bytes is not None:
+    if fmt in FLOAT_CONSTANTS:
+        data, ref_w = gguf_weight(w, FLOAT_CONSTANTS[fmt])
+        made, data = kernels.float_constants(FLOAT_CONSTANTS[fmt], data)
+        assert made == fmt and data.shape == (n, fmt.row_bytes(k))
+    elif fmt.block_bytes is not None:
         data, ref_w = gguf_weight(w, fmt)
     else:
         dtype = {WeightFormat.F32: torch.float32, WeightFormat.BF16: torch.bfloat16, WeightFormat.F16: torch.float16}[fmt]
@@ -94,6 +99,26 @@ def test_integer_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows, dot):
     expected = xq.double() @ (ref_w.double() - offsets).T + x.double() @ offsets.T
     assert rel_err(out, expected) < 1e-5
     assert lowest < rel_err(out, exact) < highest
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", list(FLOAT_CONSTANTS), ids=lambda f: f.name)
+@pytest.mark.parametrize("dot", ["float", "int16", "int8"])
+def test_float_block_constants_give_bit_identical_products(fmt, dot):
+    """Q8_0F / Q4_1F hold the same values as the GGUF blocks they were made from: every product
+    (batch-1 and batched decode, the panel kernel, the gated MLP) and every embedding row is equal
+    to the bit, so the greedy outputs of a model do not change with the layout."""
+    torch.manual_seed(3)
+    n, k = 96, 576
+    gguf_fmt = FLOAT_CONSTANTS[fmt]
+    data, _ = gguf_weight(torch.randn(n, k), gguf_fmt)
+    _, repacked = kernels.float_constants(gguf_fmt, data)
+    for rows in (1, 2, 3, 8, 9, 40):
+        x = torch.randn(rows, k)
+        assert torch.equal(kernels.linear(x, repacked, fmt, n, dot=dot), kernels.linear(x, data, gguf_fmt, n, dot=dot))
+    ids = torch.arange(n)
+    assert torch.equal(kernels.embedding(ids, repacked, fmt, k), kernels.embedding(ids, data, gguf_fmt, k))
+    assert kernels.float_constants(WeightFormat.Q4_0, data) == (WeightFormat.Q4_0, data)  # left as it is
 
 
 @needs_kernels

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from plait.runtime.cpu import kernels
 from plait.runtime.cpu.kernels import WeightFormat
 from plait.runtime.cpu.layers import CpuRMSNorm, CpuRotaryEmbedding, CpuSiluAndMul
 from plait.runtime.cpu.linear import CpuEmbedding, CpuLinear, StoredWeight
@@ -141,6 +142,8 @@ def _stored(fmt_name: str, tensor: torch.Tensor) -> StoredWeight:
         in_features = tensor.shape[1] // fmt.block_bytes * 32
     else:
         in_features = tensor.shape[1]
+    if kernels.available():  # the kernels read float32 block constants faster (the same values)
+        fmt, tensor = kernels.float_constants(fmt, tensor)
     return StoredWeight(tensor.contiguous(), fmt, out_features, in_features)
 
 

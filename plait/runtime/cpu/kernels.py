@@ -30,11 +30,16 @@ class WeightFormat(enum.IntEnum):
     Q8_0 = 3
     Q4_0 = 4
     Q4_1 = 5
+    # Q8_0 / Q4_1 with each block's constants as float32 (`float_constants`): the same values and
+    # products, without two float16 conversions per block in the batch-1 products.
+    Q8_0F = 6
+    Q4_1F = 7
 
     @property
     def block_bytes(self) -> int | None:
         """Bytes per block of 32 values (block formats), None for the float formats."""
-        return {WeightFormat.Q8_0: 34, WeightFormat.Q4_0: 18, WeightFormat.Q4_1: 20}.get(self)
+        return {WeightFormat.Q8_0: 34, WeightFormat.Q4_0: 18, WeightFormat.Q4_1: 20,
+                WeightFormat.Q8_0F: 36, WeightFormat.Q4_1F: 24}.get(self)
 
     def row_bytes(self, k: int) -> int:
         if self.block_bytes is not None:
@@ -49,6 +54,26 @@ CACHE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.in
 def _cache_row(d: int, dtype: torch.dtype) -> int:
     """Elements of a pool row: D values, or for int8 D codes and a float32 scale (csrc/kernels.h)."""
     return d + 4 if dtype == torch.int8 else d
+
+
+# GGUF block formats -> (the same with float32 constants, count of float16 constants opening a block)
+_FLOAT_CONSTANTS = {WeightFormat.Q8_0: (WeightFormat.Q8_0F, 1), WeightFormat.Q4_1: (WeightFormat.Q4_1F, 2)}
+
+
+def float_constants(fmt: WeightFormat, data: torch.Tensor) -> tuple[WeightFormat, torch.Tensor]:
+    """Rows of a Q8_0 or Q4_1 weight (uint8 [N, row_bytes]) rewritten with each block's float16
+    constants as float32 (exact), codes unchanged: (Q8_0F or Q4_1F, the new rows). Other formats
+    come back as they are."""
+    if fmt not in _FLOAT_CONSTANTS:
+        return fmt, data
+    new_fmt, consts = _FLOAT_CONSTANTS[fmt]
+    n = data.shape[0]
+    blocks = data.contiguous().view(n, -1, fmt.block_bytes)  # [N, blocks, bytes]
+    head = blocks[:, :, : 2 * consts].contiguous().view(torch.float16).float()  # [N, blocks, consts]
+    out = torch.empty((n, blocks.shape[1], new_fmt.block_bytes), dtype=torch.uint8)
+    out[:, :, : 4 * consts] = head.view(torch.uint8)
+    out[:, :, 4 * consts :] = blocks[:, :, 2 * consts :]
+    return new_fmt, out.view(n, -1)
 
 
 def isa() -> str:

@@ -22,6 +22,11 @@ enum WeightFormat : int {
     kQ8_0 = 3,
     kQ4_0 = 4,
     kQ4_1 = 5,
+    // Q8_0 and Q4_1 with their block constants as float32 (d, then m for Q4_1), then the same codes:
+    // 36 and 24 bytes a block. The same values and products; a block's constants are two loads
+    // instead of two float16 conversions, which the batch-1 products pay per 32 weights.
+    kQ8_0F = 6,
+    kQ4_1F = 7,
 };
 
 // Added to a block format's code (kQ8_0, kQ4_0, kQ4_1): products of up to 8 rows round each 32 values
@@ -57,6 +62,8 @@ inline size_t row_bytes(int fmt, int64_t k) {
         case kQ8_0: return size_t(k / kBlock) * 34;
         case kQ4_0: return size_t(k / kBlock) * 18;
         case kQ4_1: return size_t(k / kBlock) * 20;
+        case kQ8_0F: return size_t(k / kBlock) * 36;
+        case kQ4_1F: return size_t(k / kBlock) * 24;
     }
     return 0;
 }

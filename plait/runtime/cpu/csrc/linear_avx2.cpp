@@ -163,12 +163,21 @@ static PLAIT_INLINE __m256i block_code_bytes(const uint8_t* row, int64_t b, floa
         d = fp16_to_f32(h[0]);
         m = -8.0f * d;
         return q4_codes(blk + 2);
-    } else {
+    } else if constexpr (FMT == kQ4_1) {
         const uint8_t* blk = row + b * 20;
         std::memcpy(h, blk, 4);
         d = fp16_to_f32(h[0]);
         m = fp16_to_f32(h[1]);
         return q4_codes(blk + 4);
+    } else if constexpr (FMT == kQ8_0F) {
+        const uint8_t* blk = row + b * 36;
+        std::memcpy(&d, blk, 4);
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 4));
+    } else {  // kQ4_1F
+        const uint8_t* blk = row + b * 24;
+        std::memcpy(&d, blk, 4);
+        std::memcpy(&m, blk + 4, 4);
+        return q4_codes(blk + 8);
     }
 }
 
@@ -178,7 +187,7 @@ template <int FMT>
 static PLAIT_INLINE void block_codes16(const uint8_t* row, int64_t b, __m256i& lo, __m256i& hi, float& d, float& m) {
     const __m256i w = block_code_bytes<FMT>(row, b, d, m);
     // the upper bytes once widened: the sign for Q8_0, zero for the unsigned 4-bit codes
-    const __m256i ext = FMT == kQ8_0 ? _mm256_cmpgt_epi8(_mm256_setzero_si256(), w) : _mm256_setzero_si256();
+    const __m256i ext = is_q8<FMT>() ? _mm256_cmpgt_epi8(_mm256_setzero_si256(), w) : _mm256_setzero_si256();
     lo = _mm256_unpacklo_epi8(w, ext);
     hi = _mm256_unpackhi_epi8(w, ext);
 }
@@ -188,7 +197,7 @@ static PLAIT_INLINE void block_codes16(const uint8_t* row, int64_t b, __m256i& l
 template <int FMT>
 static PLAIT_INLINE __m256i block_dot8(__m256i w, const int8_t* xp) {
     __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
-    if constexpr (FMT == kQ8_0) {
+    if constexpr (is_q8<FMT>()) {
         xv = _mm256_sign_epi8(xv, w);
         w = _mm256_sign_epi8(w, w);
     }
@@ -516,6 +525,8 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt
         case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, dot); break;
         case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, dot); break;
         case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, dot); break;
+        case kQ8_0F: linear_fmt<kQ8_0F>(x, M, K, w, N, bias, y, ldy, dot); break;
+        case kQ4_1F: linear_fmt<kQ4_1F>(x, M, K, w, N, bias, y, ldy, dot); break;
     }
 }
 
@@ -528,6 +539,8 @@ void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         case kQ8_0: gated_team<kQ8_0>(x, M, K, w, I, out, dot); break;
         case kQ4_0: gated_team<kQ4_0>(x, M, K, w, I, out, dot); break;
         case kQ4_1: gated_team<kQ4_1>(x, M, K, w, I, out, dot); break;
+        case kQ8_0F: gated_team<kQ8_0F>(x, M, K, w, I, out, dot); break;
+        case kQ4_1F: gated_team<kQ4_1F>(x, M, K, w, I, out, dot); break;
     }
 }
 
@@ -546,6 +559,8 @@ void embedding(const int64_t* ids, int64_t n, const uint8_t* w, int fmt, int64_t
         case kQ8_0: embedding_fmt<kQ8_0>(ids, n, w, K, out, nthreads); break;
         case kQ4_0: embedding_fmt<kQ4_0>(ids, n, w, K, out, nthreads); break;
         case kQ4_1: embedding_fmt<kQ4_1>(ids, n, w, K, out, nthreads); break;
+        case kQ8_0F: embedding_fmt<kQ8_0F>(ids, n, w, K, out, nthreads); break;
+        case kQ4_1F: embedding_fmt<kQ4_1F>(ids, n, w, K, out, nthreads); break;
     }
 }
 

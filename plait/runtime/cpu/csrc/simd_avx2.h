@@ -188,24 +188,39 @@ static PLAIT_INLINE void load_block(const uint8_t* row, int64_t b, __m256 v[4], 
         d = fp16_to_f32(h);
         m = -8.0f * d;
         decode_q4(blk + 2, v);
-    } else {  // kQ4_1
+    } else if constexpr (FMT == kQ4_1) {
         const uint8_t* blk = row + b * 20;
         uint16_t h[2];
         std::memcpy(h, blk, 4);
         d = fp16_to_f32(h[0]);
         m = fp16_to_f32(h[1]);
         decode_q4(blk + 4, v);
+    } else if constexpr (FMT == kQ8_0F) {
+        const uint8_t* blk = row + b * 36;
+        std::memcpy(&d, blk, 4);
+        decode_q8(reinterpret_cast<const int8_t*>(blk + 4), v);
+    } else {  // kQ4_1F
+        const uint8_t* blk = row + b * 24;
+        std::memcpy(&d, blk, 4);
+        std::memcpy(&m, blk + 4, 4);
+        decode_q4(blk + 8, v);
     }
 }
 
 template <int FMT>
 constexpr bool is_block_format() {
-    return FMT == kQ8_0 || FMT == kQ4_0 || FMT == kQ4_1;
+    return FMT == kQ8_0 || FMT == kQ4_0 || FMT == kQ4_1 || FMT == kQ8_0F || FMT == kQ4_1F;
+}
+
+// Signed 8-bit codes (Q8_0 either way); the other block formats have unsigned 4-bit ones.
+template <int FMT>
+constexpr bool is_q8() {
+    return FMT == kQ8_0 || FMT == kQ8_0F;
 }
 
 template <int FMT>
 constexpr bool has_offset() {
-    return FMT == kQ4_0 || FMT == kQ4_1;
+    return FMT == kQ4_0 || FMT == kQ4_1 || FMT == kQ4_1F;
 }
 
 // Row `n` of a weight in float32 (K values).
