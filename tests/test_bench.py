@@ -312,3 +312,20 @@ def test_workflow_bench_runs_every_setup(tiny_config, tmp_path):
     assert any(r["host_hit_tokens"] > 0 for r in agents if r["mode"] == "b")  # the pool cannot hold all agents
     assert any(r["prefetch_started"] > 0 for r in agents if r["mode"] == "c")
     assert [r["mode"] for r in result["chat"]] == ["a", "b"] and "speedup_vs_a" in result["chat"][1]
+
+
+def test_workflow_bench_with_private_agents(tiny_config, tmp_path):
+    from plait.bench import workflow
+
+    out = tmp_path / "workflow.json"
+    workflow.main([
+        "--model-path", tiny_config, "--num-agents", "3", "--prompt-len", "64", "--task-len", "4",
+        "--output-len", "2", "--rounds", "2", "--workflows", "2", "--private-agents", "--modes", "a,c",
+        "--skip-chat", "--output-file", str(out), "--", "--load-format", "dummy", "--dtype", "float32",
+    ])
+    agents = json.loads(out.read_text())["agents"]
+    assert [r["mode"] for r in agents] == ["a", "c"]
+    assert all(r["integrity_ok"] and r["requests"] == 2 * 2 * 3 for r in agents)
+    # two workflows x three agents of their own: a pool of 3.5 agents' steps holds fewer than the 6
+    # prompts, so LRU alone finds (almost) nothing; the tiers find the second round's prompts
+    assert agents[0]["hit_rate"] < 0.2 and agents[1]["hit_rate"] > agents[0]["hit_rate"]

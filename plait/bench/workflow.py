@@ -91,9 +91,16 @@ def _engine(mode: str, args: argparse.Namespace, max_total_tokens: int, extra: d
 def run_agents(engine: Any, mode: str, args: argparse.Namespace, num_workflows: int) -> dict[str, Any]:
     rng = random.Random(args.seed)
     vocab = engine.runner.vocab_size
-    prompts = [_tokens(rng, args.prompt_len, vocab) for _ in range(args.num_agents)]
-    steps = [{"id": f"s{i}", "agents": [f"agent{i}"], "next": [f"s{(i + 1) % args.num_agents}"]}
-             for i in range(args.num_agents)]
+    # Shared agents: every workflow runs the same agents (the same prompts); private: each its own.
+    num_sets = num_workflows if args.private_agents else 1
+    prompt_sets = [[_tokens(rng, args.prompt_len, vocab) for _ in range(args.num_agents)] for _ in range(num_sets)]
+
+    def agent_name(w: int, i: int) -> str:
+        return f"wf{w}-agent{i}" if args.private_agents else f"agent{i}"
+
+    def steps(w: int) -> list[dict[str, Any]]:
+        return [{"id": f"s{i}", "agents": [agent_name(w, i)], "next": [f"s{(i + 1) % args.num_agents}"]}
+                for i in range(args.num_agents)]
     params = {"max_new_tokens": args.output_len, "temperature": 0, "ignore_eos": True}
     latencies: list[float] = []
     lock = threading.Lock()
@@ -102,15 +109,16 @@ def run_agents(engine: Any, mode: str, args: argparse.Namespace, num_workflows: 
     def workflow(w: int) -> None:
         wrng = random.Random(args.seed * 1000 + w)
         wf = f"wf{w}"
+        prompts = prompt_sets[w if args.private_agents else 0]
         if mode == "c":
-            engine.publish_workflow(wf, steps, current_step=f"s{(w - 1) % args.num_agents}")
+            engine.publish_workflow(wf, steps(w), current_step=f"s{(w - 1) % args.num_agents}")
         try:
             for _ in range(args.rounds):
                 for k in range(args.num_agents):
                     i = (k + w) % args.num_agents  # workflows start at different agents
                     ids = prompts[i] + _tokens(wrng, args.task_len, vocab)
                     start = time.perf_counter()
-                    engine.generate(input_ids=ids, sampling_params=params, workflow_id=wf, agent=f"agent{i}")
+                    engine.generate(input_ids=ids, sampling_params=params, workflow_id=wf, agent=agent_name(w, i))
                     with lock:
                         latencies.append(time.perf_counter() - start)
         except BaseException as e:  # reported after the run
@@ -183,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output-len", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="times each workflow goes round its agents")
     parser.add_argument("--workflows", default="1,4", help="concurrent workflows, one run per value")
+    parser.add_argument("--private-agents", action="store_true",
+                        help="each workflow runs its own agents (own prompts); default: all share the same agents")
     parser.add_argument("--pool-agents", type=float, default=None,
                         help="KV pool size in agent prompts (default: half the agents, at least the "
                              "concurrent workflows' needs)")
@@ -218,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for num_workflows in concurrency:
         pool_agents = args.pool_agents or max(args.num_agents / 2, num_workflows + 1.5)
         pool = int(pool_agents * step_tokens)
-        print(f"\nagent workflow: {args.num_agents} agents x {args.prompt_len}-token prompts, {num_workflows} "
+        print(f"\nagent workflow: {args.num_agents} {'private ' if args.private_agents else ''}agents x "
+              f"{args.prompt_len}-token prompts, {num_workflows} "
               f"workflow(s) x {args.rounds} rounds, KV pool {pool} tokens ({pool_agents:g} agents' steps)")
         rows = {}
         for mode in modes:
