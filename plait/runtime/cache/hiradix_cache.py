@@ -35,7 +35,8 @@ from typing import NamedTuple
 import torch
 
 from plait.runtime.cache.base import InsertResult, MatchResult, empty_slots
-from plait.runtime.cache.eviction import EVICTION_POLICIES, workflow_key_for
+from plait.runtime.cache.eviction import EVICTION_POLICIES
+from plait.runtime.cache.prefetch import prefetch_next_step
 from plait.runtime.cache.radix_cache import RadixCache, common_prefix_len, stored_copy
 from plait.runtime.cache.tiers import KVLoader, LoadJob, LoadManager, TierNode, TierStats
 from plait.runtime.cache.workflow import WorkflowTracker
@@ -430,57 +431,8 @@ class HiRadixCache(RadixCache):
     def prefetch(self, workflow_id: str, *, budget: int | None = None) -> list[LoadJob]:
         """Start loading the contexts of the agents of the workflow's next step that are off the
         device, using free slots and those of nodes needed later than that step, at most `budget`
-        slots in all."""
-        if not self.prefetch_enabled:
-            return []
-        below = workflow_key_for(1) if self.eviction_policy == "workflow" else None
-        # Room a prefetch may take: free slots and nodes needed later than the next step, less the
-        # contexts of current-step agents (of every workflow) that are off the device: their
-        # requests load them on demand, which would evict a prefetched context again.
-        room = self.allocator.num_free_slots + (self.device_freeable(below) if below is not None else 0)
-        room -= self._off_device_tokens(self.workflows.agent_node(w, a) for w, a in self.workflows.current_agents())
-        jobs = []
-        for agent in self.workflows.next_agents(workflow_id):
-            node = self.workflows.agent_node(workflow_id, agent)
-            if node is None or not node.in_tree:
-                continue
-            run: list[TierNode] = []
-            while node is not self.root and node.value is None:
-                if node.loading is not None:
-                    run = []
-                    break
-                run.append(node)
-                node = node.parent
-            if not run:
-                continue
-            run.reverse()
-            run_size = sum(len(n.key) for n in run)
-            size = run_size  # plus the device part it locks meanwhile:
-            while node is not self.root:
-                size, node = size + len(node.key), node.parent
-            if (budget is not None and size > budget) or run_size > room:
-                self.tier_stats.prefetch_skipped += 1
-                continue
-            job = self.loads.start(run, prefetch=True, below=below, workflow_id=workflow_id)
-            if job is not None:
-                jobs.append(job)
-                room -= run_size
-                if budget is not None:
-                    budget -= size
-        return jobs
-
-    def _off_device_tokens(self, nodes) -> int:
-        """Tokens along the paths to `nodes` that are neither on the device nor being loaded (each
-        node counted once)."""
-        seen: set[int] = set()
-        total = 0
-        for node in nodes:
-            while node is not None and node is not self.root and node.in_tree and node.id not in seen:
-                seen.add(node.id)
-                if node.value is None and node.loading is None:
-                    total += len(node.key)
-                node = node.parent
-        return total
+        slots in all (see `prefetch.py`)."""
+        return prefetch_next_step(self, workflow_id, budget=budget)
 
     # --- reset, integrity, report ------------------------------------------------------------
 

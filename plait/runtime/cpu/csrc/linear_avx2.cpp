@@ -149,36 +149,9 @@ static PLAIT_INLINE __m256i q4_codes(const uint8_t* qs) {
 // order: signed for Q8_0, unsigned 0..15 for the 4-bit formats.
 template <int FMT>
 static PLAIT_INLINE __m256i block_code_bytes(const uint8_t* row, int64_t b, float& d, float& m) {
-    static_assert(is_block_format<FMT>());
-    uint16_t h[2];
-    m = 0.0f;
-    if constexpr (FMT == kQ8_0) {
-        const uint8_t* blk = row + b * 34;
-        std::memcpy(h, blk, 2);
-        d = fp16_to_f32(h[0]);
-        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    } else if constexpr (FMT == kQ4_0) {
-        const uint8_t* blk = row + b * 18;
-        std::memcpy(h, blk, 2);
-        d = fp16_to_f32(h[0]);
-        m = -8.0f * d;
-        return q4_codes(blk + 2);
-    } else if constexpr (FMT == kQ4_1) {
-        const uint8_t* blk = row + b * 20;
-        std::memcpy(h, blk, 4);
-        d = fp16_to_f32(h[0]);
-        m = fp16_to_f32(h[1]);
-        return q4_codes(blk + 4);
-    } else if constexpr (FMT == kQ8_0F) {
-        const uint8_t* blk = row + b * 36;
-        std::memcpy(&d, blk, 4);
-        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 4));
-    } else {  // kQ4_1F
-        const uint8_t* blk = row + b * 24;
-        std::memcpy(&d, blk, 4);
-        std::memcpy(&m, blk + 4, 4);
-        return q4_codes(blk + 8);
-    }
+    const uint8_t* codes = block_head<FMT>(row, b, d, m);
+    if constexpr (is_q8<FMT>()) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+    else return q4_codes(codes);
 }
 
 // The same codes as 16-bit integers: `lo` holds the codes of values 0..7 and 16..23, `hi` those of

@@ -162,51 +162,6 @@ static PLAIT_INLINE void decode_q8(const int8_t* qs, __m256 v[4]) {
     }
 }
 
-// The 32 values of block `b` of a row in any format, scaled: w = v * d + m for the block formats.
-// Float formats return d = 1, m = 0 (the caller's templates skip both).
-template <int FMT>
-static PLAIT_INLINE void load_block(const uint8_t* row, int64_t b, __m256 v[4], float& d, float& m) {
-    if constexpr (FMT == kF32) {
-        const float* p = reinterpret_cast<const float*>(row) + b * kBlock;
-        for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(p + 8 * i);
-    } else if constexpr (FMT == kBF16) {
-        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + b * kBlock;
-        for (int i = 0; i < 4; ++i) v[i] = load_bf16(p + 8 * i);
-    } else if constexpr (FMT == kF16) {
-        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + b * kBlock;
-        for (int i = 0; i < 4; ++i) v[i] = load_f16(p + 8 * i);
-    } else if constexpr (FMT == kQ8_0) {
-        const uint8_t* blk = row + b * 34;
-        uint16_t h;
-        std::memcpy(&h, blk, 2);
-        d = fp16_to_f32(h);
-        decode_q8(reinterpret_cast<const int8_t*>(blk + 2), v);
-    } else if constexpr (FMT == kQ4_0) {
-        const uint8_t* blk = row + b * 18;
-        uint16_t h;
-        std::memcpy(&h, blk, 2);
-        d = fp16_to_f32(h);
-        m = -8.0f * d;
-        decode_q4(blk + 2, v);
-    } else if constexpr (FMT == kQ4_1) {
-        const uint8_t* blk = row + b * 20;
-        uint16_t h[2];
-        std::memcpy(h, blk, 4);
-        d = fp16_to_f32(h[0]);
-        m = fp16_to_f32(h[1]);
-        decode_q4(blk + 4, v);
-    } else if constexpr (FMT == kQ8_0F) {
-        const uint8_t* blk = row + b * 36;
-        std::memcpy(&d, blk, 4);
-        decode_q8(reinterpret_cast<const int8_t*>(blk + 4), v);
-    } else {  // kQ4_1F
-        const uint8_t* blk = row + b * 24;
-        std::memcpy(&d, blk, 4);
-        std::memcpy(&m, blk + 4, 4);
-        decode_q4(blk + 8, v);
-    }
-}
-
 template <int FMT>
 constexpr bool is_block_format() {
     return FMT == kQ8_0 || FMT == kQ4_0 || FMT == kQ4_1 || FMT == kQ8_0F || FMT == kQ4_1F;
@@ -221,6 +176,62 @@ constexpr bool is_q8() {
 template <int FMT>
 constexpr bool has_offset() {
     return FMT == kQ4_0 || FMT == kQ4_1 || FMT == kQ4_1F;
+}
+
+// The one place that knows a block's layout: block `b`'s scale d and offset m (w = d * code + m; m = 0
+// without one) and where its codes start (32 int8, or 16 bytes of 4-bit pairs).
+template <int FMT>
+static PLAIT_INLINE const uint8_t* block_head(const uint8_t* row, int64_t b, float& d, float& m) {
+    static_assert(is_block_format<FMT>());
+    uint16_t h[2];
+    m = 0.0f;
+    if constexpr (FMT == kQ8_0) {
+        const uint8_t* blk = row + b * 34;
+        std::memcpy(h, blk, 2);
+        d = fp16_to_f32(h[0]);
+        return blk + 2;
+    } else if constexpr (FMT == kQ4_0) {
+        const uint8_t* blk = row + b * 18;
+        std::memcpy(h, blk, 2);
+        d = fp16_to_f32(h[0]);
+        m = -8.0f * d;
+        return blk + 2;
+    } else if constexpr (FMT == kQ4_1) {
+        const uint8_t* blk = row + b * 20;
+        std::memcpy(h, blk, 4);
+        d = fp16_to_f32(h[0]);
+        m = fp16_to_f32(h[1]);
+        return blk + 4;
+    } else if constexpr (FMT == kQ8_0F) {
+        const uint8_t* blk = row + b * 36;
+        std::memcpy(&d, blk, 4);
+        return blk + 4;
+    } else {  // kQ4_1F
+        const uint8_t* blk = row + b * 24;
+        std::memcpy(&d, blk, 4);
+        std::memcpy(&m, blk + 4, 4);
+        return blk + 8;
+    }
+}
+
+// The 32 values of block `b` of a row in any format, scaled: w = v * d + m for the block formats.
+// Float formats return d = 1, m = 0 (the caller's templates skip both).
+template <int FMT>
+static PLAIT_INLINE void load_block(const uint8_t* row, int64_t b, __m256 v[4], float& d, float& m) {
+    if constexpr (FMT == kF32) {
+        const float* p = reinterpret_cast<const float*>(row) + b * kBlock;
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(p + 8 * i);
+    } else if constexpr (FMT == kBF16) {
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + b * kBlock;
+        for (int i = 0; i < 4; ++i) v[i] = load_bf16(p + 8 * i);
+    } else if constexpr (FMT == kF16) {
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + b * kBlock;
+        for (int i = 0; i < 4; ++i) v[i] = load_f16(p + 8 * i);
+    } else if constexpr (is_q8<FMT>()) {
+        decode_q8(reinterpret_cast<const int8_t*>(block_head<FMT>(row, b, d, m)), v);
+    } else {
+        decode_q4(block_head<FMT>(row, b, d, m), v);
+    }
 }
 
 // Row `n` of a weight in float32 (K values).
