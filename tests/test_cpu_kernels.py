@@ -330,3 +330,74 @@ def test_decode_products_setting_resolves_from_dtype_and_flags():
     assert resolve_cpu_decode_products(ModelConfig(enable_cpu_int8_dot=True)) == "int8"
     with pytest.raises(ValueError, match="cpu_decode_products"):
         resolve_cpu_decode_products(ModelConfig(cpu_decode_products="int4"))
+
+
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX-BF16 here (Intel Xeon since Sapphire Rapids)")
+
+
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().double()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_amx_pack_puts_each_weight_in_its_tile_place(exact):
+    """amx_pack's layout, read back in Python (no AMX needed): per 32 columns and 32 inputs, the
+    tiles [hi, lo] x [columns 0-15, 16-31] of 16 input pairs x 16 columns x 2; N padded with zeros."""
+    torch.manual_seed(0)
+    n, k = 40, 96
+    w = torch.randn(n, k)
+    packed = kernels.amx_pack(w, exact)
+    parts = 2 if exact else 1
+    assert packed.dtype == torch.int16 and packed.numel() == parts * 64 * k
+    assert kernels.amx_exact(packed, n, k) == exact
+    tiles = packed.view(torch.bfloat16).reshape(2, k // 32, parts, 2, 16, 16, 2)
+    hi = w.bfloat16()
+    lo = (w - hi.float()).bfloat16()
+    for col, inp in [(0, 0), (17, 33), (39, 95), (5, 64)]:
+        block, half, c = col // 32, col % 32 // 16, col % 16
+        step, pair, e = inp // 32, inp % 32 // 2, inp % 2
+        assert tiles[block, step, 0, half, pair, c, e] == hi[col, inp]
+        if exact:
+            assert tiles[block, step, 1, half, pair, c, e] == lo[col, inp]
+    assert torch.all(tiles[1, :, :, 0, :, 8:] == 0) and torch.all(tiles[1, :, :, 1] == 0)  # columns 40..63: padding
+    with pytest.raises(ValueError, match="does not hold"):
+        kernels.amx_exact(packed.flatten()[:-1], n, k)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [9, 33, 100])
+def test_amx_products_are_near_the_float32_product(rows):
+    """Three bfloat16 passes over the hi/lo parts: within 2^-14 of the exact product (float32 panel
+    products: ~1e-6); one pass (amx-bf16) is the product of the bfloat16-rounded x and w."""
+    torch.manual_seed(rows)
+    n, k = 72, 320
+    w, x, bias = torch.randn(n, k), torch.randn(rows, k), torch.randn(n)
+    exact_ref = x.double() @ w.double().T + bias.double()
+    out = kernels.amx_linear(x, kernels.amx_pack(w), n, bias)
+    assert rel_err(out, exact_ref) < 2**-14
+    out_bf16 = kernels.amx_linear(x, kernels.amx_pack(w, exact=False), n, bias)
+    assert rel_err(out_bf16, bf16(x) @ bf16(w).T + bias.double()) < 1e-6
+    assert rel_err(out_bf16, exact_ref) > 2**-14  # it is the coarser product, not the exact one
+    # a row's result does not depend on the rows around it (padding to 32 rows, blocks of 32)
+    alone = kernels.amx_linear(x[-1:].contiguous(), kernels.amx_pack(w), n, bias)
+    assert torch.equal(alone[0], out[-1])
+
+
+def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
+    """auto: AMX where the CPU has it and the dtype is automatic, float32 panels otherwise; asking for
+    AMX where it cannot run is a clear error; unknown names are refused."""
+    from plait.runtime.config import ModelConfig
+    from plait.runtime.executor.model_runner import resolve_cpu_prefill_products
+
+    amx = kernels.amx_available()
+    assert resolve_cpu_prefill_products(ModelConfig()) == ("amx" if amx else "float")
+    assert resolve_cpu_prefill_products(ModelConfig(dtype="float32")) == "float"
+    assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="float")) == "float"
+    for name in ("amx", "amx-bf16"):
+        if amx:
+            assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products=name)) == name
+        else:
+            with pytest.raises(ValueError, match="AMX"):
+                resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products=name))
+    with pytest.raises(ValueError, match="cpu_prefill_products"):
+        resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="tf32"))

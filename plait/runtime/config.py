@@ -52,6 +52,14 @@ class ModelConfig:
         "multiply. int16: the activations rounded to int16 per 32 values (an error of at most 2^-16 of the block's "
         "largest value), integer products; int8: rounded to int8, as llama.cpp does (fastest, coarser); float: "
         "float32 products of the decoded weights. auto: int16 when --dtype is auto too, else float")
+    cpu_prefill_products: str = option(
+        "auto", "CPU kernels: how products of more than 8 rows (prefill, large batches) multiply. amx: on the AMX "
+        "tile unit (Intel Xeon since Sapphire Rapids) in three bfloat16 passes over the two bfloat16 parts of the "
+        "activations and of the weights (16 significant bits, near the float32 product; the weights packed once "
+        "at load, 4 bytes a weight); amx-bf16: on AMX in one pass over bfloat16-rounded activations and "
+        "weights (about three times faster, bfloat16 precision, 2 bytes a weight); float: the stored weights "
+        "decoded into float32 panels, float32 products. auto: amx where the CPU and OS have it and --dtype is "
+        "auto too, else float")
     enable_cpu_int8_dot: bool = option(False, "CPU kernels: the same as --cpu-decode-products int8")
     # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
     disable_cpu_graph: bool = option(

@@ -81,6 +81,13 @@ def isa() -> str:
     return _ext.isa() if _ext is not None else "none"
 
 
+def amx_available() -> bool:
+    """Whether the AMX products can run here (the kernels built, a CPU with AMX-BF16 and AVX-512 BF16,
+    and the OS granting the tile state); `PLAIT_DISABLE_CPU_AMX=1` turns them off."""
+    return (available() and bool(_ext.amx())
+            and os.environ.get("PLAIT_DISABLE_CPU_AMX", "") in ("", "0"))
+
+
 def available() -> bool:
     return _ext is not None and _ext.isa() != "none" and os.environ.get("PLAIT_DISABLE_CPU_KERNELS", "") in ("", "0")
 
@@ -136,6 +143,59 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_feature
         assert out.shape == (m, out_features)
     _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot), out_features,
                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
+    return out
+
+
+AMX_COLS = 32  # output columns per packed block of an AMX weight (csrc/linear_amx.cpp)
+
+
+def amx_pack(weight: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """A float weight [N, K] (K a multiple of 32) packed for `amx_linear`: its bfloat16 parts hi =
+    bf16(w) and, when `exact`, lo = bf16(w - hi); per 32 output columns (N padded with zero rows) and
+    32 inputs the tiles [hi, lo] x [columns 0-15, 16-31], each 16 input pairs x 16 columns x 2, as int16."""
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError("AMX weights need K a multiple of 32")
+    w = weight.detach().float()
+    n_pad = -(-n // AMX_COLS) * AMX_COLS
+    if n_pad != n:
+        w = torch.cat([w, w.new_zeros((n_pad - n, k))])
+    hi = w.bfloat16()
+    parts = [hi, (w - hi.float()).bfloat16()] if exact else [hi]
+    # each [blocks, half, column, steps, pair, 2] -> [blocks, steps, half, pair, column, 2]
+    tiles = [p.view(torch.int16).reshape(n_pad // AMX_COLS, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
+             for p in parts]
+    return torch.stack(tiles, dim=2).contiguous()  # [blocks, steps, part, half, pair, column, 2]
+
+
+def amx_exact(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether an `amx_pack`ed weight holds its lo parts (exact products) or hi alone (bfloat16)."""
+    n_pad = -(-out_features // AMX_COLS) * AMX_COLS
+    if packed.numel() not in (n_pad * in_features, 2 * n_pad * in_features):
+        raise ValueError(f"packed AMX weight of {packed.numel()} values does not hold [{out_features}, {in_features}]")
+    return packed.numel() == 2 * n_pad * in_features
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 times an `amx_pack`ed weight [N, K] transposed (+ bias): [M, N] float32, on
+    AMX tiles (only where `amx_available()`): with x split into bfloat16 hi and lo parts and three
+    products when the weight holds its lo parts, else x rounded to bfloat16 and one product."""
+    _check(x, "x", torch.float32)
+    _check(packed, "packed", torch.int16)
+    m, k = x.shape
+    if k % 32:
+        raise ValueError("AMX products need K a multiple of 32")
+    exact = amx_exact(packed, out_features, k)
+    if bias is not None:
+        _check(bias, "bias", torch.float32)
+    if out is None:
+        out = torch.empty((m, out_features), dtype=torch.float32)
+    else:
+        _check(out, "out", torch.float32)
+        assert out.shape == (m, out_features)
+    _ext.amx_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
+                    out.data_ptr(), out_features, _threads(), int(exact))
     return out
 
 

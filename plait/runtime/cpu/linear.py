@@ -18,6 +18,11 @@ from plait.runtime.cpu import kernels
 from plait.runtime.cpu.kernels import WeightFormat
 
 
+# Products of at least this many rows take a layer's AMX weight when it has one (below, the decode
+# kernels read the stored weight: fewer bytes). Mirrors kAmxMinRows in csrc/stack_avx2.cpp.
+AMX_MIN_ROWS = 9
+
+
 @dataclass
 class StoredWeight:
     """A weight matrix [out_features, in_features] in format `fmt`.
@@ -76,12 +81,21 @@ class CpuLinear(nn.Module):
         self.register_buffer("packed", weight.data, persistent=False)  # counted by memory reports
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self.in_features, self.out_features = weight.in_features, weight.out_features
+        # The weight packed for AMX (`pack_amx`): products of more than `AMX_MIN_ROWS` rows run on it.
+        self.amx: torch.Tensor | None = None
+
+    def pack_amx(self, exact: bool = True) -> None:
+        """Pack the weight for the AMX products (kernels.amx_pack), beside the stored one: 4 bytes a
+        weight with its lo parts (`exact`, products near float32), 2 without (bfloat16 products)."""
+        self.amx = kernels.amx_pack(self.stored.dequantize(), exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]
         flat = x.reshape(-1, self.in_features)
         if not flat.is_contiguous():
             flat = flat.contiguous()
+        if self.amx is not None and flat.shape[0] >= AMX_MIN_ROWS:
+            return kernels.amx_linear(flat, self.amx, self.out_features, self.bias).view(*x.shape[:-1], self.out_features)
         out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias,
                              dot=self.stored.decode_dot)
         return out.view(*x.shape[:-1], self.out_features)

@@ -63,6 +63,8 @@ class CpuDecoderStack:
                 "q_norm": attn.q_norm.weight if arch.qk_norm else None,
                 "k_norm": attn.k_norm.weight if arch.qk_norm else None,
                 "k_cache": k_buf, "v_cache": v_buf,
+                "qkv_amx": attn.qkv_proj.amx, "o_amx": attn.o_proj.amx, "gate_up_amx": mlp.gate_up_proj.amx,
+                "down_amx": mlp.down_proj.amx,
             }
             for name, value in row.items():
                 if isinstance(value, int):
@@ -74,7 +76,10 @@ class CpuDecoderStack:
         self.layer_table = table
         # Steps by the product kernel their size picks (the C++ side decides by rows: see
         # kGemvMaxRows in csrc/linear_avx2.cpp), reported in /get_server_info.
-        self.steps = {"decode_kernel": 0, "panel_kernel": 0}
+        amx = attn.qkv_proj.amx is not None
+        self.amx_exact = int(amx and kernels.amx_exact(attn.qkv_proj.amx, attn.qkv_proj.out_features, attn.qkv_proj.in_features))
+        self.steps = {"decode_kernel": 0, "amx_kernel" if amx else "panel_kernel": 0}
+        self._large_step = "amx_kernel" if amx else "panel_kernel"
 
     @staticmethod
     def unsupported(model: nn.Module, kv_pool) -> str | None:
@@ -105,7 +110,7 @@ class CpuDecoderStack:
         metadata `meta` for it."""
         arch = self.arch
         num_tokens = batch.num_tokens
-        self.steps["decode_kernel" if num_tokens <= DECODE_KERNEL_MAX_ROWS else "panel_kernel"] += 1
+        self.steps["decode_kernel" if num_tokens <= DECODE_KERNEL_MAX_ROWS else self._large_step] += 1
         x = self.embed(batch.input_ids)  # [T, H]
         residual = torch.empty_like(x)
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -121,7 +126,7 @@ class CpuDecoderStack:
         values = {
             "num_layers": arch.num_layers, "tokens": num_tokens, "hidden": arch.hidden_size, "heads": hq,
             "kv_heads": hkv, "head_dim": d, "intermediate": arch.intermediate_size, "cache_fmt": self.cache_fmt,
-            "num_threads": torch.get_num_threads(),
+            "num_threads": torch.get_num_threads(), "amx_exact": self.amx_exact,
             "x": x, "residual": residual, "positions": positions, "rope_table": self.rope_table, "loc": loc,
             **bufs,
         }

@@ -146,6 +146,21 @@ def resolve_cpu_decode_products(config: ModelConfig) -> str:
     return name
 
 
+def resolve_cpu_prefill_products(config: ModelConfig) -> str:
+    """How the CPU kernels multiply products of more than 8 rows: "auto" is "amx" where the CPU and OS
+    run AMX and the dtype is chosen automatically too (a dtype the user asked for keeps float32
+    products), else "float"; "amx" or "amx-bf16" when asked (an error where they cannot run)."""
+    name = config.cpu_prefill_products
+    if name not in ("auto", "amx", "amx-bf16", "float"):
+        raise ValueError(f"unknown cpu_prefill_products {name!r}; choose from auto, amx, amx-bf16, float")
+    if name == "float" or (name == "auto" and (config.dtype != "auto" or not cpu_kernels.amx_available())):
+        return "float"
+    if not cpu_kernels.amx_available():
+        raise ValueError(f"--cpu-prefill-products {name}: this CPU or OS does not run AMX bfloat16 tiles "
+                         "(or PLAIT_DISABLE_CPU_AMX is set)")
+    return "amx-bf16" if name == "amx-bf16" else "amx"
+
+
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: AttentionBackend, *,
                            dtype_auto: bool = False) -> torch.dtype:
     """The KV pool's storage dtype. "auto": the model's, except on a backend that prefers a smaller
@@ -364,9 +379,20 @@ class ModelRunner:
             self.execution["cpu_kernels"] = cpu_kernels.isa()
             self.execution["weights"] = summary.describe()
             self.execution["decode_products"] = dot if blocks else "float"
+            prefill = resolve_cpu_prefill_products(self.model_config)
+            if prefill != "float":
+                packed_bytes = 0
+                for module in {id(m): m for m in model.modules() if isinstance(m, CpuLinear)}.values():
+                    module.pack_amx(exact=prefill == "amx")
+                    packed_bytes += module.amx.numel() * 2
+                logger.info("CPU kernels: products of more than 8 rows on AMX tiles, %s (weights packed: %.0f MiB)",
+                            "three bfloat16 passes" if prefill == "amx" else "bfloat16", packed_bytes / 2**20)
+            self.execution["prefill_products"] = prefill
             self.execution["products"] = (
                 (_DECODE_PRODUCTS[dot] if blocks else "up to 8 rows (decode): stored weights decoded in registers; ")
-                + "more rows (prefill): decoded into float32 panels")
+                + {"amx": "more rows (prefill): AMX tiles, bfloat16 hi/lo parts of x and w, three passes",
+                   "amx-bf16": "more rows (prefill): AMX tiles, x and w rounded to bfloat16",
+                   "float": "more rows (prefill): decoded into float32 panels"}[prefill])
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
             self.execution["cpu_kernels"] = "off"

@@ -110,4 +110,13 @@ void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, cons
                int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads);
 
 }  // namespace avx2
+
+namespace amx {
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) on AMX tiles, w packed by the Python side
+// (kernels.amx_pack: per 32 columns and 32 inputs, the bfloat16 hi and lo parts of w in tile layout);
+// `exact`: x split into bfloat16 hi and lo parts, three tile products; else w packed without its lo
+// part, x rounded to bfloat16, one product (linear_amx.cpp). K a multiple of 32.
+void linear(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
+            int64_t ldy, int nthreads, bool exact);
+}  // namespace amx
 }  // namespace plait

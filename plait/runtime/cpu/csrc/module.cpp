@@ -7,6 +7,9 @@
 
 #include <string>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "kernels.h"
 #include "stack.h"
 
@@ -16,6 +19,22 @@ bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+// AMX tiles with bfloat16 products (and AVX-512 BF16 for the conversions), granted to this process.
+bool cpu_has_amx() {
+#if defined(__x86_64__) && defined(__linux__)
+    __builtin_cpu_init();
+    if (!cpu_has_avx2() || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-bf16"))
+        return false;
+    // Linux gives a process AMX's tile data only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
     return false;
 #endif
@@ -58,6 +77,28 @@ PyObject* py_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
     int nthreads = int(i64(a[9]));
     if (PyErr_Occurred()) return nullptr;
     Py_BEGIN_ALLOW_THREADS plait::avx2::linear(x, M, K, w, fmt, N, bias, y, ldy, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+PyObject* py_amx(PyObject*, PyObject*) {
+    static const bool ok = cpu_has_amx();
+    return PyBool_FromLong(ok);
+}
+
+// amx_linear(x, M, K, packed, N, bias, y, ldy, nthreads, exact); only after amx() returned True
+PyObject* py_amx_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("amx_linear", n, 10)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto packed = ptr<const uint16_t>(a[3]);
+    auto N = i64(a[4]);
+    auto bias = ptr<const float>(a[5]);
+    auto y = ptr<float>(a[6]);
+    auto ldy = i64(a[7]);
+    int nthreads = int(i64(a[8]));
+    bool exact = i64(a[9]) != 0;
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::amx::linear(x, M, K, packed, N, bias, y, ldy, nthreads, exact);
     Py_END_ALLOW_THREADS return done();
 }
 
@@ -198,6 +239,8 @@ PyMethodDef methods[] = {
     {"decoder_stack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_decoder_stack)), METH_FASTCALL,
      nullptr},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU: 'avx2' or 'none'."},
+    {"amx", py_amx, METH_NOARGS, "Whether this CPU and OS run the AMX products (amx_linear, the stack's AMX weights)."},
+    {"amx_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_linear)), METH_FASTCALL, nullptr},
     {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL, nullptr},
     {"embedding", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_embedding)), METH_FASTCALL, nullptr},
     {"rmsnorm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rmsnorm)), METH_FASTCALL, nullptr},

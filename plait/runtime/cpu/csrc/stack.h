@@ -21,11 +21,15 @@ namespace plait {
     /* cascade decode: each group over its shared prefix (kPreNumSeqs = 0: none), merged into   */  \
     /* the rows kCascadeRows through the two passes' log-sum-exps                              */  \
     X(kPreQRows) X(kPreQOff) X(kPreQLen) X(kPreSlots) X(kPreSlotOff) X(kPreKvLen) X(kPreNumSeqs)     \
-    X(kCascadeRows) X(kNumCascadeRows) X(kOutPrefix) X(kLsePrefix) X(kLseOwn)
+    X(kCascadeRows) X(kNumCascadeRows) X(kOutPrefix) X(kLsePrefix) X(kLseOwn)                       \
+    /* the layers' AMX weights (kQkvAmx...): 1 packed with their lo parts (three products), 0 not */ \
+    X(kAmxExact)
 
 #define PLAIT_LAYER_FIELDS(X)                                                                        \
     X(kQkvW) X(kQkvFmt) X(kQkvBias) X(kOW) X(kOFmt) X(kGateUpW) X(kGateUpFmt) X(kDownW) X(kDownFmt)  \
-    X(kInNorm) X(kPostNorm) X(kQNorm) X(kKNorm) X(kKCache) X(kVCache)
+    X(kInNorm) X(kPostNorm) X(kQNorm) X(kKNorm) X(kKCache) X(kVCache)                                \
+    /* the projections' weights packed for AMX (0: none; linear_amx.cpp) */                          \
+    X(kQkvAmx) X(kOAmx) X(kGateUpAmx) X(kDownAmx)
 
 #define PLAIT_ENUM_ENTRY(name) name,
 enum StackField : int { PLAIT_STACK_FIELDS(PLAIT_ENUM_ENTRY) kNumStackFields };

@@ -23,6 +23,7 @@ namespace plait::avx2 {
 namespace {
 
 constexpr int64_t kSmallStepRows = 8;  // up to this many token rows a step takes the fused, fewer-barrier path
+constexpr int64_t kAmxMinRows = 9;     // from this many rows products take a layer's AMX weight (AMX_MIN_ROWS)
 
 template <typename T>
 T* field_ptr(const int64_t* a, int f) {
@@ -114,6 +115,15 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             const int64_t* w = layers + l * kNumLayerFields;
             auto wptr = [&](int f) { return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[f])); };
             auto fptr = [&](int f) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(w[f])); };
+            // y = in W^T (+ bias) for the weight in field `wf`, on its AMX packing where it has one
+            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, const float* bias, int64_t N,
+                               float* y) {
+                if (w[af] && T >= kAmxMinRows)
+                    amx::linear_team(in, T, K, reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[af])), N,
+                                     bias, y, N, ts, a[kAmxExact] != 0);
+                else
+                    linear_team(in, T, K, wptr(wf), int(w[ff]), N, bias, y, N, ts);
+            };
             void* k_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kKCache]));
             void* v_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kVCache]));
             // attention block
@@ -124,7 +134,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             } else {
                 rmsnorm_team(x, l == 0 ? nullptr : residual[0], fptr(kInNorm), T, H, eps, normed);
             }
-            linear_team(qkv_in, T, H, wptr(kQkvW), int(w[kQkvFmt]), qkv_width, fptr(kQkvBias), qkv, qkv_width, ts);
+            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, fptr(kQkvBias), qkv_width, qkv);
             float* q = qkv;
             float* k = qkv + Hq * D;
             float* v = qkv + (Hq + Hkv) * D;
@@ -155,17 +165,17 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 merge_rows_team(attn, out_prefix, lse_prefix, field_ptr<const float>(a, kLseOwn),
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
-            linear_team(attn, T, Hq * D, wptr(kOW), int(w[kOFmt]), H, nullptr, x, H, ts);
+            product(attn, Hq * D, kOW, kOFmt, kOAmx, nullptr, H, x);
             // MLP block
             if (small) {
                 small_norm(fptr(kPostNorm), false);
                 gated_linear_team(own_normed.data(), T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act);
             } else {
                 rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
-                linear_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), 2 * I, nullptr, gate_up, 2 * I, ts);
+                product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, nullptr, 2 * I, gate_up);
                 silu_mul_team(gate_up, T, I, act);
             }
-            linear_team(act, T, I, wptr(kDownW), int(w[kDownFmt]), H, nullptr, x, H, ts);
+            product(act, I, kDownW, kDownFmt, kDownAmx, nullptr, H, x);
         }
         // small steps: the running sum ends in residual[current]; hand it back in `residual`
         if (small && current == 1 && writer) std::memcpy(residual[0], residual[1], size_t(T * H) * sizeof(float));

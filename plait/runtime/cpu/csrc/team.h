@@ -24,6 +24,7 @@ struct TeamScratch {
     std::vector<AttentionTask> tasks;
     std::vector<AttentionSplit> splits;
     std::vector<float> partial_o, partial_m, partial_l;
+    std::vector<uint16_t> amx_x;  // amx::linear_team: x's two bfloat16 parts
 };
 
 // Decode steps fold the rotary embedding and the store of the new K/V into attention (one barrier
@@ -65,4 +66,11 @@ void rmsnorm_private(const float* x, const float* res_in, float* res_out, bool w
                      int64_t H, float eps, float* out);
 
 }  // namespace avx2
+
+namespace amx {
+// linear_team (see team forms above) over a weight packed for AMX (linear_amx.cpp); only where
+// `amx_usable()` in the module said the CPU and the OS allow it.
+void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
+                 int64_t ldy, TeamScratch& ts, bool exact);
+}  // namespace amx
 }  // namespace plait

@@ -1,0 +1,159 @@
+// Products of many rows on Intel AMX (the tile matrix unit of Xeons since Sapphire Rapids).
+//
+// A prefill or a large batch multiplies x [M, K] by the weight [N, K] with M in the tens to
+// thousands: compute-bound, where the vector units' float32 multiply-adds are the limit. AMX's
+// `TDPBF16PS` multiplies bfloat16 pairs into float32 sums at about sixteen times their rate. A plain
+// bfloat16 product rounds x and w to 8 significant bits, which is enough to change greedy outputs, so
+// the products here split both into two bfloat16 parts, v = hi + lo (hi = bf16(v), lo = bf16(v - hi):
+// 16 significant bits), and sum the three larger partial products, xh wh + xl wh + xh wl. The part
+// left out, xl wl, is below 2^-16 of each product: as close to the float32 product as the int16
+// decode products, at a third of AMX's rate.
+//
+// The weight is packed once, at load (`pack` on the Python side): for each 32 output columns and
+// each 32 inputs, four 16 x 16-pair tiles (hi and lo, two column halves) in AMX's pair-interleaved
+// layout, 4 KiB together. x is split per call into two bfloat16 matrices padded to 32 rows.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "team.h"
+
+namespace plait::amx {
+namespace {
+
+constexpr int kRows = 32;       // x rows per block: two A tiles
+constexpr int kCols = 32;       // output columns per block: two B tiles
+constexpr int kStep = 32;       // inputs per tile product (16 bfloat16 pairs)
+constexpr int kTileElems = 512;  // bfloat16 values in a packed B tile (16 pairs x 16 columns x 2)
+
+struct alignas(64) TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// Tiles 0-3: the 32 x 32 float32 sums; 4-5: x rows (16 each); 6-7: weight columns (16 each).
+void load_config() {
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// hi[r, :], lo[r, :] = the two bfloat16 parts of x[r, :] (zeros for the padding rows r >= M).
+void split_rows(const float* x, int64_t M, int64_t K, int64_t r, uint16_t* hi, uint16_t* lo) {
+    uint16_t* h = hi + r * K;
+    uint16_t* l = lo ? lo + r * K : nullptr;
+    if (r >= M) {
+        std::memset(h, 0, size_t(K) * 2);
+        if (l) std::memset(l, 0, size_t(K) * 2);
+        return;
+    }
+    const float* v = x + r * K;
+    for (int64_t k = 0; k < K; k += 16) {  // K is a multiple of 32
+        const __m512 f = _mm512_loadu_ps(v + k);
+        const __m256bh fh = _mm512_cvtneps_pbh(f);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k), (__m256i)fh);
+        if (!l) continue;
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)fh), 16));
+        const __m256bh fl = _mm512_cvtneps_pbh(_mm512_sub_ps(f, back));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + k), (__m256i)fl);
+    }
+}
+
+// The 32 x 32 block of sums at x rows m0.. and packed column block `b` (its K / 32 steps of 4 tiles,
+// or 2 for a weight packed without its lo part), stored at `sums` (rows `ld` floats apart).
+template <bool kExact>
+void block(const uint16_t* hi, const uint16_t* lo, int64_t K, int64_t m0, const uint16_t* b, float* sums, int64_t ld) {
+    const int64_t stride = K * 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += kStep, b += (kExact ? 4 : 2) * kTileElems) {
+        _tile_loadd(4, hi + m0 * K + k, stride);
+        _tile_loadd(5, hi + (m0 + 16) * K + k, stride);
+        if (kExact) {
+            _tile_loadd(6, b + 2 * kTileElems, 64);  // weight lo, columns 0-15 and 16-31
+            _tile_loadd(7, b + 3 * kTileElems, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_loadd(6, b, 64);  // weight hi
+        _tile_loadd(7, b + kTileElems, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        if (kExact) {
+            _tile_loadd(4, lo + m0 * K + k, stride);
+            _tile_loadd(5, lo + (m0 + 16) * K + k, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    const int64_t ldb = ld * 4;
+    _tile_stored(0, sums, ldb);
+    _tile_stored(1, sums + 16, ldb);
+    _tile_stored(2, sums + 16 * ld, ldb);
+    _tile_stored(3, sums + 16 * ld + 16, ldb);
+}
+
+}  // namespace
+
+void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
+                 int64_t ldy, TeamScratch& ts, bool exact) {
+    const int64_t m_pad = (M + kRows - 1) / kRows * kRows;
+#pragma omp single
+    ts.amx_x.resize(size_t((exact ? 2 : 1) * m_pad * K));
+    uint16_t* hi = ts.amx_x.data();
+    uint16_t* lo = hi + m_pad * K;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m_pad; ++r) split_rows(x, M, K, r, hi, exact ? lo : nullptr);
+    load_config();
+    const int64_t col_blocks = (N + kCols - 1) / kCols, row_blocks = m_pad / kRows;
+    alignas(64) float sums[kRows * kCols];
+    // Column blocks outermost: a thread keeps its weight columns in cache while it runs down x.
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t nb = 0; nb < col_blocks; ++nb)
+        for (int64_t mb = 0; mb < row_blocks; ++mb) {
+            const int64_t m0 = mb * kRows, n0 = nb * kCols;
+            const int64_t rows = std::min<int64_t>(kRows, M - m0), cols = std::min<int64_t>(kCols, N - n0);
+            const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileElems;
+            float* out = y + m0 * ldy + n0;
+            if (rows == kRows && cols == kCols) {
+                (exact ? block<true> : block<false>)(hi, lo, K, m0, b, out, ldy);  // straight into y
+            } else {
+                (exact ? block<true> : block<false>)(hi, lo, K, m0, b, sums, kCols);
+                for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * ldy, sums + i * kCols, size_t(cols) * 4);
+            }
+            if (bias) {
+                for (int64_t i = 0; i < rows; ++i)
+                    for (int64_t j = 0; j < cols; ++j) out[i * ldy + j] += bias[n0 + j];
+            }
+        }
+    _tile_release();
+}
+
+void linear(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
+            int64_t ldy, int nthreads, bool exact) {
+    TeamScratch ts;
+#pragma omp parallel num_threads(nthreads)
+    linear_team(x, M, K, packed, N, bias, y, ldy, ts, exact);
+}
+
+}  // namespace plait::amx
