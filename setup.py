@@ -11,12 +11,12 @@ from setuptools import Extension, setup
 
 ext_modules = []
 if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
-    sources = ["module.cpp", "linear_avx2.cpp", "linear_amx.cpp", "attention_avx2.cpp", "ops_avx2.cpp", "stack_avx2.cpp"]
+    sources = ["module.cpp", "linear_avx2.cpp", "linear_amx.cpp", "attention_avx2.cpp", "attention_amx.cpp", "ops_avx2.cpp", "stack_avx2.cpp"]
     ext_modules.append(
         Extension(
             "plait.runtime.cpu._kernels",
             sources=[f"plait/runtime/cpu/csrc/{name}" for name in sources],
-            depends=[f"plait/runtime/cpu/csrc/{name}" for name in ("kernels.h", "simd_avx2.h", "stack.h", "team.h")],
+            depends=[f"plait/runtime/cpu/csrc/{name}" for name in ("kernels.h", "simd_avx2.h", "stack.h", "team.h", "amx_tiles.h")],
             language="c++",
             # The kernels pick their instruction set per file (`#pragma GCC target`); the module
             # itself stays baseline x86-64 so importing it never faults.

@@ -230,7 +230,12 @@ def reference_attention(q, k_cache, v_cache, slots, causal, scale):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (8, 4)])  # 3, 1 and 2 query heads per KV head
-def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx2", "amx"])
+def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, amx):
+    """Every task shape against float64; with `amx`, the tasks of 16 or more query rows run on AMX
+    tiles (three bfloat16 passes: an error below 5e-5 here, against 2e-6 for the float32 tasks)."""
+    if amx and not kernels.amx_available():
+        pytest.skip("no AMX-BF16 here")
     torch.manual_seed(2)
     d, pool = 64, 3000
     if cache_dtype == torch.int8:
@@ -241,7 +246,7 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv):
     # (query rows, keys): decode-like (one or two queries; long ones are split along the keys; decode reads
     # the pool's rows in place, more rows go through a float32 block copy), extend-like
     # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
-    shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000)]
+    shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000), (50, 70)]
     total = sum(n for n, _ in shapes)
     q = torch.randn(total, hq, d)
     q_rows = torch.randperm(total)  # a sequence's queries need not be adjacent rows
@@ -252,12 +257,19 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv):
     out = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
                             q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
                             slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
-                            causal=causal, scale=d**-0.5, lse=lse)
+                            causal=causal, scale=d**-0.5, lse=lse, amx=amx)
+    float_tasks = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
+                                    q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
+                                    slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
+                                    causal=causal, scale=d**-0.5) if amx else out
+    tol = 5e-5 if amx else 2e-6
     for i, (n, _) in enumerate(shapes):
         rows = q_rows[q_off[i] : q_off[i] + n]
         ref_out, ref_lse = reference_attention(q[rows], k_cache, v_cache, slot_lists[i], causal, d**-0.5)
-        assert (out[rows].double() - ref_out).abs().max() < 2e-6
-        assert (lse[rows].double() - ref_lse).abs().max() < 2e-6
+        assert (out[rows].double() - ref_out).abs().max() < tol, shapes[i]
+        assert (lse[rows].double() - ref_lse).abs().max() < tol, shapes[i]
+        # tasks of 16 or more query rows took the AMX path (other bits than the float32 tasks'), the rest not
+        assert torch.equal(out[rows], float_tasks[rows]) == (not amx or n * hq // hkv < 16), shapes[i]
 
 
 @needs_kernels

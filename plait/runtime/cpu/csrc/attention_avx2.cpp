@@ -706,15 +706,31 @@ void merge_split(const Args& a, const AttentionSplit& sp, const TeamScratch& ts)
 void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
-                    int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope) {
+                    int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope,
+                    bool amx) {
     const Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
                  cache_fmt, Hq, Hkv, D, Hq / Hkv, scale, out, lse, rope};
     static thread_local Scratch sc;
     sc.reserve(kMaxRows, D);
     const int64_t num_tasks = int64_t(ts.tasks.size());
+    // Tasks of many query rows on AMX where asked (prefill and extend: the keys are all in the pool)
+    amx = amx && rope == nullptr;
+    int64_t num_seqs = 0;
+    for (const AttentionTask& t : ts.tasks) num_seqs = std::max(num_seqs, t.seq + 1);
+    const AttentionCall amx_call{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
+                                 num_seqs, causal, k_cache, v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse};
+    if (amx) {
+        amx::prepare_attention(amx_call, ts);
+        amx::begin_tiles();
+    }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_tasks; ++i)
-        run_task(a, ts.tasks[i], sc, ts.partial_o.data(), ts.partial_m.data(), ts.partial_l.data());
+    for (int64_t i = 0; i < num_tasks; ++i) {
+        if (amx && amx::attention_task_fits(amx_call, ts.tasks[i]))
+            amx::run_attention_task(amx_call, ts.tasks[i], ts);
+        else
+            run_task(a, ts.tasks[i], sc, ts.partial_o.data(), ts.partial_m.data(), ts.partial_l.data());
+    }
+    if (amx) amx::end_tiles();
     const int64_t num_splits = int64_t(ts.splits.size());
     if (num_splits > 0) {  // the same for every thread: all skip or all take this barrier
 #pragma omp for schedule(static)
@@ -725,12 +741,12 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
-               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads) {
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, bool amx) {
     TeamScratch ts;
     plan_attention(q_len, kv_len, num_seqs, Hq, Hkv, D, nthreads, ts);
 #pragma omp parallel num_threads(nthreads)
     attention_team(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
-                   cache_fmt, Hq, Hkv, D, scale, out, lse, ts, nullptr);
+                   cache_fmt, Hq, Hkv, D, scale, out, lse, ts, nullptr, amx);
 }
 
 }  // namespace plait::avx2

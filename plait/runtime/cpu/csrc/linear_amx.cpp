@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "amx_tiles.h"
 #include "team.h"
 
 namespace plait::amx {
@@ -29,26 +30,7 @@ constexpr int kRows = 32;       // x rows per block: two A tiles
 constexpr int kCols = 32;       // output columns per block: two B tiles
 constexpr int kStep = 32;       // inputs per tile product (16 bfloat16 pairs)
 constexpr int kTileElems = 512;  // bfloat16 values in a packed B tile (16 pairs x 16 columns x 2)
-
-struct alignas(64) TileConfig {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-// Tiles 0-3: the 32 x 32 float32 sums; 4-5: x rows (16 each); 6-7: weight columns (16 each).
-void load_config() {
-    TileConfig cfg;
-    std::memset(&cfg, 0, sizeof(cfg));
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
+// Tiles 0-3 hold a block's 32 x 32 float32 sums, 4-5 x rows (16 each), 6-7 weight columns (16 each).
 
 // hi[r, :], lo[r, :] = the two bfloat16 parts of x[r, :] (zeros for the padding rows r >= M).
 void split_rows(const float* x, int64_t M, int64_t K, int64_t r, uint16_t* hi, uint16_t* lo) {
@@ -124,7 +106,7 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
     uint16_t* lo = hi + m_pad * K;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < m_pad; ++r) split_rows(x, M, K, r, hi, exact ? lo : nullptr);
-    load_config();
+    load_tile_config();
     const int64_t col_blocks = (N + kCols - 1) / kCols, row_blocks = m_pad / kRows;
     alignas(64) float sums[kRows * kCols];
     // Column blocks outermost: a thread keeps its weight columns in cache while it runs down x.

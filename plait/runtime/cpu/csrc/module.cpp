@@ -169,7 +169,7 @@ PyObject* py_rope_store(PyObject*, PyObject* const* a, Py_ssize_t n) {
 // attention(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, num_seqs, causal, k_cache,
 //           v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse, nthreads)
 PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
-    if (!check_args("attention", n, 20)) return nullptr;
+    if (!check_args("attention", n, 21)) return nullptr;
     auto q = ptr<const float>(a[0]);
     auto q_row_stride = i64(a[1]);
     auto q_rows = ptr<const int64_t>(a[2]);
@@ -188,10 +188,11 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
     auto out = ptr<float>(a[17]);
     auto lse = ptr<float>(a[18]);
     int nthreads = int(i64(a[19]));
+    bool amx = PyObject_IsTrue(a[20]) == 1;
     if (PyErr_Occurred()) return nullptr;
     Py_BEGIN_ALLOW_THREADS plait::avx2::attention(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
                                                   num_seqs, causal, kc, vc, fmt, Hq, Hkv, D, scale, out, lse,
-                                                  nthreads);
+                                                  nthreads, amx);
     Py_END_ALLOW_THREADS return done();
 }
 

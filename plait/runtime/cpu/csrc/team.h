@@ -25,6 +25,24 @@ struct TeamScratch {
     std::vector<AttentionSplit> splits;
     std::vector<float> partial_o, partial_m, partial_l;
     std::vector<uint16_t> amx_x;  // amx::linear_team: x's two bfloat16 parts
+    // amx attention: per (sequence, KV head) its keys' and values' bfloat16 parts, at amx_kv_off[seq]
+    std::vector<uint16_t> amx_kv;
+    std::vector<int64_t> amx_kv_off;
+};
+
+// One attention call's arguments (see `attention` in kernels.h), for the AMX tasks.
+struct AttentionCall {
+    const float* q;
+    int64_t q_row_stride;
+    const int64_t *q_rows, *q_off, *q_len, *slots, *slot_off, *kv_len;
+    int64_t num_seqs;
+    bool causal;
+    const void *k_cache, *v_cache;
+    int fmt;
+    int64_t Hq, Hkv, D;
+    float scale;
+    float* out;
+    float* lse;
 };
 
 // Decode steps fold the rotary embedding and the store of the new K/V into attention (one barrier
@@ -56,7 +74,8 @@ void plan_attention(const int64_t* q_len, const int64_t* kv_len, int64_t num_seq
 void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
-                    int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope);
+                    int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope,
+                    bool amx = false);
 // gate_up [*, 2I] -> out = silu(gate) * up [M, I] in one pass: each work item computes a gate row
 // and its up row and applies the activation (decode-sized M; x is this thread's own copy).
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
@@ -68,6 +87,16 @@ void rmsnorm_private(const float* x, const float* res_in, float* res_out, bool w
 }  // namespace avx2
 
 namespace amx {
+// Attention tasks of at least this many query rows (query tokens x heads of a KV head) run on AMX
+// (attention_amx.cpp) when `attention_team` is asked to (prefill and extend steps, head size 64).
+constexpr int64_t kAmxMinTaskRows = 16;
+bool attention_task_fits(const AttentionCall& a, const AttentionTask& task);
+// Collective (every thread of the team): the bfloat16 parts of the keys and values of the
+// sequences with tasks that fit, into ts.amx_kv.
+void prepare_attention(const AttentionCall& a, TeamScratch& ts);
+void run_attention_task(const AttentionCall& a, const AttentionTask& task, const TeamScratch& ts);
+void begin_tiles();  // this thread's tile configuration
+void end_tiles();
 // linear_team (see team forms above) over a weight packed for AMX (linear_amx.cpp); only where
 // `amx_usable()` in the module said the CPU and the OS allow it.
 void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
