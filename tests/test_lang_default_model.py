@@ -373,7 +373,8 @@ def test_fork_join_var_scope_and_variables(runtime, backend):
 def test_stream_run_batch_and_generator_style(backend):
     @sgl.function
     def say(s, word):
-        s += "Repeat the word " + word + " three times: " + sgl.gen("x", max_tokens=6)
+        # long enough that a stream cannot finish before its reader starts, even on a busy machine
+        s += "Repeat the word " + word + " three times: " + sgl.gen("x", max_tokens=24, ignore_eos=True)
 
     words = ["apple", "river", "stone"]
     singles = [say.run(word=w, backend=backend, **GREEDY) for w in words]
@@ -391,7 +392,7 @@ def test_stream_run_batch_and_generator_style(backend):
         return [c for c, _ in chunks], chunks[-1][1]
 
     chunks, meta = asyncio.run(collect())
-    assert "".join(chunks) == singles[1]["x"] and meta["completion_tokens"] == 6
+    assert "".join(chunks) == singles[1]["x"] and meta["completion_tokens"] == 24
 
     batch = say.run_batch([{"word": w} for w in words], backend=backend, num_threads=3, **GREEDY)
     assert [st["x"] for st in batch] == [st["x"] for st in singles]

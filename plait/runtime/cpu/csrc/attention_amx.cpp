@@ -11,6 +11,8 @@
 // built once per task), the online softmax runs down the columns of S^T (16 query rows a vector),
 // the weights P^T become B tiles by interleaving pairs of key rows, and the output accumulates as
 // O^T = V^T P^T (dims x query rows), V^T made once per (sequence, KV head) for all its tasks.
+#include "amx_config.h"
+#if PLAIT_HAVE_AMX
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,amx-tile,amx-bf16,f16c,fma")
 
 #include <immintrin.h>
@@ -326,3 +328,17 @@ void begin_tiles() { load_tile_config(); }
 void end_tiles() { _tile_release(); }
 
 }  // namespace plait::amx
+
+#else  // no AMX intrinsics in this compiler: the module reports no AMX, so nothing calls these
+#include <cstdlib>
+
+#include "team.h"
+
+namespace plait::amx {
+bool attention_task_fits(const AttentionCall&, const AttentionTask&) { return false; }
+void prepare_attention(const AttentionCall&, TeamScratch&) { std::abort(); }
+void run_attention_task(const AttentionCall&, const AttentionTask&, const TeamScratch&) { std::abort(); }
+void begin_tiles() { std::abort(); }
+void end_tiles() { std::abort(); }
+}  // namespace plait::amx
+#endif

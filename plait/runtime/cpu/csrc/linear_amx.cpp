@@ -12,6 +12,8 @@
 // The weight is packed once, at load (`pack` on the Python side): for each 32 output columns and
 // each 32 inputs, four 16 x 16-pair tiles (hi and lo, two column halves) in AMX's pair-interleaved
 // layout, 4 KiB together. x is split per call into two bfloat16 matrices padded to 32 rows.
+#include "amx_config.h"
+#if PLAIT_HAVE_AMX
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 
 #include <immintrin.h>
@@ -149,3 +151,19 @@ void linear(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_
 }
 
 }  // namespace plait::amx
+
+#else  // no AMX intrinsics in this compiler: the module reports no AMX, so nothing calls these
+#include <cstdlib>
+
+#include "team.h"
+
+namespace plait::amx {
+void linear_team(const float*, int64_t, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t, TeamScratch&,
+                 bool) {
+    std::abort();
+}
+void linear(const float*, int64_t, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t, int, bool) {
+    std::abort();
+}
+}  // namespace plait::amx
+#endif

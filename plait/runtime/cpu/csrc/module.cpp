@@ -10,6 +10,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "amx_config.h"
 #include "kernels.h"
 #include "stack.h"
 
@@ -26,7 +27,7 @@ bool cpu_has_avx2() {
 
 // AMX tiles with bfloat16 products (and AVX-512 BF16 for the conversions), granted to this process.
 bool cpu_has_amx() {
-#if defined(__x86_64__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__linux__) && PLAIT_HAVE_AMX
     __builtin_cpu_init();
     if (!cpu_has_avx2() || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
         !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("amx-tile") ||
