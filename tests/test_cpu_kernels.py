@@ -230,10 +230,11 @@ def reference_attention(q, k_cache, v_cache, slots, causal, scale):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (8, 4)])  # 3, 1 and 2 query heads per KV head
-@pytest.mark.parametrize("amx", [False, True], ids=["avx2", "amx"])
+@pytest.mark.parametrize("amx", [None, "exact", "bf16"])
 def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, amx):
     """Every task shape against float64; with `amx`, the tasks of 16 or more query rows run on AMX
-    tiles (three bfloat16 passes: an error below 5e-5 here, against 2e-6 for the float32 tasks)."""
+    tiles (three bfloat16 passes: an error below 5e-5 here, against 2e-6 for the float32 tasks; one
+    pass, bfloat16 products: below 2e-2)."""
     if amx and not kernels.amx_available():
         pytest.skip("no AMX-BF16 here")
     torch.manual_seed(2)
@@ -262,7 +263,7 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, amx):
                                     q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
                                     slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
                                     causal=causal, scale=d**-0.5) if amx else out
-    tol = 5e-5 if amx else 2e-6
+    tol = {None: 2e-6, "exact": 5e-5, "bf16": 2e-2}[amx]
     for i, (n, _) in enumerate(shapes):
         rows = q_rows[q_off[i] : q_off[i] + n]
         ref_out, ref_lse = reference_attention(q[rows], k_cache, v_cache, slot_lists[i], causal, d**-0.5)

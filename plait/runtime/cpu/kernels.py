@@ -269,17 +269,18 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, q_rows: torch.Tensor,
               q_off: torch.Tensor, q_len: torch.Tensor, slots: torch.Tensor, slot_off: torch.Tensor,
               kv_len: torch.Tensor, causal: bool, scale: float, out: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None, amx: bool = False) -> torch.Tensor:
+              lse: torch.Tensor | None = None, amx: str | None = None) -> torch.Tensor:
     """Attention of query sequences over slot lists of the pool (see `attention` in csrc/kernels.h).
 
     q: [rows, Hq, D] float32 (heads contiguous, rows any distance apart); k_cache, v_cache: [slots, Hkv, D]; per sequence s: its query rows
     `q_rows[q_off[s] : q_off[s] + q_len[s]]` and its keys `slots.flatten()[slot_off[s] :][: kv_len[s]]`.
     Returns out [rows, Hq, D] float32 (rows no sequence lists are left as they were); fills `lse`
-    [rows, Hq] with the log-sum-exp of the scaled scores when given. `amx`: tasks of many query rows
-    run on AMX tiles (only where `amx_available()`). Bounds are the caller's contract: the metadata
-    builders derive them from the batch.
+    [rows, Hq] with the log-sum-exp of the scaled scores when given. `amx` "exact" or "bf16": tasks of
+    many query rows run on AMX tiles (only where `amx_available()`), in three bfloat16 passes (near
+    float32) or one. Bounds are the caller's contract: the metadata builders derive them from the batch.
     """
-    if amx and not amx_available():
+    amx_mode = {None: 0, "exact": 1, "bf16": 2}[amx]
+    if amx_mode and not amx_available():
         raise ValueError("AMX attention asked for where AMX does not run")
     rows, hq, d = q.shape
     q_row_stride = _row_stride(q, "q")
@@ -301,7 +302,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, 
     _ext.attention(q.data_ptr(), q_row_stride, q_rows.data_ptr(), q_off.data_ptr(), q_len.data_ptr(), slots.data_ptr(),
                    slot_off.data_ptr(), kv_len.data_ptr(), num_seqs, causal, k_cache.data_ptr(), v_cache.data_ptr(),
                    CACHE_FORMATS[k_cache.dtype], hq, hkv, d, scale, out.data_ptr(),
-                   0 if lse is None else lse.data_ptr(), _threads(), amx)
+                   0 if lse is None else lse.data_ptr(), _threads(), amx_mode)
     return out
 
 

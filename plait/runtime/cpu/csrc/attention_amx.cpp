@@ -82,30 +82,36 @@ inline __m512 exp_neg(__m512 x) {
     return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-// Three-pass products of a 32 x 32 block into tiles 0-3 (C += A B): a_hi/a_lo two A tiles each (rows
-// `lda` bytes apart), b_hi/b_lo two B tiles each (contiguous 1 KiB tiles), one step of 32.
+// The products of a 32 x 32 block into tiles 0-3 (C += A B): a_hi/a_lo two A tiles each (rows `lda`
+// bytes apart), b_hi/b_lo two B tiles each (contiguous 1 KiB tiles), one step of 32. Three passes
+// over the hi and lo parts (kExact), or the hi parts alone (bfloat16 products).
+template <bool kExact>
 inline void step3(const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda, const uint16_t* b_hi,
                   const uint16_t* b_lo, int64_t a_second) {
     _tile_loadd(4, a_hi, lda);
     _tile_loadd(5, a_hi + a_second, lda);
-    _tile_loadd(6, b_lo, 64);
-    _tile_loadd(7, b_lo + kTile, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    if (kExact) {
+        _tile_loadd(6, b_lo, 64);
+        _tile_loadd(7, b_lo + kTile, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
     _tile_loadd(6, b_hi, 64);
     _tile_loadd(7, b_hi + kTile, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
-    _tile_loadd(4, a_lo, lda);
-    _tile_loadd(5, a_lo + a_second, lda);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    if (kExact) {
+        _tile_loadd(4, a_lo, lda);
+        _tile_loadd(5, a_lo + a_second, lda);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
 }
 
 struct TaskScratch {
@@ -176,7 +182,10 @@ void prepare_attention(const AttentionCall& a, TeamScratch& ts) {
     }
 }
 
-void run_attention_task(const AttentionCall& a, const AttentionTask& task, const TeamScratch& ts) {
+namespace {
+
+template <bool kExact>
+void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScratch& ts) {
     static thread_local TaskScratch sc;
     const int64_t D = a.D, G = a.Hq / a.Hkv, s = task.seq;
     const int64_t R = task.nq * G, R_pad = (R + 31) / 32 * 32, qtiles = R_pad / 16;
@@ -235,7 +244,7 @@ void run_attention_task(const AttentionCall& a, const AttentionTask& task, const
                 for (int64_t ks = 0; ks < D / 32; ++ks) {
                     const uint16_t* bh = sc.qb.data() + ((0 * (D / 32) + ks) * qtiles + c0 / 16) * kTile;
                     const uint16_t* bl = sc.qb.data() + ((1 * (D / 32) + ks) * qtiles + c0 / 16) * kTile;
-                    step3(k_hi + (t0 + k0) * D + ks * 32, k_lo + (t0 + k0) * D + ks * 32, D * 2, bh, bl, 16 * D);
+                    step3<kExact>(k_hi + (t0 + k0) * D + ks * 32, k_lo + (t0 + k0) * D + ks * 32, D * 2, bh, bl, 16 * D);
                 }
                 float* st = sc.st.data() + k0 * R_pad + c0;
                 _tile_stored(0, st, R_pad * 4);
@@ -304,7 +313,7 @@ void run_attention_task(const AttentionCall& a, const AttentionTask& task, const
                 _tile_loadd(2, ot + 16 * R_pad, R_pad * 4);
                 _tile_loadd(3, ot + 16 * R_pad + 16, R_pad * 4);
                 for (int64_t step = 0; step < 2; ++step)
-                    step3(vt_hi + d0 * kv_pad + t0 + step * 32, vt_lo + d0 * kv_pad + t0 + step * 32, kv_pad * 2,
+                    step3<kExact>(vt_hi + d0 * kv_pad + t0 + step * 32, vt_lo + d0 * kv_pad + t0 + step * 32, kv_pad * 2,
                           sc.pb.data() + ((0 * 2 + step) * qtiles + c0 / 16) * kTile,
                           sc.pb.data() + ((1 * 2 + step) * qtiles + c0 / 16) * kTile, 16 * kv_pad);
                 _tile_stored(0, ot, R_pad * 4);
@@ -322,6 +331,13 @@ void run_attention_task(const AttentionCall& a, const AttentionTask& task, const
         for (int64_t d = 0; d < D; ++d) dst[d] = sc.ot[size_t(d * R_pad + r)] * inv;
         if (a.lse) a.lse[row * a.Hq + head] = l > 0.0f ? sc.mx[size_t(r)] + std::log(l) : kNegInf;
     }
+}
+
+}  // namespace
+
+void run_attention_task(const AttentionCall& a, const AttentionTask& task, const TeamScratch& ts) {
+    if (a.exact) run_task<true>(a, task, ts);
+    else run_task<false>(a, task, ts);
 }
 
 void begin_tiles() { load_tile_config(); }

@@ -707,18 +707,19 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
                     int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope,
-                    bool amx) {
+                    int amx_mode) {
     const Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
                  cache_fmt, Hq, Hkv, D, Hq / Hkv, scale, out, lse, rope};
     static thread_local Scratch sc;
     sc.reserve(kMaxRows, D);
     const int64_t num_tasks = int64_t(ts.tasks.size());
     // Tasks of many query rows on AMX where asked (prefill and extend: the keys are all in the pool)
-    amx = amx && rope == nullptr;
+    const bool amx = amx_mode != 0 && rope == nullptr;
     int64_t num_seqs = 0;
     for (const AttentionTask& t : ts.tasks) num_seqs = std::max(num_seqs, t.seq + 1);
     const AttentionCall amx_call{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
-                                 num_seqs, causal, k_cache, v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse};
+                                 num_seqs, causal, k_cache, v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse,
+                                 amx_mode != 2};
     if (amx) {
         amx::prepare_attention(amx_call, ts);
         amx::begin_tiles();
@@ -741,7 +742,7 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
-               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, bool amx) {
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, int amx) {
     TeamScratch ts;
     plan_attention(q_len, kv_len, num_seqs, Hq, Hkv, D, nthreads, ts);
 #pragma omp parallel num_threads(nthreads)

@@ -103,13 +103,13 @@ void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64
 // indices of q [rows, Hq, D], rows `q_row_stride` floats apart), and attends the `kv_len[s]` slots
 // listed at `slots + slot_off[s]`; when `causal`, its query i sees the first
 // `kv_len[s] - q_len[s] + 1 + i` of them, else all. Writes out [rows, Hq, D] (float32, at the same
-// row indices) and, when lse is not null, the log-sum-exp of the scaled scores [rows, Hq]. `amx`: tasks
-// of many query rows (prefill, extend; head size 64) run on AMX tiles (attention_amx.cpp; only where
-// the module's amx() is true).
+// row indices) and, when lse is not null, the log-sum-exp of the scaled scores [rows, Hq]. `amx` 1 or 2:
+// tasks of many query rows (prefill, extend; head size 64) run on AMX tiles (attention_amx.cpp; only
+// where the module's amx() is true), with three bfloat16 passes (1) or one (2).
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
-               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, bool amx = false);
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, int amx = 0);
 
 }  // namespace avx2
 

@@ -43,6 +43,7 @@ struct AttentionCall {
     float scale;
     float* out;
     float* lse;
+    bool exact;  // AMX tasks: three bfloat16 passes (near float32), else one (bfloat16 products)
 };
 
 // Decode steps fold the rotary embedding and the store of the new K/V into attention (one barrier
@@ -75,7 +76,7 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
                     int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope,
-                    bool amx = false);
+                    int amx = 0);
 // gate_up [*, 2I] -> out = silu(gate) * up [M, I] in one pass: each work item computes a gate row
 // and its up row and applies the activation (decode-sized M; x is this thread's own copy).
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
