@@ -139,7 +139,10 @@ void prepare_attention(const AttentionCall& a, TeamScratch& ts) {
             if (!big[size_t(s)]) continue;
             ts.amx_kv_off[size_t(s)] = total;
             const int64_t kv_pad = (a.kv_len[s] + kT - 1) / kT * kT;
-            total += a.Hkv * 4 * kv_pad * D;  // per head: K hi, K lo [kv_pad, D]; V^T hi, lo [D, kv_pad]
+            // per head: K hi, K lo [kv_pad, D]; then per block of kT keys V^T hi, lo [D, kT] (rows of a
+            // tile 128 bytes apart: a whole-sequence V^T put them kv_pad * 2 bytes apart, the same L1
+            // set for long sequences)
+            total += a.Hkv * 4 * kv_pad * D;
         }
         if (int64_t(ts.amx_kv.size()) < total) ts.amx_kv.resize(size_t(total));
     }
@@ -157,7 +160,9 @@ void prepare_attention(const AttentionCall& a, TeamScratch& ts) {
         const int64_t blocks = (a.kv_len[s] + kT - 1) / kT, kv_pad = blocks * kT;
         const int64_t h = (it - first[size_t(s)]) / blocks, t0 = (it - first[size_t(s)]) % blocks * kT;
         uint16_t* base = ts.amx_kv.data() + ts.amx_kv_off[size_t(s)] + h * 4 * kv_pad * D;
-        uint16_t *k_hi = base, *k_lo = base + kv_pad * D, *vt_hi = base + 2 * kv_pad * D, *vt_lo = base + 3 * kv_pad * D;
+        uint16_t *k_hi = base, *k_lo = base + kv_pad * D;
+        uint16_t* vt_hi = base + 2 * kv_pad * D + t0 / kT * 2 * D * kT;
+        uint16_t* vt_lo = vt_hi + D * kT;
         const int64_t* slots = a.slots + a.slot_off[s];
         alignas(64) uint16_t v_hi[kT][64], v_lo[kT][64];  // D == 64
         for (int64_t t = t0; t < t0 + kT; ++t) {
@@ -176,8 +181,8 @@ void prepare_attention(const AttentionCall& a, TeamScratch& ts) {
         }
         for (int64_t d = 0; d < D; ++d)
             for (int64_t t = 0; t < kT; ++t) {
-                vt_hi[d * kv_pad + t0 + t] = v_hi[t][d];
-                vt_lo[d * kv_pad + t0 + t] = v_lo[t][d];
+                vt_hi[d * kT + t] = v_hi[t][d];
+                vt_lo[d * kT + t] = v_lo[t][d];
             }
     }
 }
@@ -192,7 +197,7 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
     const int64_t kv_len = a.kv_len[s], q_len = a.q_len[s];
     const int64_t kv_pad = (kv_len + kT - 1) / kT * kT;
     const uint16_t* base = ts.amx_kv.data() + ts.amx_kv_off[size_t(s)] + task.head * 4 * kv_pad * D;
-    const uint16_t *k_hi = base, *k_lo = base + kv_pad * D, *vt_hi = base + 2 * kv_pad * D, *vt_lo = base + 3 * kv_pad * D;
+    const uint16_t *k_hi = base, *k_lo = base + kv_pad * D, *vt = base + 2 * kv_pad * D;
     sc.q.assign(size_t(R_pad * D), 0.0f);
     sc.st.resize(size_t(kT * R_pad));
     sc.ot.assign(size_t(D * R_pad), 0.0f);
@@ -313,9 +318,9 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
                 _tile_loadd(2, ot + 16 * R_pad, R_pad * 4);
                 _tile_loadd(3, ot + 16 * R_pad + 16, R_pad * 4);
                 for (int64_t step = 0; step < 2; ++step)
-                    step3<kExact>(vt_hi + d0 * kv_pad + t0 + step * 32, vt_lo + d0 * kv_pad + t0 + step * 32, kv_pad * 2,
+                    step3<kExact>(vt + t0 * 2 * D + d0 * kT + step * 32, vt + t0 * 2 * D + D * kT + d0 * kT + step * 32, kT * 2,
                           sc.pb.data() + ((0 * 2 + step) * qtiles + c0 / 16) * kTile,
-                          sc.pb.data() + ((1 * 2 + step) * qtiles + c0 / 16) * kTile, 16 * kv_pad);
+                          sc.pb.data() + ((1 * 2 + step) * qtiles + c0 / 16) * kTile, 16 * kT);
                 _tile_stored(0, ot, R_pad * 4);
                 _tile_stored(1, ot + 16, R_pad * 4);
                 _tile_stored(2, ot + 16 * R_pad, R_pad * 4);
