@@ -83,7 +83,8 @@ def isa() -> str:
 
 def amx_available() -> bool:
     """Whether the AMX products can run here (the kernels built, a CPU with AMX-BF16 and AVX-512 BF16,
-    and the OS granting the tile state); `PLAIT_DISABLE_CPU_AMX=1` turns them off."""
+    and the OS granting the tile state: the first call asks for it); `PLAIT_DISABLE_CPU_AMX=1` turns
+    them off."""
     return (available() and bool(_ext.amx())
             and os.environ.get("PLAIT_DISABLE_CPU_AMX", "") in ("", "0"))
 
@@ -181,6 +182,8 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     """x [M, K] float32 times an `amx_pack`ed weight [N, K] transposed (+ bias): [M, N] float32, on
     AMX tiles (only where `amx_available()`): with x split into bfloat16 hi and lo parts and three
     products when the weight holds its lo parts, else x rounded to bfloat16 and one product."""
+    if not amx_available():  # (which also asks the OS for the tile state)
+        raise ValueError("AMX products asked for where AMX does not run")
     _check(x, "x", torch.float32)
     _check(packed, "packed", torch.int16)
     m, k = x.shape
