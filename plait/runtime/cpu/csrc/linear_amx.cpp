@@ -32,7 +32,6 @@ constexpr int kRows = 32;       // x rows per block: two A tiles
 constexpr int kCols = 32;       // output columns per block: two B tiles
 constexpr int kStep = 32;       // inputs per tile product (16 bfloat16 pairs)
 constexpr int kTileElems = 512;  // bfloat16 values in a packed B tile (16 pairs x 16 columns x 2)
-constexpr int64_t kChunkBytes = 1 << 20;  // x's bfloat16 parts per chunk of rows (see linear_team)
 // Tiles 0-3 hold a block's 32 x 32 float32 sums, 4-5 x rows (16 each), 6-7 weight columns (16 each).
 
 // hi[r, :], lo[r, :] = the two bfloat16 parts of x[r, :] (zeros for the padding rows r >= M).
@@ -112,18 +111,10 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
     load_tile_config();
     const int64_t col_blocks = (N + kCols - 1) / kCols, row_blocks = m_pad / kRows;
     alignas(64) float sums[kRows * kCols];
-    // Column blocks outermost: a thread keeps its weight columns in cache while it runs down x's
-    // rows; x's rows go a chunk at a time, a chunk small enough to stay in a core's L2 meanwhile
-    // (with K = 1,536 a prefill's x is 3 MiB of bfloat16 parts: read again for every column block, it
-    // came from L3).
-    const int64_t x_row_bytes = K * 2 * (exact ? 2 : 1);
-    const int64_t chunk_blocks = std::max<int64_t>(1, kChunkBytes / (x_row_bytes * kRows));
-    for (int64_t mc = 0; mc < row_blocks; mc += chunk_blocks) {
-    const int64_t chunk = std::min(chunk_blocks, row_blocks - mc);
+    // Column blocks outermost: a thread keeps its weight columns in cache while it runs down x.
 #pragma omp for schedule(static) collapse(2)
     for (int64_t nb = 0; nb < col_blocks; ++nb)
-        for (int64_t mi = 0; mi < chunk; ++mi) {
-            const int64_t mb = mc + mi;
+        for (int64_t mb = 0; mb < row_blocks; ++mb) {
             const int64_t m0 = mb * kRows, n0 = nb * kCols;
             const int64_t rows = std::min<int64_t>(kRows, M - m0), cols = std::min<int64_t>(kCols, N - n0);
             const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileElems;
@@ -139,7 +130,6 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
                     for (int64_t j = 0; j < cols; ++j) out[i * ldy + j] += bias[n0 + j];
             }
         }
-    }
     _tile_release();
 }
 
