@@ -329,3 +329,19 @@ def test_workflow_bench_with_private_agents(tiny_config, tmp_path):
     # two workflows x three agents of their own: a pool of 3.5 agents' steps holds fewer than the 6
     # prompts, so LRU alone finds (almost) nothing; the tiers find the second round's prompts
     assert agents[0]["hit_rate"] < 0.2 and agents[1]["hit_rate"] > agents[0]["hit_rate"]
+
+
+def test_cpu_kernels_bench_times_every_path_it_can_run():
+    """plait.bench.cpu_kernels: a row per product and per context, with the AMX columns only where AMX runs."""
+    from plait.bench import cpu_kernels
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    products = cpu_kernels.product_rows(rows=9, repeats=1)
+    assert [r["product"] for r in products] == list(cpu_kernels.PRODUCTS)
+    attention = cpu_kernels.attention_rows(chunk=16, contexts=[32, 80], repeats=1)
+    assert [r["keys"] for r in attention] == [32, 80]
+    for row in products + attention:
+        assert all(v > 0 for k, v in row.items() if k.endswith("_ms"))
+        assert ("amx_ms" in row) == kernels.amx_available() and ("amx_bf16_ms" in row) == kernels.amx_available()
