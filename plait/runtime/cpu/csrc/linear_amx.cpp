@@ -34,39 +34,37 @@ constexpr int kStep = 32;       // inputs per tile product (16 bfloat16 pairs)
 constexpr int kTileElems = 512;  // bfloat16 values in a packed B tile (16 pairs x 16 columns x 2)
 // Tiles 0-3 hold a block's 32 x 32 float32 sums, 4-5 x rows (16 each), 6-7 weight columns (16 each).
 
-// hi[r, :], lo[r, :] = the two bfloat16 parts of x[r, :] (zeros for the padding rows r >= M).
+// Row r of x as its two bfloat16 parts (zeros for the padding rows r >= M), in tile order: per block
+// of 32 rows and step of 32 inputs one 2 KiB piece (two A tiles of 16 rows x 64 bytes), so that a
+// tile load reads 1 KiB in a row rather than 16 rows a whole row of x apart.
 void split_rows(const float* x, int64_t M, int64_t K, int64_t r, uint16_t* hi, uint16_t* lo) {
-    uint16_t* h = hi + r * K;
-    uint16_t* l = lo ? lo + r * K : nullptr;
-    if (r >= M) {
-        std::memset(h, 0, size_t(K) * 2);
-        if (l) std::memset(l, 0, size_t(K) * 2);
-        return;
-    }
-    const float* v = x + r * K;
+    const int64_t steps = K / kStep;
+    const int64_t base = (r / kRows) * steps * kRows * kStep + (r % kRows) * kStep;
     for (int64_t k = 0; k < K; k += 16) {  // K is a multiple of 32
-        const __m512 f = _mm512_loadu_ps(v + k);
+        const int64_t at = base + (k / kStep) * kRows * kStep + k % kStep;
+        const __m512 f = r < M ? _mm512_loadu_ps(x + r * K + k) : _mm512_setzero_ps();
         const __m256bh fh = _mm512_cvtneps_pbh(f);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k), (__m256i)fh);
-        if (!l) continue;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + at), (__m256i)fh);
+        if (!lo) continue;
         const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)fh), 16));
         const __m256bh fl = _mm512_cvtneps_pbh(_mm512_sub_ps(f, back));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + k), (__m256i)fl);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + at), (__m256i)fl);
     }
 }
 
-// The 32 x 32 block of sums at x rows m0.. and packed column block `b` (its K / 32 steps of 4 tiles,
-// or 2 for a weight packed without its lo part), stored at `sums` (rows `ld` floats apart).
+// The 32 x 32 block of sums of x's row block at hi/lo (split_rows' order) and packed column block
+// `b` (its K / 32 steps of 4 tiles, or 2 for a weight packed without its lo part), stored at `sums`
+// (rows `ld` floats apart).
 template <bool kExact>
-void block(const uint16_t* hi, const uint16_t* lo, int64_t K, int64_t m0, const uint16_t* b, float* sums, int64_t ld) {
-    const int64_t stride = K * 2;
+void block(const uint16_t* hi, const uint16_t* lo, int64_t K, const uint16_t* b, float* sums, int64_t ld) {
+    constexpr int64_t kPiece = kRows * kStep;  // x's values per row block and step
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t k = 0; k < K; k += kStep, b += (kExact ? 4 : 2) * kTileElems) {
-        _tile_loadd(4, hi + m0 * K + k, stride);
-        _tile_loadd(5, hi + (m0 + 16) * K + k, stride);
+    for (int64_t k = 0; k < K; k += kStep, b += (kExact ? 4 : 2) * kTileElems, hi += kPiece, lo += kPiece) {
+        _tile_loadd(4, hi, 64);
+        _tile_loadd(5, hi + 16 * kStep, 64);
         if (kExact) {
             _tile_loadd(6, b + 2 * kTileElems, 64);  // weight lo, columns 0-15 and 16-31
             _tile_loadd(7, b + 3 * kTileElems, 64);
@@ -82,8 +80,8 @@ void block(const uint16_t* hi, const uint16_t* lo, int64_t K, int64_t m0, const 
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
         if (kExact) {
-            _tile_loadd(4, lo + m0 * K + k, stride);
-            _tile_loadd(5, lo + (m0 + 16) * K + k, stride);
+            _tile_loadd(4, lo, 64);
+            _tile_loadd(5, lo + 16 * kStep, 64);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
@@ -120,9 +118,9 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
             const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileElems;
             float* out = y + m0 * ldy + n0;
             if (rows == kRows && cols == kCols) {
-                (exact ? block<true> : block<false>)(hi, lo, K, m0, b, out, ldy);  // straight into y
+                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, out, ldy);  // straight into y
             } else {
-                (exact ? block<true> : block<false>)(hi, lo, K, m0, b, sums, kCols);
+                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, sums, kCols);
                 for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * ldy, sums + i * kCols, size_t(cols) * 4);
             }
             if (bias) {
