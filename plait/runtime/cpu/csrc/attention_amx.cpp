@@ -291,11 +291,15 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
                 const __m512 p0 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + j * R_pad + c), shift));
                 const __m512 p1 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (j + 1) * R_pad + c), shift));
                 sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+                const int64_t step = j / 32, p = j % 32 / 2;
+                uint16_t* bh = sc.pb.data() + ((0 * 2 + step) * qtiles + c / 16) * kTile + p * 32;
+                if (!kExact) {  // the hi parts alone
+                    _mm512_storeu_si512(bh, _mm512_or_si512(bf16_bits(p0), _mm512_slli_epi32(bf16_bits(p1), 16)));
+                    continue;
+                }
                 __m512i h0, l0, h1, l1;
                 split16(p0, h0, l0);
                 split16(p1, h1, l1);
-                const int64_t step = j / 32, p = j % 32 / 2;
-                uint16_t* bh = sc.pb.data() + ((0 * 2 + step) * qtiles + c / 16) * kTile + p * 32;
                 uint16_t* bl = sc.pb.data() + ((1 * 2 + step) * qtiles + c / 16) * kTile + p * 32;
                 _mm512_storeu_si512(bh, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
                 _mm512_storeu_si512(bl, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
