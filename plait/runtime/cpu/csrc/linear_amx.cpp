@@ -32,6 +32,7 @@ constexpr int kRows = 32;       // x rows per block: two A tiles
 constexpr int kCols = 32;       // output columns per block: two B tiles
 constexpr int kStep = 32;       // inputs per tile product (16 bfloat16 pairs)
 constexpr int kTileElems = 512;  // bfloat16 values in a packed B tile (16 pairs x 16 columns x 2)
+constexpr int64_t kAhead = 2;    // steps ahead a block asks for its weight tiles (few rows)
 // Tiles 0-3 hold a block's 32 x 32 float32 sums, 4-5 x rows (16 each), 6-7 weight columns (16 each).
 
 // Row r of x as its two bfloat16 parts (zeros for the padding rows r >= M), in tile order: per block
@@ -56,13 +57,17 @@ void split_rows(const float* x, int64_t M, int64_t K, int64_t r, uint16_t* hi, u
 // `b` (its K / 32 steps of 4 tiles, or 2 for a weight packed without its lo part), stored at `sums`
 // (rows `ld` floats apart).
 template <bool kExact>
-void block(const uint16_t* hi, const uint16_t* lo, int64_t K, const uint16_t* b, float* sums, int64_t ld) {
+void block(const uint16_t* hi, const uint16_t* lo, int64_t K, const uint16_t* b, float* sums, int64_t ld, bool prefetch) {
     constexpr int64_t kPiece = kRows * kStep;  // x's values per row block and step
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t k = 0; k < K; k += kStep, b += (kExact ? 4 : 2) * kTileElems, hi += kPiece, lo += kPiece) {
+    constexpr int64_t kStepElems = (kExact ? 4 : 2) * kTileElems;
+    for (int64_t k = 0; k < K; k += kStep, b += kStepElems, hi += kPiece, lo += kPiece) {
+        // the weight tiles kAhead steps on, a line per 32 values (streamed from memory when few rows reuse them)
+        if (prefetch)
+            for (int64_t e = 0; e < kStepElems; e += 32) _mm_prefetch(reinterpret_cast<const char*>(b + kAhead * kStepElems + e), _MM_HINT_T0);
         _tile_loadd(4, hi, 64);
         _tile_loadd(5, hi + 16 * kStep, 64);
         if (kExact) {
@@ -109,6 +114,7 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
     load_tile_config();
     const int64_t col_blocks = (N + kCols - 1) / kCols, row_blocks = m_pad / kRows;
     alignas(64) float sums[kRows * kCols];
+    const bool prefetch = row_blocks <= 2;  // decode-sized batches: each weight tile used once or twice
     // Column blocks outermost: a thread keeps its weight columns in cache while it runs down x.
 #pragma omp for schedule(static) collapse(2)
     for (int64_t nb = 0; nb < col_blocks; ++nb)
@@ -118,9 +124,9 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
             const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileElems;
             float* out = y + m0 * ldy + n0;
             if (rows == kRows && cols == kCols) {
-                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, out, ldy);  // straight into y
+                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, out, ldy, prefetch);  // straight into y
             } else {
-                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, sums, kCols);
+                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, sums, kCols, prefetch);
                 for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * ldy, sums + i * kCols, size_t(cols) * 4);
             }
             if (bias) {
