@@ -113,6 +113,15 @@ def _threads() -> int:
 DECODE_DOTS = {"float": 0, "int8": 0x100, "int16": 0x200}
 
 
+def _product_out(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
+    """A product's output: `out` checked ([m, n] float32), or a new tensor."""
+    if out is None:
+        return torch.empty((m, n), dtype=torch.float32)
+    _check(out, "out", torch.float32)
+    assert out.shape == (m, n)
+    return out
+
+
 def kernel_format(fmt: WeightFormat, dot: str = "float") -> int:
     """The format code the kernels take: `fmt`, plus for a block format the flag of `dot`, how its
     decode-sized products multiply ("float", "int16" or "int8"; other formats always use float)."""
@@ -137,11 +146,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_feature
                          f"[{out_features}, {k}] in {fmt.name}")
     if bias is not None:
         _check(bias, "bias", torch.float32)
-    if out is None:
-        out = torch.empty((m, out_features), dtype=torch.float32)
-    else:
-        _check(out, "out", torch.float32)
-        assert out.shape == (m, out_features)
+    out = _product_out(out, m, out_features)
     _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot), out_features,
                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
     return out
@@ -192,11 +197,7 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     exact = amx_exact(packed, out_features, k)
     if bias is not None:
         _check(bias, "bias", torch.float32)
-    if out is None:
-        out = torch.empty((m, out_features), dtype=torch.float32)
-    else:
-        _check(out, "out", torch.float32)
-        assert out.shape == (m, out_features)
+    out = _product_out(out, m, out_features)
     _ext.amx_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
                     out.data_ptr(), out_features, _threads(), int(exact))
     return out

@@ -30,7 +30,6 @@ namespace plait::amx {
 namespace {
 
 constexpr int kT = 64;           // keys per block (two steps of 32 in the value product)
-constexpr int kTile = 512;       // bfloat16 values in a tile (16 rows x 32)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 
@@ -80,38 +79,6 @@ inline __m512 exp_neg(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_maskz_scalef_ps(keep, p, n);
-}
-
-// The products of a 32 x 32 block into tiles 0-3 (C += A B): a_hi/a_lo two A tiles each (rows `lda`
-// bytes apart), b_hi/b_lo two B tiles each (contiguous 1 KiB tiles), one step of 32. Three passes
-// over the hi and lo parts (kExact), or the hi parts alone (bfloat16 products).
-template <bool kExact>
-inline void step3(const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda, const uint16_t* b_hi,
-                  const uint16_t* b_lo, int64_t a_second) {
-    _tile_loadd(4, a_hi, lda);
-    _tile_loadd(5, a_hi + a_second, lda);
-    if (kExact) {
-        _tile_loadd(6, b_lo, 64);
-        _tile_loadd(7, b_lo + kTile, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_loadd(6, b_hi, 64);
-    _tile_loadd(7, b_hi + kTile, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-    if (kExact) {
-        _tile_loadd(4, a_lo, lda);
-        _tile_loadd(5, a_lo + a_second, lda);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
 }
 
 struct TaskScratch {
@@ -203,8 +170,8 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
     sc.ot.assign(size_t(D * R_pad), 0.0f);
     sc.mx.assign(size_t(R_pad), kNegInf);
     sc.l.assign(size_t(R_pad), 0.0f);
-    sc.qb.resize(size_t(2 * (D / 32) * qtiles * kTile));
-    sc.pb.resize(size_t(2 * 2 * qtiles * kTile));
+    sc.qb.resize(size_t(2 * (D / 32) * qtiles * kTileValues));
+    sc.pb.resize(size_t(2 * 2 * qtiles * kTileValues));
     // query rows r = token * G + g, pre-scaled
     for (int64_t i = 0; i < task.nq; ++i) {
         const int64_t row = a.q_rows[a.q_off[s] + task.q0 + i];
@@ -214,8 +181,8 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
     // Q^T as B tiles [part][step of 32 dims][16 query rows]: row p = dims 2p, 2p + 1 of each query row
     for (int64_t ks = 0; ks < D / 32; ++ks)
         for (int64_t qt = 0; qt < qtiles; ++qt) {
-            uint16_t* hi = sc.qb.data() + ((0 * (D / 32) + ks) * qtiles + qt) * kTile;
-            uint16_t* lo = sc.qb.data() + ((1 * (D / 32) + ks) * qtiles + qt) * kTile;
+            uint16_t* hi = sc.qb.data() + ((0 * (D / 32) + ks) * qtiles + qt) * kTileValues;
+            uint16_t* lo = sc.qb.data() + ((1 * (D / 32) + ks) * qtiles + qt) * kTileValues;
             for (int64_t c = 0; c < 16; ++c) {
                 const float* qr = sc.q.data() + (qt * 16 + c) * D + ks * 32;
                 __m512i h0, l0, h1, l1;
@@ -247,9 +214,9 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
                 _tile_zero(2);
                 _tile_zero(3);
                 for (int64_t ks = 0; ks < D / 32; ++ks) {
-                    const uint16_t* bh = sc.qb.data() + ((0 * (D / 32) + ks) * qtiles + c0 / 16) * kTile;
-                    const uint16_t* bl = sc.qb.data() + ((1 * (D / 32) + ks) * qtiles + c0 / 16) * kTile;
-                    step3<kExact>(k_hi + (t0 + k0) * D + ks * 32, k_lo + (t0 + k0) * D + ks * 32, D * 2, bh, bl, 16 * D);
+                    const uint16_t* bh = sc.qb.data() + ((0 * (D / 32) + ks) * qtiles + c0 / 16) * kTileValues;
+                    const uint16_t* bl = sc.qb.data() + ((1 * (D / 32) + ks) * qtiles + c0 / 16) * kTileValues;
+                    tile_step<kExact>(k_hi + (t0 + k0) * D + ks * 32, k_lo + (t0 + k0) * D + ks * 32, D * 2, bh, bl, 16 * D);
                 }
                 float* st = sc.st.data() + k0 * R_pad + c0;
                 _tile_stored(0, st, R_pad * 4);
@@ -292,7 +259,7 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
                 const __m512 p1 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (j + 1) * R_pad + c), shift));
                 sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
                 const int64_t step = j / 32, p = j % 32 / 2;
-                uint16_t* bh = sc.pb.data() + ((0 * 2 + step) * qtiles + c / 16) * kTile + p * 32;
+                uint16_t* bh = sc.pb.data() + ((0 * 2 + step) * qtiles + c / 16) * kTileValues + p * 32;
                 if (!kExact) {  // the hi parts alone
                     _mm512_storeu_si512(bh, _mm512_or_si512(bf16_bits(p0), _mm512_slli_epi32(bf16_bits(p1), 16)));
                     continue;
@@ -300,7 +267,7 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
                 __m512i h0, l0, h1, l1;
                 split16(p0, h0, l0);
                 split16(p1, h1, l1);
-                uint16_t* bl = sc.pb.data() + ((1 * 2 + step) * qtiles + c / 16) * kTile + p * 32;
+                uint16_t* bl = sc.pb.data() + ((1 * 2 + step) * qtiles + c / 16) * kTileValues + p * 32;
                 _mm512_storeu_si512(bh, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
                 _mm512_storeu_si512(bl, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
             }
@@ -322,9 +289,9 @@ void run_task(const AttentionCall& a, const AttentionTask& task, const TeamScrat
                 _tile_loadd(2, ot + 16 * R_pad, R_pad * 4);
                 _tile_loadd(3, ot + 16 * R_pad + 16, R_pad * 4);
                 for (int64_t step = 0; step < 2; ++step)
-                    step3<kExact>(vt + t0 * 2 * D + d0 * kT + step * 32, vt + t0 * 2 * D + D * kT + d0 * kT + step * 32, kT * 2,
-                          sc.pb.data() + ((0 * 2 + step) * qtiles + c0 / 16) * kTile,
-                          sc.pb.data() + ((1 * 2 + step) * qtiles + c0 / 16) * kTile, 16 * kT);
+                    tile_step<kExact>(vt + t0 * 2 * D + d0 * kT + step * 32, vt + t0 * 2 * D + D * kT + d0 * kT + step * 32, kT * 2,
+                          sc.pb.data() + ((0 * 2 + step) * qtiles + c0 / 16) * kTileValues,
+                          sc.pb.data() + ((1 * 2 + step) * qtiles + c0 / 16) * kTileValues, 16 * kT);
                 _tile_stored(0, ot, R_pad * 4);
                 _tile_stored(1, ot + 16, R_pad * 4);
                 _tile_stored(2, ot + 16 * R_pad, R_pad * 4);

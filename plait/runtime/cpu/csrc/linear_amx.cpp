@@ -31,7 +31,6 @@ namespace {
 constexpr int kRows = 32;       // x rows per block: two A tiles
 constexpr int kCols = 32;       // output columns per block: two B tiles
 constexpr int kStep = 32;       // inputs per tile product (16 bfloat16 pairs)
-constexpr int kTileElems = 512;  // bfloat16 values in a packed B tile (16 pairs x 16 columns x 2)
 constexpr int64_t kAhead = 2;    // steps ahead a block asks for its weight tiles (few rows)
 // Tiles 0-3 hold a block's 32 x 32 float32 sums, 4-5 x rows (16 each), 6-7 weight columns (16 each).
 
@@ -63,35 +62,12 @@ void block(const uint16_t* hi, const uint16_t* lo, int64_t K, const uint16_t* b,
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    constexpr int64_t kStepElems = (kExact ? 4 : 2) * kTileElems;
+    constexpr int64_t kStepElems = (kExact ? 4 : 2) * kTileValues;
     for (int64_t k = 0; k < K; k += kStep, b += kStepElems, hi += kPiece, lo += kPiece) {
         // the weight tiles kAhead steps on, a line per 32 values (streamed from memory when few rows reuse them)
         if (prefetch)
             for (int64_t e = 0; e < kStepElems; e += 32) _mm_prefetch(reinterpret_cast<const char*>(b + kAhead * kStepElems + e), _MM_HINT_T0);
-        _tile_loadd(4, hi, 64);
-        _tile_loadd(5, hi + 16 * kStep, 64);
-        if (kExact) {
-            _tile_loadd(6, b + 2 * kTileElems, 64);  // weight lo, columns 0-15 and 16-31
-            _tile_loadd(7, b + 3 * kTileElems, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_loadd(6, b, 64);  // weight hi
-        _tile_loadd(7, b + kTileElems, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        if (kExact) {
-            _tile_loadd(4, lo, 64);
-            _tile_loadd(5, lo + 16 * kStep, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
+        tile_step<kExact>(hi, lo, 64, b, b + 2 * kTileValues, 16 * kStep);
     }
     const int64_t ldb = ld * 4;
     _tile_stored(0, sums, ldb);
@@ -121,7 +97,7 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
         for (int64_t mb = 0; mb < row_blocks; ++mb) {
             const int64_t m0 = mb * kRows, n0 = nb * kCols;
             const int64_t rows = std::min<int64_t>(kRows, M - m0), cols = std::min<int64_t>(kCols, N - n0);
-            const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileElems;
+            const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileValues;
             float* out = y + m0 * ldy + n0;
             if (rows == kRows && cols == kCols) {
                 (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, out, ldy, prefetch);  // straight into y
