@@ -414,3 +414,19 @@ def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
                 resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products=name))
     with pytest.raises(ValueError, match="cpu_prefill_products"):
         resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="tf32"))
+
+
+@needs_amx
+def test_amx_products_stay_off_when_their_packed_weights_would_not_fit(monkeypatch):
+    """auto packs the weights for AMX (4 bytes a weight beside the stored ones) only when that takes
+    at most half the memory available; otherwise the float32 panels run, and the log says why."""
+    from plait.runtime.engine import Engine
+    from plait.runtime.executor import model_runner
+
+    monkeypatch.setattr(model_runner, "available_memory_bytes", lambda: 256 << 20)  # 256 MiB free
+    with Engine(device="cpu", max_total_tokens=2048) as engine:
+        assert engine.runner.execution["prefill_products"] == "float"
+        assert engine.generate(["The capital of France is"], {"max_new_tokens": 4, "temperature": 0})[0]["output_ids"]
+    monkeypatch.setattr(model_runner, "available_memory_bytes", lambda: 64 << 30)
+    with Engine(device="cpu", max_total_tokens=2048) as engine:
+        assert engine.runner.execution["prefill_products"] == "amx"

@@ -57,9 +57,9 @@ class ModelConfig:
         "tile unit (Intel Xeon since Sapphire Rapids) in three bfloat16 passes over the two bfloat16 parts of the "
         "activations and of the weights (16 significant bits, near the float32 product; the weights packed once "
         "at load, 4 bytes a weight); amx-bf16: on AMX in one pass over bfloat16-rounded activations and "
-        "weights (about three times faster, bfloat16 precision, 2 bytes a weight); float: the stored weights "
-        "decoded into float32 panels, float32 products. auto: amx where the CPU and OS have it and --dtype is "
-        "auto too, else float")
+        "weights (about twice as fast, bfloat16 precision, 2 bytes a weight); float: the stored weights "
+        "decoded into float32 panels, float32 products. auto: amx where the CPU and OS have it, --dtype is auto "
+        "and the packed weights take at most half the memory available, else float")
     enable_cpu_int8_dot: bool = option(False, "CPU kernels: the same as --cpu-decode-products int8")
     # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
     disable_cpu_graph: bool = option(

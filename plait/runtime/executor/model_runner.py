@@ -380,11 +380,21 @@ class ModelRunner:
             self.execution["weights"] = summary.describe()
             self.execution["decode_products"] = dot if blocks else "float"
             prefill = resolve_cpu_prefill_products(self.model_config)
+            linears = list({id(m): m for m in model.modules() if isinstance(m, CpuLinear)}.values())
             if prefill != "float":
-                packed_bytes = 0
-                for module in {id(m): m for m in model.modules() if isinstance(m, CpuLinear)}.values():
+                # the packed weights sit beside the stored ones: 4 bytes a weight (2 for amx-bf16)
+                packed_bytes = sum(-(-m.out_features // 32) * 32 * m.in_features for m in linears) * (
+                    4 if prefill == "amx" else 2)
+                available = available_memory_bytes()
+                if (available is not None and packed_bytes > available // 2
+                        and self.model_config.cpu_prefill_products == "auto"):
+                    logger.info("CPU kernels: AMX products off: their packed weights (%.1f GiB) would take more than "
+                                "half the memory available (%.1f GiB); --cpu-prefill-products amx to force them",
+                                packed_bytes / 2**30, available / 2**30)
+                    prefill = "float"
+            if prefill != "float":
+                for module in linears:
                     module.pack_amx(exact=prefill == "amx")
-                    packed_bytes += module.amx.numel() * 2
                 logger.info("CPU kernels: products of more than 8 rows on AMX tiles, %s (weights packed: %.0f MiB)",
                             "three bfloat16 passes" if prefill == "amx" else "bfloat16", packed_bytes / 2**20)
             self.execution["prefill_products"] = prefill
