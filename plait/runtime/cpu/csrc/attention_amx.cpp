@@ -32,20 +32,6 @@ namespace {
 constexpr int kT = 64;           // keys per block (two steps of 32 in the value product)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-
-inline __m512i bf16_bits(__m512 v) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)); }
-inline __m512 from_bf16_bits(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
-
-// 16 values as bfloat16 hi and lo parts, 16-bit each in the low half of a 32-bit lane.
-inline void split16(__m512 v, __m512i& hi, __m512i& lo) {
-    hi = bf16_bits(v);
-    lo = bf16_bits(_mm512_sub_ps(v, from_bf16_bits(hi)));
-}
-
-inline void store_bf16(uint16_t* dst, __m512i bits) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(bits));
-}
-
 // Row d .. d + 16 of a cache row as float32 (int8 rows: codes times the row's scale).
 inline __m512 load_row16(const uint8_t* row, int fmt, int64_t D, int64_t d) {
     switch (fmt) {

@@ -43,12 +43,14 @@ void split_rows(const float* x, int64_t M, int64_t K, int64_t r, uint16_t* hi, u
     for (int64_t k = 0; k < K; k += 16) {  // K is a multiple of 32
         const int64_t at = base + (k / kStep) * kRows * kStep + k % kStep;
         const __m512 f = r < M ? _mm512_loadu_ps(x + r * K + k) : _mm512_setzero_ps();
-        const __m256bh fh = _mm512_cvtneps_pbh(f);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + at), (__m256i)fh);
-        if (!lo) continue;
-        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)fh), 16));
-        const __m256bh fl = _mm512_cvtneps_pbh(_mm512_sub_ps(f, back));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + at), (__m256i)fl);
+        if (!lo) {
+            store_bf16(hi + at, bf16_bits(f));
+            continue;
+        }
+        __m512i h, l;
+        split16(f, h, l);
+        store_bf16(hi + at, h);
+        store_bf16(lo + at, l);
     }
 }
 
