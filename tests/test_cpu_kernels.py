@@ -396,6 +396,22 @@ def test_amx_products_are_near_the_float32_product(rows):
     assert torch.equal(alone[0], out[-1])
 
 
+@needs_amx
+def test_large_amx_products_split_rows_between_threads_without_changing_them():
+    """x's parts over 1.5 MiB (here 320 rows x 1536 inputs): each thread takes a share of the rows and
+    every weight tile rather than a share of the columns; the sums are the same to the bit (each
+    32 x 32 block runs the same steps), partial column blocks and the bias included."""
+    torch.manual_seed(3)
+    n, k, rows = 200, 1536, 300
+    w, x, bias = torch.randn(n, k), torch.randn(rows, k), torch.randn(n)
+    packed = kernels.amx_pack(w)
+    out = kernels.amx_linear(x, packed, n, bias)
+    assert rel_err(out, x.double() @ w.double().T + bias.double()) < 2**-14
+    for first in (0, 64, 256):  # rows alone, under the split's threshold
+        part = kernels.amx_linear(x[first:first + 32].contiguous(), packed, n, bias)
+        assert torch.equal(part, out[first:first + 32])
+
+
 def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
     """auto: AMX where the CPU has it and the dtype is automatic, float32 panels otherwise; asking for
     AMX where it cannot run is a clear error; unknown names are refused."""

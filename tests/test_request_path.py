@@ -467,3 +467,59 @@ def test_engine_and_http_server_info_have_one_shape(server, engine):
         assert state["debug"]["integrity"]["ok"], state["debug"]
     assert local["internal_states"][0].keys() == remote["internal_states"][0].keys()
     assert local["max_total_num_tokens"] == remote["max_total_num_tokens"] == 16384
+
+
+# ---- where the Engine's model runs ----------------------------------------------------------------------------
+def test_engine_builds_its_model_on_the_thread_that_runs_it():
+    """The runner is made on the scheduler thread (one OpenMP pool in the process: with a second one,
+    from loading on the caller's thread, libgomp sleeps at barriers on a small machine); a failure to
+    build reaches the caller as itself, and the thread ends."""
+    from plait.runtime.config import RuntimeConfig
+    from plait.runtime.frontend.transport import InProcessTransport
+
+    built_on = []
+
+    def make_runner():
+        built_on.append(threading.current_thread())
+        raise FileNotFoundError("no model here")
+
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        InProcessTransport(make_runner, RuntimeConfig.from_options(device="cpu"))
+    assert [t.name for t in built_on] == ["plait-scheduler"]
+    assert built_on[0] is not threading.current_thread() and not built_on[0].is_alive()
+
+
+def test_engine_runs_its_model_on_the_thread_that_built_it(engine):
+    assert engine.transport.alive and engine.transport.runner is engine.runner
+    seen = []
+    original = engine.runner.forward
+
+    def forward(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    engine.runner.forward = forward
+    try:
+        engine.generate("hello", GREEDY)
+    finally:
+        del engine.runner.forward
+    assert seen and set(seen) == {"plait-scheduler"}
+
+
+def test_cpu_stack_profile_splits_the_steps_time_by_phase(engine):
+    """`stack_profile(True)` times each phase of the CPU decoder stack's steps until read back; off, it
+    counts nothing."""
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("no CPU kernels on this machine")
+    from plait.runtime.cpu import _kernels
+
+    _kernels.stack_profile(True)
+    engine.generate("time me", GREEDY)
+    steps, phases = _kernels.stack_profile(False)
+    assert steps >= GREEDY["max_new_tokens"]  # a prefill step and a step per further token
+    assert set(phases) == {"norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) > 0
+    engine.generate("not timed", GREEDY)
+    assert _kernels.stack_profile(False) == (0, dict.fromkeys(phases, 0.0))

@@ -33,9 +33,10 @@ class Engine:
         if model_path is not None:
             options["model_path"] = model_path
         self.config = RuntimeConfig.from_options(**options)
-        self.runner = ModelRunner(self.config.model, self.config.memory, source=source)
+        self.transport = InProcessTransport(
+            lambda: ModelRunner(self.config.model, self.config.memory, source=source), self.config)
+        self.runner = self.transport.runner
         self.tokenizer = self.runner.tokenizer
-        self.transport = InProcessTransport(self.runner, self.config)
         self.scheduler = self.transport.driver.scheduler
         self.front = FrontEnd(self.transport)
         self.front.start()

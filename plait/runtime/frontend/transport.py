@@ -44,19 +44,33 @@ class InProcessTransport(Transport):
     """The scheduler driver on a thread of this process. Messages to it go through a queue; its
     messages are delivered by a direct call on its thread (the front end's tracker is thread-safe).
 
-    The thread, not the caller's, runs the model: PyTorch releases the GIL in its kernels, and on a
-    loaded 2-core machine torch's CPU kernels launched from the main thread ran several times slower
-    than from another thread."""
+    The thread, not the caller's, builds and runs the model (`make_runner` runs on it). A thread that
+    runs OpenMP work gets its own pool of OpenMP threads: had the caller's thread loaded the model
+    (packing the weights runs parallel torch operations) and this one run it, the process would hold
+    two pools, more OpenMP threads than a small machine has cores, and libgomp then stops spinning at
+    its barriers and sleeps in the kernel instead: on 2 cores a 32-row decode step took 51 ms in the
+    model's layers instead of 34."""
 
-    def __init__(self, runner: ModelRunner, config: RuntimeConfig):
+    def __init__(self, make_runner: Callable[[], ModelRunner], config: RuntimeConfig):
         self._inbox: queue.SimpleQueue[ToScheduler] = queue.SimpleQueue()
         self._deliver: Deliver | None = None
-        self.driver = SchedulerDriver(runner, config, _QueueChannel(self))
+        self._config = config
+        self._make_runner = make_runner
+        self._built = threading.Event()
+        self._go = threading.Event()  # start() or close(): run the driver, or leave
+        self._build_error: BaseException | None = None
+        self.runner: ModelRunner | None = None
+        self.driver: SchedulerDriver | None = None
         self._thread = threading.Thread(target=self._run, name="plait-scheduler", daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            self._thread.join()
+            raise self._build_error
 
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
-        self._thread.start()
+        self._go.set()
 
     def send(self, msg: ToScheduler) -> None:
         self._inbox.put(msg)
@@ -65,6 +79,7 @@ class InProcessTransport(Transport):
         """Abort what is running, stop the driver and wait for its thread."""
         if self._thread.is_alive():
             self._inbox.put(Shutdown())
+            self._go.set()
             self._thread.join(timeout)
 
     @property
@@ -72,6 +87,18 @@ class InProcessTransport(Transport):
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        try:
+            self.runner = self._make_runner()
+            self.driver = SchedulerDriver(self.runner, self._config, _QueueChannel(self))
+        except BaseException as e:  # the constructor re-raises it on the caller's thread
+            self._build_error = e
+            return
+        finally:
+            self._built.set()
+        self._go.wait()
+        if self._deliver is None:  # closed before it started
+            self.driver.scheduler.constraints.shutdown()
+            return
         try:
             self.driver.run()
         except BaseException as e:  # surface to every waiting caller instead of hanging them

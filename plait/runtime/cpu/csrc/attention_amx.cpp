@@ -68,8 +68,8 @@ inline __m512 exp_neg(__m512 x) {
 }
 
 struct TaskScratch {
-    std::vector<float> q, st, ot, mx, l;
-    std::vector<uint16_t> qb, pb;
+    AlignedVector<float> q, st, ot, mx, l;
+    AlignedVector<uint16_t> qb, pb;
 };
 
 }  // namespace

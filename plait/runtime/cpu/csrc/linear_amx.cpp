@@ -78,6 +78,22 @@ void block(const uint16_t* hi, const uint16_t* lo, int64_t K, const uint16_t* b,
     _tile_stored(3, sums + 16 * ld + 16, ldb);
 }
 
+// rows x cols of a block's sums (kCols floats a row) into y, plus the bias. Vector stores: the tiles
+// store into this small buffer, which stays in L1, and the copy's writes to y (rarely in cache: a
+// prefill's y is megabytes) overlap the next block's products, where tile stores into y stall them.
+void copy_out(const float* sums, int64_t rows, int64_t cols, const float* bias, float* out, int64_t ldy) {
+    const __mmask16 m0 = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? __mmask16(0xffff) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i) {
+        _mm512_mask_storeu_ps(out + i * ldy, m0, _mm512_add_ps(_mm512_load_ps(sums + i * kCols), b0));
+        _mm512_mask_storeu_ps(out + i * ldy + 16, m1, _mm512_add_ps(_mm512_load_ps(sums + i * kCols + 16), b1));
+    }
+}
+
+constexpr int64_t kSplitRowsBytes = int64_t(3) << 19;  // x's parts above this (1.5 MiB): threads split the rows
+
 }  // namespace
 
 void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
@@ -91,27 +107,34 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
     for (int64_t r = 0; r < m_pad; ++r) split_rows(x, M, K, r, hi, exact ? lo : nullptr);
     load_tile_config();
     const int64_t col_blocks = (N + kCols - 1) / kCols, row_blocks = m_pad / kRows;
+    const int64_t b_block = (K / kStep) * (exact ? 4 : 2) * kTileValues;  // packed values per column block
     alignas(64) float sums[kRows * kCols];
-    const bool prefetch = row_blocks <= 2;  // decode-sized batches: each weight tile used once or twice
-    // Column blocks outermost: a thread keeps its weight columns in cache while it runs down x.
+    auto run = [&](int64_t nb, int64_t mb, bool prefetch) {
+        const int64_t m0 = mb * kRows, n0 = nb * kCols;
+        const uint16_t* b = packed + nb * b_block;
+        (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, sums, kCols, prefetch);
+        copy_out(sums, std::min<int64_t>(kRows, M - m0), std::min<int64_t>(kCols, N - n0), bias ? bias + n0 : nullptr,
+                 y + m0 * ldy + n0, ldy);
+    };
+    if (row_blocks <= 2) {
+        // decode-sized batches: each weight tile used once or twice, asked for ahead from memory
 #pragma omp for schedule(static) collapse(2)
-    for (int64_t nb = 0; nb < col_blocks; ++nb)
-        for (int64_t mb = 0; mb < row_blocks; ++mb) {
-            const int64_t m0 = mb * kRows, n0 = nb * kCols;
-            const int64_t rows = std::min<int64_t>(kRows, M - m0), cols = std::min<int64_t>(kCols, N - n0);
-            const uint16_t* b = packed + nb * (K / kStep) * (exact ? 4 : 2) * kTileValues;
-            float* out = y + m0 * ldy + n0;
-            if (rows == kRows && cols == kCols) {
-                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, out, ldy, prefetch);  // straight into y
-            } else {
-                (exact ? block<true> : block<false>)(hi + m0 * K, lo + m0 * K, K, b, sums, kCols, prefetch);
-                for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * ldy, sums + i * kCols, size_t(cols) * 4);
-            }
-            if (bias) {
-                for (int64_t i = 0; i < rows; ++i)
-                    for (int64_t j = 0; j < cols; ++j) out[i * ldy + j] += bias[n0 + j];
-            }
-        }
+        for (int64_t nb = 0; nb < col_blocks; ++nb)
+            for (int64_t mb = 0; mb < row_blocks; ++mb) run(nb, mb, true);
+    } else {
+        // Each thread a rectangle of blocks, column blocks outermost: it keeps a column block's weight
+        // tiles in cache while it runs down its rows, whose parts stay in its L2. When x's parts would
+        // not fit there, the threads split the rows (and each reads every weight), else the columns.
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const bool split_rows_between = nt > 1 && row_blocks >= 4 * nt && int64_t(ts.amx_x.size()) * 2 > kSplitRowsBytes;
+        const int64_t parts_of = split_rows_between ? row_blocks : col_blocks;
+        const int64_t first = parts_of * t / nt, last = parts_of * (t + 1) / nt;
+        const int64_t nb0 = split_rows_between ? 0 : first, nb1 = split_rows_between ? col_blocks : last;
+        const int64_t mb0 = split_rows_between ? first : 0, mb1 = split_rows_between ? last : row_blocks;
+        for (int64_t nb = nb0; nb < nb1; ++nb)
+            for (int64_t mb = mb0; mb < mb1; ++mb) run(nb, mb, false);
+#pragma omp barrier
+    }
     _tile_release();
 }
 

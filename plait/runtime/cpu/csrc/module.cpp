@@ -16,6 +16,14 @@
 
 namespace {
 
+#define PLAIT_NAME_ENTRY(name) #name,
+const char* const kStackFieldNames[] = {PLAIT_STACK_FIELDS(PLAIT_NAME_ENTRY)};
+const char* const kLayerFieldNames[] = {PLAIT_LAYER_FIELDS(PLAIT_NAME_ENTRY)};
+#undef PLAIT_NAME_ENTRY
+// "kPhaseRopeStore" -> "rope_store"
+const char* const kStackPhaseNames[] = {"norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"};
+static_assert(sizeof(kStackPhaseNames) / sizeof(kStackPhaseNames[0]) == plait::kNumStackPhases);
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
@@ -208,6 +216,27 @@ PyObject* py_decoder_stack(PyObject*, PyObject* const* a, Py_ssize_t n) {
     Py_END_ALLOW_THREADS return done();
 }
 
+// stack_profile(enable) -> (steps, {phase: seconds}) since the last call; turns the clock on or off.
+PyObject* py_stack_profile(PyObject*, PyObject* arg) {
+    const int enable = PyObject_IsTrue(arg);
+    if (enable < 0) return nullptr;
+    double seconds[plait::kNumStackPhases];
+    int64_t steps = 0;
+    plait::avx2::stack_profile(enable == 1, seconds, &steps);
+    PyObject* phases = PyDict_New();
+    if (phases == nullptr) return nullptr;
+    for (int p = 0; p < plait::kNumStackPhases; ++p) {
+        PyObject* v = PyFloat_FromDouble(seconds[p]);
+        if (v == nullptr || PyDict_SetItemString(phases, kStackPhaseNames[p], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(phases);
+            return nullptr;
+        }
+        Py_DECREF(v);
+    }
+    return Py_BuildValue("(LN)", static_cast<long long>(steps), phases);
+}
+
 PyObject* names_tuple(const char* const* names, int count) {
     PyObject* t = PyTuple_New(count);
     if (t == nullptr) return nullptr;
@@ -227,10 +256,6 @@ PyObject* names_tuple(const char* const* names, int count) {
     return t;
 }
 
-#define PLAIT_NAME_ENTRY(name) #name,
-const char* const kStackFieldNames[] = {PLAIT_STACK_FIELDS(PLAIT_NAME_ENTRY)};
-const char* const kLayerFieldNames[] = {PLAIT_LAYER_FIELDS(PLAIT_NAME_ENTRY)};
-#undef PLAIT_NAME_ENTRY
 
 PyObject* py_stack_fields(PyObject*, PyObject*) { return names_tuple(kStackFieldNames, plait::kNumStackFields); }
 PyObject* py_layer_fields(PyObject*, PyObject*) { return names_tuple(kLayerFieldNames, plait::kNumLayerFields); }
@@ -240,6 +265,8 @@ PyMethodDef methods[] = {
     {"layer_fields", py_layer_fields, METH_NOARGS, "Names of decoder_stack's per-layer fields, in order."},
     {"decoder_stack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_decoder_stack)), METH_FASTCALL,
      nullptr},
+    {"stack_profile", py_stack_profile, METH_O,
+     "stack_profile(enable) -> (steps, {phase: seconds}) since the last call, and the clock on or off."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU: 'avx2' or 'none'."},
     {"amx", py_amx, METH_NOARGS, "Whether this CPU and OS run the AMX products (amx_linear, the stack's AMX weights)."},
     {"amx_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_linear)), METH_FASTCALL, nullptr},

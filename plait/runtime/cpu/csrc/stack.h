@@ -36,7 +36,19 @@ enum StackField : int { PLAIT_STACK_FIELDS(PLAIT_ENUM_ENTRY) kNumStackFields };
 enum LayerField : int { PLAIT_LAYER_FIELDS(PLAIT_ENUM_ENTRY) kNumLayerFields };
 #undef PLAIT_ENUM_ENTRY
 
+// The phases `stack_profile` splits a step's time into.
+#define PLAIT_STACK_PHASES(X) \
+    X(kPhaseNorm) X(kPhaseQkv) X(kPhaseRopeStore) X(kPhaseAttention) X(kPhaseO) X(kPhaseGateUp) X(kPhaseSiluMul) X(kPhaseDown)
+
+#define PLAIT_ENUM_ENTRY(name) name,
+enum StackPhase : int { PLAIT_STACK_PHASES(PLAIT_ENUM_ENTRY) kNumStackPhases };
+#undef PLAIT_ENUM_ENTRY
+
 namespace avx2 {
+// The seconds each phase took since the last call (summed over steps and layers) and the number of
+// steps, then reset; `enable` turns the clock on or off for the steps that follow.
+void stack_profile(bool enable, double* seconds, int64_t* steps);
+
 // Runs all layers of the stack for one step (see stack_avx2.cpp): on return `x` and `residual`
 // hold the last layer's output and the running sum, for the final norm.
 void decoder_stack(const int64_t* args, const int64_t* layers, float eps, float scale);

@@ -11,6 +11,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -61,7 +63,35 @@ void merge_rows_team(float* out, const float* out_a, const float* lse_a, const f
     }
 }
 
+// Where a step's time goes, by phase (see `stack_profile`): thread 0 reads the clock after each
+// phase, which ends at a barrier on the larger steps (on decode-sized steps, where phases need no
+// barrier, the split is thread 0's own view). Off unless asked for: a clock read per phase and layer.
+std::atomic<bool> g_profile{false};
+double g_phase_seconds[kNumStackPhases] = {};
+int64_t g_profile_steps = 0;
+
+struct PhaseClock {
+    bool on;
+    std::chrono::steady_clock::time_point last;
+    void mark(StackPhase phase) {
+        if (!on) return;
+        const auto now = std::chrono::steady_clock::now();
+        g_phase_seconds[phase] += std::chrono::duration<double>(now - last).count();
+        last = now;
+    }
+};
+
 }  // namespace
+
+void stack_profile(bool enable, double* seconds, int64_t* steps) {
+    for (int p = 0; p < kNumStackPhases; ++p) {
+        seconds[p] = g_phase_seconds[p];
+        g_phase_seconds[p] = 0.0;
+    }
+    *steps = g_profile_steps;
+    g_profile_steps = 0;
+    g_profile.store(enable);
+}
 
 void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float scale) {
     const int64_t L = a[kNumLayers], T = a[kTokens], H = a[kHidden], Hq = a[kHeads], Hkv = a[kKvHeads],
@@ -95,12 +125,15 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
     std::vector<float> residual_b(small ? size_t(T * H) : 0);
     float* residual[2] = {field_ptr<float>(a, kResidual), residual_b.data()};
     int current = 0;  // residual[current] holds the running sum (small steps)
+    const bool profile = g_profile.load(std::memory_order_relaxed);
+    if (profile) ++g_profile_steps;
     const RopeStore rope_store_args{rope, positions, qkv + Hq * D, qkv + (Hq + Hkv) * D, qkv_width, nullptr, nullptr, loc};
 #pragma omp parallel num_threads(nthreads) firstprivate(current)
     {
         static thread_local std::vector<float> own_normed;
         if (small) own_normed.resize(size_t(T * H));
         const bool writer = omp_get_thread_num() == 0;
+        PhaseClock clock{profile && writer, std::chrono::steady_clock::now()};
         // small steps: norm into this thread's buffer; residual[current ^ 1] = x + residual[current]
         auto small_norm = [&](const float* weight, bool first) {
             rmsnorm_private(x, first ? nullptr : residual[current], residual[current ^ 1], writer, weight, T, H, eps,
@@ -134,7 +167,9 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             } else {
                 rmsnorm_team(x, l == 0 ? nullptr : residual[0], fptr(kInNorm), T, H, eps, normed);
             }
+            clock.mark(kPhaseNorm);
             product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, fptr(kQkvBias), qkv_width, qkv);
+            clock.mark(kPhaseQkv);
             float* q = qkv;
             float* k = qkv + Hq * D;
             float* v = qkv + (Hq + Hkv) * D;
@@ -148,6 +183,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             if (!decode)
                 rope_store_team(q, k, v, T, Hq, Hkv, D, qkv_width, qkv_width, qkv_width, positions, rope, k_cache,
                                 v_cache, fmt, loc);
+            clock.mark(kPhaseRopeStore);
             attention_team(q, qkv_width, field_ptr<const int64_t>(a, kMainQRows), field_ptr<const int64_t>(a, kMainQOff),
                            main_q_len, field_ptr<const int64_t>(a, kMainSlots), field_ptr<const int64_t>(a, kMainSlotOff),
                            main_kv_len, a[kMainCausal] != 0, k_cache, v_cache, fmt, Hq, Hkv, D, scale, attn,
@@ -166,17 +202,24 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 merge_rows_team(attn, out_prefix, lse_prefix, field_ptr<const float>(a, kLseOwn),
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
+            clock.mark(kPhaseAttention);
             product(attn, Hq * D, kOW, kOFmt, kOAmx, nullptr, H, x);
+            clock.mark(kPhaseO);
             // MLP block
             if (small) {
                 small_norm(fptr(kPostNorm), false);
                 gated_linear_team(own_normed.data(), T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act);
+                clock.mark(kPhaseGateUp);
             } else {
                 rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
+                clock.mark(kPhaseNorm);
                 product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, nullptr, 2 * I, gate_up);
+                clock.mark(kPhaseGateUp);
                 silu_mul_team(gate_up, T, I, act);
+                clock.mark(kPhaseSiluMul);
             }
             product(act, I, kDownW, kDownFmt, kDownAmx, nullptr, H, x);
+            clock.mark(kPhaseDown);
         }
         // small steps: the running sum ends in residual[current]; hand it back in `residual`
         if (small && current == 1 && writer) std::memcpy(residual[0], residual[1], size_t(T * H) * sizeof(float));

@@ -3,11 +3,37 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <vector>
 
 #include "kernels.h"
 
 namespace plait {
+
+// Allocates on 64-byte (cache line) boundaries. An AMX tile load of rows that straddle cache lines
+// runs at about half speed: a buffer that tiles are loaded from or stored to must be aligned, and
+// std::vector's default allocator only aligns to 16 bytes.
+template <typename T>
+struct LineAligned {
+    using value_type = T;
+    LineAligned() = default;
+    template <typename U>
+    LineAligned(const LineAligned<U>&) {}
+    T* allocate(size_t n) {
+        void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+        if (!p) throw std::bad_alloc();
+        return static_cast<T*>(p);
+    }
+    void deallocate(T* p, size_t) { std::free(p); }
+    template <typename U>
+    bool operator==(const LineAligned<U>&) const { return true; }
+    template <typename U>
+    bool operator!=(const LineAligned<U>&) const { return false; }
+};
+
+template <typename T>
+using AlignedVector = std::vector<T, LineAligned<T>>;
 
 struct AttentionTask {
     int64_t seq, head, nh, q0, nq;  // KV heads head .. head + nh (nh > 1 only when nq == 1); query rows q0 .. q0 + nq
@@ -24,9 +50,9 @@ struct TeamScratch {
     std::vector<AttentionTask> tasks;
     std::vector<AttentionSplit> splits;
     std::vector<float> partial_o, partial_m, partial_l;
-    std::vector<uint16_t> amx_x;  // amx::linear_team: x's two bfloat16 parts
+    AlignedVector<uint16_t> amx_x;  // amx::linear_team: x's two bfloat16 parts
     // amx attention: per (sequence, KV head) its keys' and values' bfloat16 parts, at amx_kv_off[seq]
-    std::vector<uint16_t> amx_kv;
+    AlignedVector<uint16_t> amx_kv;
     std::vector<int64_t> amx_kv_off;
 };
 
