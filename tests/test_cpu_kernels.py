@@ -412,6 +412,71 @@ def test_large_amx_products_split_rows_between_threads_without_changing_them():
         assert torch.equal(part, out[first:first + 32])
 
 
+def float_constant_weight(fmt: WeightFormat, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random Q4_1F / Q8_0F weight as the kernels store it: (rows, the float32 weight)."""
+    torch.manual_seed(seed)
+    data, ref = gguf_weight(torch.randn(n, k), FLOAT_CONSTANTS[fmt])
+    got, stored = kernels.float_constants(FLOAT_CONSTANTS[fmt], data.view(n, -1))
+    assert got == fmt
+    return stored, ref
+
+
+@needs_kernels
+def test_amx_int8_pack_puts_each_code_and_constant_in_its_place():
+    """Per 16 columns and block: byte [i][column][e] holds the codes of inputs 4i + e (low nibble) and
+    16 + 4i + e (high), then the 16 columns' d and m; columns past N are zeros."""
+    n, k = 20, 64
+    stored, ref = float_constant_weight(WeightFormat.Q4_1F, n, k, 0)
+    packed = kernels.amx_int8_pack(stored, WeightFormat.Q4_1F, n, k)
+    assert packed.shape == (2, 2, kernels.AMX_INT8_PACK_BYTES[WeightFormat.Q4_1F])
+    blocks = stored.view(n, k // 32, 24)
+    d = blocks[:, :, 0:4].contiguous().view(torch.float32)[..., 0]
+    m = blocks[:, :, 4:8].contiguous().view(torch.float32)[..., 0]
+    for col in (0, 7, 15, 16, 19):
+        for b in range(k // 32):
+            g, c = col // 16, col % 16
+            record = packed[g, b]
+            codes = torch.cat([record[:256].view(4, 16, 4)[:, c] & 0x0F, record[:256].view(4, 16, 4)[:, c] >> 4])
+            consts = record[256:].contiguous().view(torch.float32)
+            assert consts[c] == d[col, b] and consts[16 + c] == m[col, b]
+            # the codes give back the weight: w = d * code + m
+            assert torch.equal(d[col, b] * codes.flatten().float() + m[col, b], ref[col, b * 32:(b + 1) * 32])
+    assert torch.all(packed[1, :, :256].view(-1, 4, 16, 4)[:, :, 4:] == 0)  # columns 20..31
+    assert torch.all(packed[1, :, 256:].contiguous().view(torch.float32).view(-1, 2, 16)[:, :, 4:] == 0)
+
+
+needs_amx_int8 = pytest.mark.skipif(not kernels.amx_int8_available(), reason="no AMX-INT8 here")
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("fmt", [WeightFormat.Q4_1F, WeightFormat.Q8_0F], ids=lambda f: f.name)
+@pytest.mark.parametrize("rows", [3, 16, 33, 64])
+def test_amx_int8_products_are_the_int16_decode_products(fmt, rows):
+    """On AMX's int8 tiles: x rounded to int16 per block, exact integer block sums, then the block
+    constants: the int16 decode products' arithmetic (which take 8 rows at a time), within float32
+    rounding, bias and a partial column group included; a row's result does not depend on its batch."""
+    n, k = 50, 320
+    stored, ref = float_constant_weight(fmt, n, k, rows)
+    packed = kernels.amx_int8_pack(stored, fmt, n, k)
+    x, bias = torch.randn(rows, k) * torch.linspace(0.1, 3, k), torch.randn(n)
+    out = kernels.amx_int8_linear(x, packed, n, bias)
+    int16 = torch.cat([kernels.linear(x[i:i + 8].contiguous(), stored, fmt, n, bias=bias, dot="int16")
+                       for i in range(0, rows, 8)])
+    assert rel_err(out, int16) < 2e-6
+    exact = x.double() @ ref.double().T + bias.double()
+    assert rel_err(out, exact) < 2e-4 and rel_err(int16, exact) < 2e-4
+    alone = kernels.amx_int8_linear(x[-1:].contiguous().expand(3, k).contiguous(), packed, n, bias)
+    assert torch.equal(alone[0], out[-1])
+    with pytest.raises(ValueError, match="does not hold"):
+        kernels.amx_int8_linear(x, packed[:-1], n, bias)
+
+
+@needs_kernels
+def test_amx_int8_pack_refuses_other_formats():
+    with pytest.raises(ValueError, match="Q4_1F or Q8_0F"):
+        kernels.amx_int8_pack(torch.zeros(16, 18, dtype=torch.uint8), WeightFormat.Q4_0, 16, 32)
+
+
 def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
     """auto: AMX where the CPU has it and the dtype is automatic, float32 panels otherwise; asking for
     AMX where it cannot run is a clear error; unknown names are refused."""

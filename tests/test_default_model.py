@@ -68,7 +68,14 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
         for prompt, result in zip(PROMPTS + chats, results):
             ids = default.tokenizer.encode(prompt)
             assert result["output_ids"] == hf_greedy(hf_model, ids, NEW_TOKENS, default.scheduler.eos_token_ids)
+        steps = dict(default.runner.cpu_stack.steps) if default.runner.cpu_stack is not None else {}
     from plait.runtime.cpu import kernels
+
+    # the decode steps of the five requests (3 to 64 rows) ran on AMX's int8 tiles where the CPU has them
+    if kernels.amx_int8_available():
+        assert execution["decode_products_amx_int8_rows"] == [3, 64] and steps["amx_int8_kernel"] > 0
+    else:
+        assert execution.get("decode_products_amx_int8_rows") is None and "amx_int8_kernel" not in steps
 
     if kernels.available():  # the fast path is the one that ran
         assert execution["cpu_graph"] == "on" and "Q4_1" in execution["weights"]

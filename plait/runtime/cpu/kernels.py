@@ -174,6 +174,76 @@ def amx_pack(weight: torch.Tensor, exact: bool = True) -> torch.Tensor:
     return torch.stack(tiles, dim=2).contiguous()  # [blocks, steps, part, half, pair, column, 2]
 
 
+AMX_INT8_GROUP = 16  # output columns per group of an amx_int8_pack
+# bytes per group and block of 32 inputs: the codes, then 16 d and 16 m as float32
+AMX_INT8_PACK_BYTES = {WeightFormat.Q4_1F: 384, WeightFormat.Q8_0F: 640}
+
+
+def amx_int8_available() -> bool:
+    """Whether AMX's int8 tile products run here too (`amx_int8_linear`)."""
+    return amx_available() and bool(_ext.amx_int8())
+
+
+def amx_int8_pack(stored_data: torch.Tensor, fmt: WeightFormat, out_features: int, in_features: int) -> torch.Tensor:
+    """A Q4_1F or Q8_0F weight (block rows with float32 constants, uint8 [N, row_bytes]) repacked for
+    `amx_int8_linear`: per 16 output columns (N padded with zero columns) and block of 32 inputs, the
+    codes in the int8 B tile's layout, then the 16 columns' d and m as float32 (m = 0 for Q8_0). Q4_1F:
+    byte [i][column][e] holds the codes of inputs 4i + e (low nibble) and 16 + 4i + e (high), 256 bytes;
+    Q8_0F: byte [i][column][e] the code of input 4i + e, 512 bytes."""
+    if fmt not in AMX_INT8_PACK_BYTES:
+        raise ValueError(f"AMX int8 products take Q4_1F or Q8_0F weights, not {fmt.name}")
+    n, k = out_features, in_features
+    if k % 32:
+        raise ValueError("AMX int8 products need K a multiple of 32")
+    blocks = stored_data.contiguous().view(n, k // 32, fmt.block_bytes)
+    n_consts = 2 if fmt == WeightFormat.Q4_1F else 1
+    consts = blocks[:, :, : 4 * n_consts].contiguous().view(torch.float32)  # [N, blocks, d (, m)]
+    if n_consts == 1:
+        consts = torch.cat([consts, torch.zeros_like(consts)], dim=2)
+    if fmt == WeightFormat.Q4_1F:
+        qs = blocks[:, :, 8:]  # [N, blocks, 16]: byte j holds the codes of inputs j (low) and j + 16 (high)
+        codes = torch.cat([qs & 0x0F, qs >> 4], dim=2)  # [N, blocks, 32], in input order
+    else:
+        codes = blocks[:, :, 4:]  # signed bytes, in input order
+    n_pad = -(-n // AMX_INT8_GROUP) * AMX_INT8_GROUP
+    if n_pad != n:
+        codes = torch.cat([codes, codes.new_zeros((n_pad - n, k // 32, 32))])
+        consts = torch.cat([consts, consts.new_zeros((n_pad - n, k // 32, 2))])
+    groups, code_bytes = n_pad // AMX_INT8_GROUP, AMX_INT8_PACK_BYTES[fmt] - 128
+    if fmt == WeightFormat.Q4_1F:
+        halves = codes.view(groups, AMX_INT8_GROUP, k // 32, 2, 4, 4)  # [group, column, block, half, i, e]
+        tile = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [group, block, i, column, e]
+    else:
+        tile = codes.view(groups, AMX_INT8_GROUP, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
+    out = torch.empty((groups, k // 32, AMX_INT8_PACK_BYTES[fmt]), dtype=torch.uint8)
+    out[:, :, :code_bytes] = tile.reshape(groups, k // 32, code_bytes)
+    per_column = consts.view(groups, AMX_INT8_GROUP, k // 32, 2).permute(0, 2, 3, 1)  # [group, block, d/m, column]
+    out[:, :, code_bytes:] = per_column.contiguous().view(torch.uint8).view(groups, k // 32, 128)
+    return out
+
+
+def amx_int8_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 times an `amx_int8_pack`ed weight [N, K] transposed (+ bias): [M, N] float32. x
+    rounded to int16 per block of 32 values (as the int16 decode products), exact integer block sums
+    on AMX's int8 tiles (only where `amx_int8_available()`)."""
+    if not amx_int8_available():
+        raise ValueError("AMX int8 products asked for where they do not run")
+    _check(x, "x", torch.float32)
+    _check(packed, "packed", torch.uint8)
+    m, k = x.shape
+    slots = -(-out_features // AMX_INT8_GROUP) * (k // 32) if k % 32 == 0 else -1
+    fmt = next((f for f, size in AMX_INT8_PACK_BYTES.items() if packed.numel() == slots * size), None)
+    if fmt is None:
+        raise ValueError(f"packed AMX int8 weight of {packed.numel()} bytes does not hold [{out_features}, {k}]")
+    if bias is not None:
+        _check(bias, "bias", torch.float32)
+    out = _product_out(out, m, out_features)
+    _ext.amx_int8_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
+                         out.data_ptr(), out_features, _threads(), int(fmt == WeightFormat.Q8_0F))
+    return out
+
+
 def amx_exact(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
     """Whether an `amx_pack`ed weight holds its lo parts (exact products) or hi alone (bfloat16)."""
     n_pad = -(-out_features // AMX_COLS) * AMX_COLS

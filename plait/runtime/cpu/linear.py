@@ -21,6 +21,8 @@ from plait.runtime.cpu.kernels import WeightFormat
 # Products of at least this many rows take a layer's AMX weight when it has one (below, the decode
 # kernels read the stored weight: fewer bytes). Mirrors kAmxMinRows in csrc/stack_avx2.cpp.
 AMX_MIN_ROWS = 9
+# Products of this many rows take a layer's AMX int8 packing when it has one (`pack_amx_int8`).
+AMX_INT8_ROWS = (3, 64)
 
 
 @dataclass
@@ -83,6 +85,16 @@ class CpuLinear(nn.Module):
         self.in_features, self.out_features = weight.in_features, weight.out_features
         # The weight packed for AMX (`pack_amx`): products of more than `AMX_MIN_ROWS` rows run on it.
         self.amx: torch.Tensor | None = None
+        # The 4-bit codes repacked for AMX's int8 tiles (`pack_amx_int8`): decode-sized products.
+        self.amx_int8: torch.Tensor | None = None
+
+    def pack_amx_int8(self) -> bool:
+        """Repack a Q4_1 or Q8_0 weight for the AMX int8 products (kernels.amx_int8_pack: 0.75 or 1.25
+        bytes a weight), beside the stored one; False for other formats."""
+        if self.stored.fmt not in kernels.AMX_INT8_PACK_BYTES:
+            return False
+        self.amx_int8 = kernels.amx_int8_pack(self.stored.data, self.stored.fmt, self.out_features, self.in_features)
+        return True
 
     def pack_amx(self, exact: bool = True) -> None:
         """Pack the weight for the AMX products (kernels.amx_pack), beside the stored one: 4 bytes a
@@ -94,6 +106,9 @@ class CpuLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if not flat.is_contiguous():
             flat = flat.contiguous()
+        if self.amx_int8 is not None and AMX_INT8_ROWS[0] <= flat.shape[0] <= AMX_INT8_ROWS[1]:
+            return kernels.amx_int8_linear(flat, self.amx_int8, self.out_features, self.bias).view(
+                *x.shape[:-1], self.out_features)
         if self.amx is not None and flat.shape[0] >= AMX_MIN_ROWS:
             return kernels.amx_linear(flat, self.amx, self.out_features, self.bias).view(*x.shape[:-1], self.out_features)
         out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias,

@@ -18,7 +18,7 @@ from torch import nn
 
 from plait.runtime.cpu import kernels
 from plait.runtime.cpu.layers import CpuRMSNorm, CpuRotaryEmbedding
-from plait.runtime.cpu.linear import CpuEmbedding, CpuLinear
+from plait.runtime.cpu.linear import AMX_INT8_ROWS, CpuEmbedding, CpuLinear
 
 _FIELDS = {name: i for i, name in enumerate(kernels.stack_fields())} if kernels.available() else {}
 _LAYER_FIELDS = {name: i for i, name in enumerate(kernels.layer_fields())} if kernels.available() else {}
@@ -65,6 +65,8 @@ class CpuDecoderStack:
                 "k_cache": k_buf, "v_cache": v_buf,
                 "qkv_amx": attn.qkv_proj.amx, "o_amx": attn.o_proj.amx, "gate_up_amx": mlp.gate_up_proj.amx,
                 "down_amx": mlp.down_proj.amx,
+                "qkv_i8": attn.qkv_proj.amx_int8, "o_i8": attn.o_proj.amx_int8, "gate_up_i8": mlp.gate_up_proj.amx_int8,
+                "down_i8": mlp.down_proj.amx_int8,
             }
             for name, value in row.items():
                 if isinstance(value, int):
@@ -80,6 +82,10 @@ class CpuDecoderStack:
         self.amx_exact = int(amx and kernels.amx_exact(attn.qkv_proj.amx, attn.qkv_proj.out_features, attn.qkv_proj.in_features))
         self.steps = {"decode_kernel": 0, "amx_kernel" if amx else "panel_kernel": 0}
         self._large_step = "amx_kernel" if amx else "panel_kernel"
+        # decode-sized steps on the layers' AMX int8 packing (rows AMX_INT8_ROWS), where they have one
+        self.int8_rows = AMX_INT8_ROWS if attn.qkv_proj.amx_int8 is not None else (0, -1)
+        if attn.qkv_proj.amx_int8 is not None:
+            self.steps["amx_int8_kernel"] = 0
 
     @staticmethod
     def unsupported(model: nn.Module, kv_pool) -> str | None:
@@ -110,7 +116,10 @@ class CpuDecoderStack:
         metadata `meta` for it."""
         arch = self.arch
         num_tokens = batch.num_tokens
-        self.steps["decode_kernel" if num_tokens <= DECODE_KERNEL_MAX_ROWS else self._large_step] += 1
+        if self.int8_rows[0] <= num_tokens <= self.int8_rows[1]:
+            self.steps["amx_int8_kernel"] += 1
+        else:
+            self.steps["decode_kernel" if num_tokens <= DECODE_KERNEL_MAX_ROWS else self._large_step] += 1
         x = self.embed(batch.input_ids)  # [T, H]
         residual = torch.empty_like(x)
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -127,6 +136,7 @@ class CpuDecoderStack:
             "num_layers": arch.num_layers, "tokens": num_tokens, "hidden": arch.hidden_size, "heads": hq,
             "kv_heads": hkv, "head_dim": d, "intermediate": arch.intermediate_size, "cache_fmt": self.cache_fmt,
             "num_threads": torch.get_num_threads(), "amx_exact": self.amx_exact,
+            "int8_min_rows": self.int8_rows[0], "int8_max_rows": self.int8_rows[1],
             "x": x, "residual": residual, "positions": positions, "rope_table": self.rope_table, "loc": loc,
             **bufs,
         }

@@ -370,7 +370,7 @@ class ModelRunner:
             from plait.runtime.cpu.convert import convert_remaining
 
             summary = convert_remaining(model, self.weight_dtype)
-            from plait.runtime.cpu.linear import CpuLinear
+            from plait.runtime.cpu.linear import AMX_INT8_ROWS, CpuLinear
 
             dot = resolve_cpu_decode_products(self.model_config)
             blocks = [m for m in model.modules() if isinstance(m, CpuLinear) and m.stored.fmt.block_bytes is not None]
@@ -398,6 +398,18 @@ class ModelRunner:
                 logger.info("CPU kernels: products of more than 8 rows on AMX tiles, %s (weights packed: %.0f MiB)",
                             "three bfloat16 passes" if prefill == "amx" else "bfloat16", packed_bytes / 2**20)
             self.execution["prefill_products"] = prefill
+            # Decode-sized batches of Q4_1 weights on AMX's int8 tiles: the int16 decode products'
+            # arithmetic (exact integer block sums), reading 0.75 bytes a weight rather than the 4 of
+            # the AMX packing; where AMX runs and the decode products are int16.
+            int8_rows = None
+            if prefill != "float" and dot == "int16" and cpu_kernels.amx_int8_available():
+                repacked = [m for m in linears if m.pack_amx_int8()]
+                if repacked:
+                    int8_rows = list(AMX_INT8_ROWS)
+                    logger.info("CPU kernels: products of %d to %d rows of Q4_1 weights on AMX int8 tiles (x in int16; "
+                                "%d weights repacked: %.0f MiB)", *AMX_INT8_ROWS, len(repacked),
+                                sum(m.amx_int8.numel() for m in repacked) / 2**20)
+            self.execution["decode_products_amx_int8_rows"] = int8_rows
             self.execution["products"] = (
                 (_DECODE_PRODUCTS[dot] if blocks else "up to 8 rows (decode): stored weights decoded in registers; ")
                 + {"amx": "more rows (prefill): AMX tiles, bfloat16 hi/lo parts of x and w, three passes",

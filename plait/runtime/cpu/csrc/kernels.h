@@ -120,5 +120,10 @@ namespace amx {
 // part, x rounded to bfloat16, one product (linear_amx.cpp). K a multiple of 32.
 void linear(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
             int64_t ldy, int nthreads, bool exact);
+// y = x w^T (+ bias) for a Q4_1 (q8: Q8_0) weight with float constants repacked by
+// kernels.amx_int8_pack: x rounded to int16 per block of 32, its bytes times the codes on AMX's int8
+// tiles (linear_amx_int8.cpp).
+void int8_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
+                 int64_t ldy, int nthreads, bool q8);
 }  // namespace amx
 }  // namespace plait

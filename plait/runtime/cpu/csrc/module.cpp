@@ -89,6 +89,33 @@ PyObject* py_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
     Py_END_ALLOW_THREADS return done();
 }
 
+// AMX's int8 tile products besides (int8_linear): only after amx() returned True.
+PyObject* py_amx_int8(PyObject*, PyObject*) {
+#if defined(__x86_64__) && defined(__linux__) && PLAIT_HAVE_AMX
+    __builtin_cpu_init();
+    return PyBool_FromLong(cpu_has_amx() && __builtin_cpu_supports("amx-int8") && __builtin_cpu_supports("avx512dq"));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+// amx_int8_linear(x, M, K, packed, N, bias, y, ldy, nthreads, q8); only after amx_int8() returned True
+PyObject* py_amx_int8_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("amx_int8_linear", n, 10)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto packed = ptr<const uint8_t>(a[3]);
+    auto N = i64(a[4]);
+    auto bias = ptr<const float>(a[5]);
+    auto y = ptr<float>(a[6]);
+    auto ldy = i64(a[7]);
+    int nthreads = int(i64(a[8]));
+    bool q8 = i64(a[9]) != 0;
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::amx::int8_linear(x, M, K, packed, N, bias, y, ldy, nthreads, q8);
+    Py_END_ALLOW_THREADS return done();
+}
+
 PyObject* py_amx(PyObject*, PyObject*) {
     static const bool ok = cpu_has_amx();
     return PyBool_FromLong(ok);
@@ -269,6 +296,9 @@ PyMethodDef methods[] = {
      "stack_profile(enable) -> (steps, {phase: seconds}) since the last call, and the clock on or off."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU: 'avx2' or 'none'."},
     {"amx", py_amx, METH_NOARGS, "Whether this CPU and OS run the AMX products (amx_linear, the stack's AMX weights)."},
+    {"amx_int8", py_amx_int8, METH_NOARGS, "Whether AMX's int8 tiles run here too (amx_int8_linear)."},
+    {"amx_int8_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_int8_linear)), METH_FASTCALL,
+     nullptr},
     {"amx_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_linear)), METH_FASTCALL, nullptr},
     {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL, nullptr},
     {"embedding", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_embedding)), METH_FASTCALL, nullptr},

@@ -23,13 +23,17 @@ namespace plait {
     X(kPreQRows) X(kPreQOff) X(kPreQLen) X(kPreSlots) X(kPreSlotOff) X(kPreKvLen) X(kPreNumSeqs)     \
     X(kCascadeRows) X(kNumCascadeRows) X(kOutPrefix) X(kLsePrefix) X(kLseOwn)                       \
     /* the layers' AMX weights (kQkvAmx...): 1 packed with their lo parts (three products), 0 not */ \
-    X(kAmxExact)
+    X(kAmxExact)                                                                                    \
+    /* steps of this many rows take the layers' AMX int8 packing (kQkvI8...) where they have one */  \
+    X(kInt8MinRows) X(kInt8MaxRows)
 
 #define PLAIT_LAYER_FIELDS(X)                                                                        \
     X(kQkvW) X(kQkvFmt) X(kQkvBias) X(kOW) X(kOFmt) X(kGateUpW) X(kGateUpFmt) X(kDownW) X(kDownFmt)  \
     X(kInNorm) X(kPostNorm) X(kQNorm) X(kKNorm) X(kKCache) X(kVCache)                                \
     /* the projections' weights packed for AMX (0: none; linear_amx.cpp) */                          \
-    X(kQkvAmx) X(kOAmx) X(kGateUpAmx) X(kDownAmx)
+    X(kQkvAmx) X(kOAmx) X(kGateUpAmx) X(kDownAmx)                                                    \
+    /* ... and for AMX's int8 tiles (0: none; linear_amx_int8.cpp) */                                \
+    X(kQkvI8) X(kOI8) X(kGateUpI8) X(kDownI8)
 
 #define PLAIT_ENUM_ENTRY(name) name,
 enum StackField : int { PLAIT_STACK_FIELDS(PLAIT_ENUM_ENTRY) kNumStackFields };

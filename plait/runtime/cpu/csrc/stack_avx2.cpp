@@ -149,9 +149,14 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             auto wptr = [&](int f) { return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[f])); };
             auto fptr = [&](int f) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(w[f])); };
             // y = in W^T (+ bias) for the weight in field `wf`, on its AMX packing where it has one
-            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, const float* bias, int64_t N,
-                               float* y) {
-                if (w[af] && T >= kAmxMinRows)
+            // (on its AMX int8 packing for decode-sized steps, where it has one)
+            auto int8_product = [&](int i8f) { return w[i8f] != 0 && T >= a[kInt8MinRows] && T <= a[kInt8MaxRows]; };
+            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, const float* bias,
+                               int64_t N, float* y) {
+                if (int8_product(i8f))
+                    amx::int8_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i8f])), N,
+                                          bias, y, N, ts);
+                else if (w[af] && T >= kAmxMinRows)
                     amx::linear_team(in, T, K, reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[af])), N,
                                      bias, y, N, ts, a[kAmxExact] != 0);
                 else
@@ -168,7 +173,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 rmsnorm_team(x, l == 0 ? nullptr : residual[0], fptr(kInNorm), T, H, eps, normed);
             }
             clock.mark(kPhaseNorm);
-            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, fptr(kQkvBias), qkv_width, qkv);
+            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, kQkvI8, fptr(kQkvBias), qkv_width, qkv);
             clock.mark(kPhaseQkv);
             float* q = qkv;
             float* k = qkv + Hq * D;
@@ -203,22 +208,29 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
             clock.mark(kPhaseAttention);
-            product(attn, Hq * D, kOW, kOFmt, kOAmx, nullptr, H, x);
+            product(attn, Hq * D, kOW, kOFmt, kOAmx, kOI8, nullptr, H, x);
             clock.mark(kPhaseO);
             // MLP block
             if (small) {
                 small_norm(fptr(kPostNorm), false);
-                gated_linear_team(own_normed.data(), T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act);
-                clock.mark(kPhaseGateUp);
+                if (int8_product(kGateUpI8)) {
+                    product(own_normed.data(), H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, nullptr, 2 * I, gate_up);
+                    clock.mark(kPhaseGateUp);
+                    silu_mul_team(gate_up, T, I, act);
+                    clock.mark(kPhaseSiluMul);
+                } else {
+                    gated_linear_team(own_normed.data(), T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act);
+                    clock.mark(kPhaseGateUp);
+                }
             } else {
                 rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
                 clock.mark(kPhaseNorm);
-                product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, nullptr, 2 * I, gate_up);
+                product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, nullptr, 2 * I, gate_up);
                 clock.mark(kPhaseGateUp);
                 silu_mul_team(gate_up, T, I, act);
                 clock.mark(kPhaseSiluMul);
             }
-            product(act, I, kDownW, kDownFmt, kDownAmx, nullptr, H, x);
+            product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, nullptr, H, x);
             clock.mark(kPhaseDown);
         }
         // small steps: the running sum ends in residual[current]; hand it back in `residual`

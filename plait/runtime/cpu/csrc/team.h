@@ -51,6 +51,8 @@ struct TeamScratch {
     std::vector<AttentionSplit> splits;
     std::vector<float> partial_o, partial_m, partial_l;
     AlignedVector<uint16_t> amx_x;  // amx::linear_team: x's two bfloat16 parts
+    AlignedVector<int8_t> amx_q;       // amx::int8_linear_team: x's int16 codes as high and low bytes
+    AlignedVector<float> amx_q_scales;  // ... and per row and block the codes' scale, then x's sum
     // amx attention: per (sequence, KV head) its keys' and values' bfloat16 parts, at amx_kv_off[seq]
     AlignedVector<uint16_t> amx_kv;
     std::vector<int64_t> amx_kv_off;
@@ -128,5 +130,9 @@ void end_tiles();
 // `amx_usable()` in the module said the CPU and the OS allow it.
 void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias, float* y,
                  int64_t ldy, TeamScratch& ts, bool exact);
+// linear_team over a Q4_1 (q8: Q8_0) weight repacked for AMX's int8 tiles (linear_amx_int8.cpp): x
+// rounded to int16 per block, exact integer block sums; decode-sized batches.
+void int8_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                      float* y, int64_t ldy, TeamScratch& ts, bool q8 = false);
 }  // namespace amx
 }  // namespace plait
