@@ -507,19 +507,17 @@ def test_engine_runs_its_model_on_the_thread_that_built_it(engine):
 
 
 def test_cpu_stack_profile_splits_the_steps_time_by_phase(engine):
-    """`stack_profile(True)` times each phase of the CPU decoder stack's steps until read back; off, it
-    counts nothing."""
+    """`kernels.stack_profile(True)` times each phase of the CPU decoder stack's steps until read back;
+    off, it counts nothing."""
     from plait.runtime.cpu import kernels
 
     if not kernels.available():
         pytest.skip("no CPU kernels on this machine")
-    from plait.runtime.cpu import _kernels
-
-    _kernels.stack_profile(True)
+    kernels.stack_profile(True)
     engine.generate("time me", GREEDY)
-    steps, phases = _kernels.stack_profile(False)
+    steps, phases = kernels.stack_profile(False)
     assert steps >= GREEDY["max_new_tokens"]  # a prefill step and a step per further token
     assert set(phases) == {"norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"}
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) > 0
     engine.generate("not timed", GREEDY)
-    assert _kernels.stack_profile(False) == (0, dict.fromkeys(phases, 0.0))
+    assert kernels.stack_profile(False) == (0, dict.fromkeys(phases, 0.0))

@@ -76,6 +76,15 @@ def float_constants(fmt: WeightFormat, data: torch.Tensor) -> tuple[WeightFormat
     return new_fmt, out.view(n, -1)
 
 
+def stack_profile(enable: bool) -> tuple[int, dict[str, float]]:
+    """Where the native stack's steps spent their time since the last call: (steps, seconds per
+    phase: norm, qkv, rope_store, attention, o, gate_up, silu_mul, down, summed over layers and
+    steps), then reset; `enable` turns the clock on (a clock read per phase and layer) or off."""
+    if _ext is None:
+        return 0, {}
+    return _ext.stack_profile(bool(enable))
+
+
 def isa() -> str:
     """The instruction set the kernels use here ("avx2"), or "none"."""
     return _ext.isa() if _ext is not None else "none"
@@ -180,8 +189,10 @@ AMX_INT8_PACK_BYTES = {WeightFormat.Q4_1F: 384, WeightFormat.Q8_0F: 640}
 
 
 def amx_int8_available() -> bool:
-    """Whether AMX's int8 tile products run here too (`amx_int8_linear`)."""
-    return amx_available() and bool(_ext.amx_int8())
+    """Whether AMX's int8 tile products run here too (`amx_int8_linear`); `PLAIT_DISABLE_CPU_AMX_INT8=1`
+    turns them off alone (decode-sized batches then take the vector decode kernels or the bfloat16 tiles)."""
+    return (amx_available() and bool(_ext.amx_int8())
+            and os.environ.get("PLAIT_DISABLE_CPU_AMX_INT8", "") in ("", "0"))
 
 
 def amx_int8_pack(stored_data: torch.Tensor, fmt: WeightFormat, out_features: int, in_features: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from plait.runtime.cpu.kernels import WeightFormat
 # kernels read the stored weight: fewer bytes). Mirrors kAmxMinRows in csrc/stack_avx2.cpp.
 AMX_MIN_ROWS = 9
 # Products of this many rows take a layer's AMX int8 packing when it has one (`pack_amx_int8`).
-AMX_INT8_ROWS = (3, 64)
+AMX_INT8_ROWS = (4, 64)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-// Decode-sized products (a batch of 3 to 64 rows) of block weights (Q4_1, Q8_0) on AMX's int8 tiles.
+// Decode-sized products (a batch of 4 to 64 rows) of block weights (Q4_1, Q8_0) on AMX's int8 tiles.
 //
 // A decode step of a few dozen requests multiplies each weight by few rows: the step is bound by
 // reading the weights. The bfloat16 tiles (linear_amx.cpp) read their packing, 4 bytes a weight; the
