@@ -18,7 +18,9 @@
 # ("plait plait-ablations vllm llama"), WORKLOADS (all), ABLATION_WORKLOADS (the workloads of the
 # ablation runs), THREADS (run_batch threads, 64), and where the peers are: PEERS (default
 # $TMPDIR/cpupeers), VLLM_PY, VLLM_MODEL, VLLM_DTYPE (bfloat16; float32 is vLLM's faster choice on a
-# CPU without AVX-512 BF16), LLAMA_SERVER, LLAMA_GGUF.
+# CPU without AVX-512 BF16), VLLM_EXCLUDE (workloads vLLM skips, e.g. hellaswag: scoring endings
+# through its OpenAI API one request at a time does not finish within the suite's bound), LLAMA_SERVER,
+# LLAMA_GGUF.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench_programs_sitting.sh OUTDIR}
@@ -133,7 +135,8 @@ for engine in $ENGINES; do
           LD_PRELOAD="${tc}${iomp:+:$iomp}" \
           "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$VLLM_MODEL" --host 127.0.0.1 --port "$PORT" \
           --served-model-name smollm2 --dtype "$VLLM_DTYPE" --max-model-len 4096 --enable-prefix-caching; then
-        suite vllm --backend openai --server vllm
+        # shellcheck disable=SC2086
+        suite vllm --backend openai --server vllm ${VLLM_EXCLUDE:+--exclude $VLLM_EXCLUDE}
         stop
       fi
       ;;
