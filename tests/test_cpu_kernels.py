@@ -35,10 +35,23 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def panel_isa(request):
+    """Products of more than 8 rows on the AVX2 panel kernel, then on the AVX-512 one where the CPU has it."""
+    if request.param == "avx512" and not kernels.avx512_products():
+        pytest.skip("no AVX-512 products here")
+    before = kernels.avx512_products(request.param == "avx512")
+    yield request.param
+    kernels.avx512_products(before)
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", list(WeightFormat), ids=lambda f: f.name)
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # the decode kernel's passes, then the panel kernel
-def test_linear_matches_the_dequantized_product(fmt, rows):
+# the decode kernel's passes, then the panel kernels (blocks of 12 rows on AVX-512: 100 = 8 x 12 + 4)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40, 100])
+def test_linear_matches_the_dequantized_product(fmt, rows, panel_isa):
+    if rows <= 8 and panel_isa == "avx512":
+        pytest.skip("the decode kernels take up to 8 rows")
     torch.manual_seed(rows)
     n, k = 100, 320
     w = torch.randn(n, k)

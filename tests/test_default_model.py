@@ -82,6 +82,10 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
         assert execution["decode_products"] == "int16" and "int16-rounded" in execution["products"]
         # prefill (the five prompts are one step of more than 8 rows) on AMX where the CPU has it
         assert execution["prefill_products"] == ("amx" if kernels.amx_available() else "float")
+        if not kernels.amx_available():  # float32 panels, on AVX-512 where the CPU has it
+            flags = set(open("/proc/cpuinfo").read().split())
+            has_avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+            assert execution["panel_products"] == ("avx512" if has_avx512 else "avx2") and steps["panel_kernel"] > 0
         assert default.runner.kv_dtype == torch.float16
 
 

@@ -12,7 +12,8 @@ This is the ceiling the scheduler's overhead is measured against.
 
 Prints prefill latency and throughput (batch x input_len / latency), the median decode step
 latency and throughput (batch / median), and the total; appends one JSON line per batch size to
-`--result-file`. `--profile-steps N` adds a torch.profiler table of N decode steps.
+`--result-file`. `--profile-steps N` adds a torch.profiler table of N decode steps; `--phase-profile`
+(CPU kernels) splits the prefill's and the decode steps' time by phase of the decoder stack.
 
 With `--ceilings` (from `plait.bench.ceilings`) each figure is also held against the hardware:
 the decode step against the time to read what it must read (every weight once, plus the batch's
@@ -136,6 +137,7 @@ def run_static_batch(
     profile_steps: int = 0,
     prefill_chunk_tokens: int | None = None,
     overlap: bool = False,
+    phases: dict[str, Any] | None = None,
 ) -> tuple[BatchTiming, Any]:
     """Prefill `prompts` as one extend batch (or as batches of whole prompts of at most
     `prefill_chunk_tokens` tokens each), then greedy-decode until each has `output_len` tokens.
@@ -145,7 +147,8 @@ def run_static_batch(
     previous one's tokens are read.
 
     Returns the timing and, with `profile_steps`, the torch.profiler of the last that many steps.
-    The runner's pools are reset first: this owns the whole runner while it runs.
+    With `phases` (a dict; CPU kernels), its "prefill" and "decode" entries get the CPU decoder stack's
+    time by phase (`kernels.stack_profile`) of the prefill and of all decode steps. The runner's pools are reset first: this owns the whole runner while it runs.
     """
     from plait.runtime.executor.forward_batch import (
         make_decode_batch,
@@ -162,6 +165,10 @@ def run_static_batch(
               "attn_backend": runner.attn_backend}
 
     synchronize(runner.device)
+    if phases is not None:
+        from plait.runtime.cpu import kernels
+
+        kernels.stack_profile(True)
     start = time.perf_counter()
     next_ids = []
     for group in _prefill_groups(seq_lens, prefill_chunk_tokens):
@@ -170,6 +177,8 @@ def run_static_batch(
                                   new_token_ids=[prompts[i] for i in group], out_cache_loc=slots, **common)
         next_ids += runner.forward(batch).next_token_logits.argmax(-1).tolist()  # the sync point
     prefill_latency = time.perf_counter() - start
+    if phases is not None:
+        phases["prefill"] = kernels.stack_profile(True)
 
     profiler = None
     decode_latencies = []
@@ -213,6 +222,8 @@ def run_static_batch(
             decode_latencies.append(time.perf_counter() - start)
     if profiler is not None:
         profiler.stop()
+    if phases is not None:
+        phases["decode"] = kernels.stack_profile(False)
     return BatchTiming(prefill_latency, decode_latencies, next_ids), profiler
 
 
@@ -407,6 +418,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile the last N decode steps of each measured run; print the top ops")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--phase-profile", action="store_true",
+                        help="CPU kernels: split the prefill's and the decode steps' time by phase of the decoder "
+                             "stack (norm, qkv, rope_store, attention, o, gate_up, silu_mul, down)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
                         help="prefill in extend batches of at most this many tokens (default: one batch)")
     parser.add_argument("--decode-loop", choices=("overlap", "sync", "both"), default="overlap",
@@ -454,9 +468,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         sync_timing = None
         if overlap and args.decode_loop == "both":
             sync_timing, _ = run_static_batch(runner, prompts, output_len, prefill_chunk_tokens=args.prefill_chunk_tokens)
+        phases = {} if args.phase_profile and runner.device.type == "cpu" else None
         timing, profiler = run_static_batch(runner, prompts, output_len,
                                             profile_steps=min(args.profile_steps, output_len - 1),
-                                            prefill_chunk_tokens=args.prefill_chunk_tokens, overlap=overlap)
+                                            prefill_chunk_tokens=args.prefill_chunk_tokens, overlap=overlap,
+                                            phases=phases)
         record = {
             "bench": "one_batch", "engine": "plait", "run_name": args.run_name,
             "model": str(runner.source.path), "load_format": runner.source.load_format,
@@ -480,10 +496,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print_against(record)
         if profiler is not None:
             print_profile(profiler, args.profile_steps, args.profile_rows)
+        if phases:
+            record["phases_ms"] = print_phases(phases)
         write_result(args.result_file, record)
         results.append(record)
     print_table(results)
     return results
+
+
+def print_phases(phases: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Print the decoder stack's time by phase, per step, for the prefill and the decode steps."""
+    out = {}
+    for part in ("prefill", "decode"):
+        steps, seconds = phases[part]
+        if not steps:
+            continue
+        per_step = {name: 1000 * s / steps for name, s in seconds.items()}
+        out[part] = per_step
+        print(f"  {part} phases, ms a step ({steps} steps; sum {sum(per_step.values()):.2f}): "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in per_step.items()))
+    sys.stdout.flush()
+    return out
 
 
 def print_profile(profiler: Any, steps: int, rows: int) -> None:

@@ -90,6 +90,15 @@ def isa() -> str:
     return _ext.isa() if _ext is not None else "none"
 
 
+def avx512_products(on: bool | None = None) -> bool:
+    """Whether products of more than 8 rows (prefill, larger decode batches) run on AVX-512 here rather
+    than AVX2: a CPU with AVX-512 F/BW/DQ/VL, and `PLAIT_DISABLE_CPU_AVX512=1` not set. With `on`, turns
+    them on (only where the CPU has them) or off for the process and returns the previous setting."""
+    if _ext is None:
+        return False
+    return bool(_ext.avx512() if on is None else _ext.avx512(bool(on)))
+
+
 def amx_available() -> bool:
     """Whether the AMX products can run here (the kernels built, a CPU with AMX-BF16 and AVX-512 BF16,
     and the OS granting the tile state: the first call asks for it); `PLAIT_DISABLE_CPU_AMX=1` turns

@@ -398,6 +398,9 @@ class ModelRunner:
                 logger.info("CPU kernels: products of more than 8 rows on AMX tiles, %s (weights packed: %.0f MiB)",
                             "three bfloat16 passes" if prefill == "amx" else "bfloat16", packed_bytes / 2**20)
             self.execution["prefill_products"] = prefill
+            # float32 panels of more than 8 rows: 512-bit registers where the CPU has AVX-512
+            panel_isa = "avx512" if cpu_kernels.avx512_products() else "avx2"
+            self.execution["panel_products"] = panel_isa
             # Decode-sized batches of Q4_1 weights on AMX's int8 tiles: the int16 decode products'
             # arithmetic (exact integer block sums), reading 0.75 bytes a weight rather than the 4 of
             # the AMX packing; where AMX runs and the decode products are int16.
@@ -414,7 +417,7 @@ class ModelRunner:
                 (_DECODE_PRODUCTS[dot] if blocks else "up to 8 rows (decode): stored weights decoded in registers; ")
                 + {"amx": "more rows (prefill): AMX tiles, bfloat16 hi/lo parts of x and w, three passes",
                    "amx-bf16": "more rows (prefill): AMX tiles, x and w rounded to bfloat16",
-                   "float": "more rows (prefill): decoded into float32 panels"}[prefill])
+                   "float": f"more rows (prefill): decoded into float32 panels ({panel_isa})"}[prefill])
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
             self.execution["cpu_kernels"] = "off"

@@ -113,6 +113,17 @@ void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, cons
 
 }  // namespace avx2
 
+namespace avx512 {
+// Whether products of more than 8 rows run on AVX-512 (panel_linear_team) instead of AVX2: the CPU has
+// AVX-512 F/BW/DQ/VL and PLAIT_DISABLE_CPU_AVX512 is not set. set_enabled turns it off or back on
+// (only where the CPU has it) and returns the previous setting.
+bool enabled();
+bool set_enabled(bool on);
+// Team form of y = x w^T (+ bias) for M > 8 rows of x, any weight format (linear_avx512.cpp).
+void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
+                       float* y, int64_t ldy);
+}  // namespace avx512
+
 namespace amx {
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) on AMX tiles, w packed by the Python side
 // (kernels.amx_pack: per 32 columns and 32 inputs, the bfloat16 hi and lo parts of w in tile layout);

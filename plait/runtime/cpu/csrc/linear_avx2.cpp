@@ -474,6 +474,8 @@ void linear_fmt(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
                 int64_t ldy, int dot) {
     if (M <= kGemvMaxRows) {
         gemv_team<FMT>(x, M, K, w, N, bias, y, ldy, dot);
+    } else if (avx512::enabled()) {
+        avx512::panel_linear_team(x, M, K, w, FMT, N, bias, y, ldy);
     } else {
         panel_team<FMT>(x, M, K, w, N, bias, y, ldy);
     }

@@ -5,6 +5,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <string>
 
 #include <sys/syscall.h>
@@ -287,6 +289,19 @@ PyObject* names_tuple(const char* const* names, int count) {
 PyObject* py_stack_fields(PyObject*, PyObject*) { return names_tuple(kStackFieldNames, plait::kNumStackFields); }
 PyObject* py_layer_fields(PyObject*, PyObject*) { return names_tuple(kLayerFieldNames, plait::kNumLayerFields); }
 
+// avx512(on=None) -> whether products of more than 8 rows run on AVX-512; with a bool, turns them on
+// (where the CPU has AVX-512) or off and returns the previous setting.
+PyObject* py_avx512(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (n > 1) {
+        PyErr_SetString(PyExc_TypeError, "avx512 takes at most one argument");
+        return nullptr;
+    }
+    if (n == 0) return PyBool_FromLong(plait::avx512::enabled());
+    const int on = PyObject_IsTrue(a[0]);
+    if (on < 0) return nullptr;
+    return PyBool_FromLong(plait::avx512::set_enabled(on));
+}
+
 PyMethodDef methods[] = {
     {"stack_fields", py_stack_fields, METH_NOARGS, "Names of decoder_stack's argument fields, in order."},
     {"layer_fields", py_layer_fields, METH_NOARGS, "Names of decoder_stack's per-layer fields, in order."},
@@ -295,6 +310,8 @@ PyMethodDef methods[] = {
     {"stack_profile", py_stack_profile, METH_O,
      "stack_profile(enable) -> (steps, {phase: seconds}) since the last call, and the clock on or off."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU: 'avx2' or 'none'."},
+    {"avx512", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_avx512)), METH_FASTCALL,
+     "avx512(on=None): whether products of more than 8 rows run on AVX-512; a bool sets it (returns the old)."},
     {"amx", py_amx, METH_NOARGS, "Whether this CPU and OS run the AMX products (amx_linear, the stack's AMX weights)."},
     {"amx_int8", py_amx_int8, METH_NOARGS, "Whether AMX's int8 tiles run here too (amx_int8_linear)."},
     {"amx_int8_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_int8_linear)), METH_FASTCALL,
@@ -312,5 +329,31 @@ PyMethodDef methods[] = {
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_kernels", "Plait's CPU kernels (see kernels.h).", -1, methods};
 
 }  // namespace
+
+namespace plait::avx512 {
+namespace {
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    return false;
+#endif
+}
+
+bool env_off(const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+const bool g_supported = cpu_has_avx512();
+std::atomic<bool> g_enabled{g_supported && !env_off("PLAIT_DISABLE_CPU_AVX512")};
+}  // namespace
+
+bool enabled() { return g_enabled.load(std::memory_order_relaxed); }
+
+bool set_enabled(bool on) { return g_enabled.exchange(on && g_supported); }
+}  // namespace plait::avx512
 
 PyMODINIT_FUNC PyInit__kernels() { return PyModule_Create(&module_def); }
