@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 
 ext_modules = []
 if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
-    sources = ["module.cpp", "linear_avx2.cpp", "linear_amx.cpp", "linear_amx_int8.cpp", "linear_avx512.cpp", "attention_avx2.cpp", "attention_amx.cpp", "ops_avx2.cpp", "stack_avx2.cpp"]
+    sources = ["module.cpp", "linear_avx2.cpp", "linear_amx.cpp", "linear_amx_int8.cpp", "linear_avx512.cpp", "attention_avx2.cpp", "attention_avx512.cpp", "attention_amx.cpp", "ops_avx2.cpp", "stack_avx2.cpp"]
     ext_modules.append(
         Extension(
             "plait.runtime.cpu._kernels",

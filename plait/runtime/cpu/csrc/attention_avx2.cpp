@@ -573,6 +573,9 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
             PLAIT_DIRECT(kCacheI8, 1) PLAIT_DIRECT(kCacheI8, 2) PLAIT_DIRECT(kCacheI8, 3)
 #undef PLAIT_DIRECT
         }
+    } else if (avx512::enabled() && D % 16 == 0) {  // one KV head, as below, in 512-bit registers
+        avx512::attend_rows(slots, task.k0, end, task.k1, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, qs, R, G,
+                            visible0 + task.q0, sc.kt.data(), sc.v.data(), sp, o, mx, l);
     } else {  // one KV head (the planner's contract for more than 3 rows per head)
         for (int64_t t0 = task.k0; t0 < end; t0 += kT) {
             const int64_t nt = std::min<int64_t>(kT, task.k1 - t0);
