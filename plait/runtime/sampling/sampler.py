@@ -43,11 +43,13 @@ class SamplingBatchInfo:
     """Per-batch sampling tensors built once from the requests' params (rows = requests)."""
 
     vocab_size: int
-    temperatures: torch.Tensor  # [bs, 1] float32; 1.0 on greedy rows (never divided by 0)
-    top_ps: torch.Tensor  # [bs] float32
-    top_ks: torch.Tensor  # [bs] int64; disabled = vocab_size
-    min_ps: torch.Tensor  # [bs] float32
-    greedy_rows: torch.Tensor  # [bs] bool
+    # The sampled rows' settings; None when every row is greedy (nothing reads them then, and building
+    # five small tensors per step is a measurable share of a small model's token on a CPU).
+    temperatures: torch.Tensor | None  # [bs, 1] float32; 1.0 on greedy rows (never divided by 0)
+    top_ps: torch.Tensor | None  # [bs] float32
+    top_ks: torch.Tensor | None  # [bs] int64; disabled = vocab_size
+    min_ps: torch.Tensor | None  # [bs] float32
+    greedy_rows: torch.Tensor | None  # [bs] bool
     # Flags over the sampled (non-greedy) rows only, so the batch skips stages nobody uses.
     is_all_greedy: bool
     need_top_k: bool
@@ -105,15 +107,20 @@ class SamplingBatchInfo:
             if len(output_ids[i]) < p.min_new_tokens
             for t in stop_token_ids_for_min[i]
         ]
+        rows: dict[str, torch.Tensor | None] = dict.fromkeys(("temperatures", "top_ps", "top_ks", "min_ps", "greedy_rows"))
+        if sampled:
+            rows.update(
+                temperatures=_to_device(
+                    [1.0 if g else float(p.temperature) for g, p in zip(greedy, params)], torch.float32, device
+                ).unsqueeze(1),
+                top_ps=_to_device([float(p.top_p) for p in params], torch.float32, device),
+                top_ks=_to_device(top_ks, torch.int64, device),
+                min_ps=_to_device([float(p.min_p) for p in params], torch.float32, device),
+                greedy_rows=_to_device(greedy, torch.bool, device),
+            )
         return cls(
             vocab_size=vocab_size,
-            temperatures=_to_device(
-                [1.0 if g else float(p.temperature) for g, p in zip(greedy, params)], torch.float32, device
-            ).unsqueeze(1),
-            top_ps=_to_device([float(p.top_p) for p in params], torch.float32, device),
-            top_ks=_to_device(top_ks, torch.int64, device),
-            min_ps=_to_device([float(p.min_p) for p in params], torch.float32, device),
-            greedy_rows=_to_device(greedy, torch.bool, device),
+            **rows,
             is_all_greedy=not sampled,
             need_top_k=any(top_ks[i] < vocab_size for i in sampled),
             need_top_p=any(params[i].top_p < 1 for i in sampled),
