@@ -37,8 +37,8 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture(params=["avx2", "avx512"])
 def isa(request):
-    """The kernels of many rows (products of more than 8, attention tasks of more than 3 rows a KV head)
-    on AVX2, then on AVX-512 where the CPU has it."""
+    """The kernels on AVX2, then on AVX-512 where the CPU has it: products of more than 8 rows, decode
+    products with int16 x (with VNNI), attention tasks of more than 3 rows a KV head."""
     if request.param == "avx512" and not kernels.avx512_products():
         pytest.skip("no AVX-512 products here")
     before = kernels.avx512_products(request.param == "avx512")
@@ -93,7 +93,7 @@ INTEGER_DOTS = {"int8": (127, 1e-4, 3e-2), "int16": (32767, 1e-7, 2e-4)}
 @pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1], ids=lambda f: f.name)
 @pytest.mark.parametrize("rows", [1, 5, 8, 9])
 @pytest.mark.parametrize("dot", list(INTEGER_DOTS))
-def test_integer_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows, dot):
+def test_integer_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows, dot, isa):
     """With an integer `dot`, decode-sized products take x rounded per 32 values times the codes,
     exactly, plus the block offsets times the float x; more rows ignore it (float panels)."""
     torch.manual_seed(rows)
@@ -118,7 +118,7 @@ def test_integer_dot_rounds_x_per_block_and_multiplies_exactly(fmt, rows, dot):
 @needs_kernels
 @pytest.mark.parametrize("fmt", list(FLOAT_CONSTANTS), ids=lambda f: f.name)
 @pytest.mark.parametrize("dot", ["float", "int16", "int8"])
-def test_float_block_constants_give_bit_identical_products(fmt, dot):
+def test_float_block_constants_give_bit_identical_products(fmt, dot, isa):
     """Q8_0F / Q4_1F hold the same values as the GGUF blocks they were made from: every product
     (batch-1 and batched decode, the panel kernel, the gated MLP) and every embedding row is equal
     to the bit, so the greedy outputs of a model do not change with the layout."""
@@ -137,7 +137,7 @@ def test_float_block_constants_give_bit_identical_products(fmt, dot):
 
 @needs_kernels
 @pytest.mark.parametrize("dot", ["float", "int16", "int8"])
-def test_decode_products_of_a_row_do_not_depend_on_the_batch(dot):
+def test_decode_products_of_a_row_do_not_depend_on_the_batch(dot, isa):
     """A row's product is the same bits alone (the batch-1 kernels) and among up to 8 rows, so a
     request's greedy tokens do not depend on what else is decoding."""
     torch.manual_seed(0)

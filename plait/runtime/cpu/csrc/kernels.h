@@ -122,6 +122,14 @@ bool set_enabled(bool on);
 // Team form of y = x w^T (+ bias) for M > 8 rows of x, any weight format (linear_avx512.cpp).
 void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
                        float* y, int64_t ldy);
+// Decode-sized products (M <= 8 rows) of a block-format weight with int16 x (fmt has kInt16Dot), where
+// decode_takes(fmt) and decode_enabled(): the AVX2 kernels' arithmetic on AVX-512 VNNI; the gated form
+// writes silu(gate) * up as gated_linear_team does (linear_avx512.cpp).
+bool decode_enabled();
+bool decode_takes(int fmt);
+void decode_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
+                        float* y, int64_t ldy);
+void decode_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
 // An attention task of R query rows (G a KV head) over keys [k0, end) of one KV head (block ends capped
 // at k1), 32 keys at a time, into the running output o [R][D], maxima mx and sums l; row r sees keys
 // below first_visible + r / G. kt, v: D * 32 floats each; s: R * 32 (attention_avx512.cpp; D % 16 == 0).

@@ -473,7 +473,10 @@ template <int FMT>
 void linear_fmt(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
                 int64_t ldy, int dot) {
     if (M <= kGemvMaxRows) {
-        gemv_team<FMT>(x, M, K, w, N, bias, y, ldy, dot);
+        if (avx512::decode_enabled() && avx512::decode_takes(FMT | dot))
+            avx512::decode_linear_team(x, M, K, w, FMT | dot, N, bias, y, ldy);
+        else
+            gemv_team<FMT>(x, M, K, w, N, bias, y, ldy, dot);
     } else if (avx512::enabled()) {
         avx512::panel_linear_team(x, M, K, w, FMT, N, bias, y, ldy);
     } else {
@@ -506,6 +509,10 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt
 }
 
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out) {
+    if (M <= kGemvMaxRows && avx512::decode_enabled() && avx512::decode_takes(fmt)) {
+        avx512::decode_gated_linear_team(x, M, K, w, fmt, I, out);
+        return;
+    }
     const int dot = fmt & (kInt8Dot | kInt16Dot);
     switch (fmt & ~(kInt8Dot | kInt16Dot)) {
         case kF32: gated_team<kF32>(x, M, K, w, I, out, dot); break;

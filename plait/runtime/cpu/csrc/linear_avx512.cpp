@@ -10,7 +10,7 @@
 //
 // Threads take panels (32 output columns) dynamically; each sweeps all rows of x over its panel,
 // which stays in L2 (K * 128 bytes: 72 KiB for K = 576, 192 KiB for K = 1536).
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 
 #include <immintrin.h>
 #include <omp.h>
@@ -185,6 +185,222 @@ void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         case kQ4_1: panel_team<kQ4_1>(x, M, K, w, N, bias, y, ldy); break;
         case kQ8_0F: panel_team<kQ8_0F>(x, M, K, w, N, bias, y, ldy); break;
         case kQ4_1F: panel_team<kQ4_1F>(x, M, K, w, N, bias, y, ldy); break;
+    }
+}
+
+// ---- Decode-sized products (up to 8 rows) in integers, AVX-512 VNNI ----
+//
+// The AVX2 decode kernels' int16 arithmetic (x rounded per block of 32 to int16 codes with one scale,
+// the same rounding; exact integer sums of code products, scaled per block by d * the row's scale in
+// float), two blocks per 512-bit register: a pair of blocks' 4-bit codes (16 bytes each) split into
+// low and high nibbles and widened to 32 int16 each, multiplied with x's codes by VPDPWSSD (32
+// products into 16 int32 lanes per instruction; 8 lanes per block, as the AVX2 kernel's 8 partial
+// sums), then converted and scaled per block. x is laid out per pair of blocks to match: codes 0..15
+// of both blocks, then codes 16..31 of both.
+namespace {
+
+constexpr int kDecodeRows = 8;
+constexpr int64_t kPrefetchAhead = 8;  // weight rows read ahead (kPrefetchRows in linear_avx2.cpp)
+
+// x's rows as the kernel takes them: per row and pair of blocks 64 int16 codes and 16 float scales
+// (the two blocks' scales, 8 lanes each), and per block the 8 rows' float sums (offset formats).
+struct PairRows {
+    const int16_t* codes;  // [M][pairs][64]
+    const float* scales;   // [M][pairs][16]
+    const float* sums;     // [2 * pairs][8]
+    int64_t pairs;
+};
+
+struct DecodeBuffers {
+    Buffer codes, scales, sums;
+};
+
+inline PairRows pair_rows(const float* x, int64_t M, int64_t K) {
+    static thread_local DecodeBuffers buf;
+    const int64_t nb = K / kBlock, pairs = (nb + 1) / 2;
+    // int16 codes in float-sized buffers: sizes in floats
+    int16_t* codes = reinterpret_cast<int16_t*>(buf.codes.get(size_t(M * pairs * 32)));
+    float* scales = buf.scales.get(size_t(M * pairs * 16));
+    float* sums = buf.sums.get(size_t(2 * pairs * kDecodeRows));
+    std::fill(sums, sums + 2 * pairs * kDecodeRows, 0.0f);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t r = 0; r < M; ++r)
+        for (int64_t b = 0; b < 2 * pairs; ++b) {
+            int16_t* out = codes + (r * pairs + b / 2) * 64 + (b % 2) * 16;  // codes 0..15; 16..31 are 32 further
+            float* sc = scales + (r * pairs + b / 2) * 16 + (b % 2) * 8;
+            if (b >= nb) {  // the odd block count's last pair: a zero block
+                std::fill(out, out + 16, int16_t(0));
+                std::fill(out + 32, out + 48, int16_t(0));
+                std::fill(sc, sc + 8, 0.0f);
+                continue;
+            }
+            const float* p = x + r * K + b * kBlock;
+            __m256 v[4], m = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+            for (int i = 0; i < 4; ++i) {
+                v[i] = _mm256_loadu_ps(p + 8 * i);
+                m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+                s = _mm256_add_ps(s, v[i]);
+            }
+            sums[b * kDecodeRows + r] = avx2::hsum(s);
+            const float max_abs = avx2::hmax(m);
+            std::fill(sc, sc + 8, max_abs / 32767.0f);
+            const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 32767.0f / max_abs : 0.0f);
+            for (int i = 0; i < 4; ++i) {
+                const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest even
+                const __m128i q = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (i / 2) * 32 + (i % 2) * 8), q);
+            }
+        }
+    return {codes, scales, sums, pairs};
+}
+
+// A pair of blocks' codes as int16: lo = codes 0..15 of block b, then of block b + 1; hi = codes
+// 16..31 likewise. d: the blocks' scales (8 lanes each); m: their offsets (0 without one). A block past
+// the row's end (b + 1 == nb) is zero.
+template <int FMT>
+PLAIT_INLINE void pair_codes(const uint8_t* row, int64_t b, int64_t nb, __m512i& lo, __m512i& hi, __m512& d,
+                             float& m0, float& m1) {
+    float d0, d1 = 0.0f;
+    m1 = 0.0f;
+    const uint8_t* q0 = avx2::block_head<FMT>(row, b, d0, m0);
+    const bool second = b + 1 < nb;
+    const uint8_t* q1 = second ? avx2::block_head<FMT>(row, b + 1, d1, m1) : nullptr;
+    d = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
+    if constexpr (avx2::is_q8<FMT>()) {
+        const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q0));
+        const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q0 + 16));
+        const __m128i b0 = second ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(q1)) : _mm_setzero_si128();
+        const __m128i b1 = second ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(q1 + 16)) : _mm_setzero_si128();
+        lo = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(a0), b0, 1));
+        hi = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(a1), b1, 1));
+    } else {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q0));
+        const __m128i c = second ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(q1)) : _mm_setzero_si128();
+        const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(a), c, 1);
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        lo = _mm512_cvtepu8_epi16(_mm256_and_si256(raw, mask));
+        hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
+    }
+}
+
+// out[r] = weight row . x[r] for R rows (int16 x codes).
+template <int FMT, int R>
+inline void dot_rows_int16(const uint8_t* row, const PairRows& xq, int64_t nb, float* out) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    __m256 offset = _mm256_setzero_ps();
+    for (int64_t p = 0; p < xq.pairs; ++p) {
+        __m512i lo, hi;
+        __m512 d;
+        float m0, m1;
+        pair_codes<FMT>(row, 2 * p, nb, lo, hi, d, m0, m1);
+        for (int r = 0; r < R; ++r) {
+            const int16_t* xc = xq.codes + (r * xq.pairs + p) * 64;
+            __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
+            s = _mm512_dpwssd_epi32(s, hi, _mm512_loadu_si512(xc + 32));
+            const __m512 scale = _mm512_mul_ps(d, _mm512_loadu_ps(xq.scales + (r * xq.pairs + p) * 16));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+        }
+        if constexpr (avx2::has_offset<FMT>()) {
+            offset = _mm256_fmadd_ps(_mm256_set1_ps(m0), _mm256_loadu_ps(xq.sums + 2 * p * kDecodeRows), offset);
+            offset = _mm256_fmadd_ps(_mm256_set1_ps(m1), _mm256_loadu_ps(xq.sums + (2 * p + 1) * kDecodeRows), offset);
+        }
+    }
+    alignas(32) float off[kDecodeRows];
+    _mm256_store_ps(off, offset);
+    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + off[r];
+}
+
+template <int FMT>
+inline void dot_rows_any(const uint8_t* row, const PairRows& xq, int64_t M, int64_t nb, float* out) {
+    switch (M) {
+        case 1: dot_rows_int16<FMT, 1>(row, xq, nb, out); break;
+        case 2: dot_rows_int16<FMT, 2>(row, xq, nb, out); break;
+        case 3: dot_rows_int16<FMT, 3>(row, xq, nb, out); break;
+        case 4: dot_rows_int16<FMT, 4>(row, xq, nb, out); break;
+        case 5: dot_rows_int16<FMT, 5>(row, xq, nb, out); break;
+        case 6: dot_rows_int16<FMT, 6>(row, xq, nb, out); break;
+        case 7: dot_rows_int16<FMT, 7>(row, xq, nb, out); break;
+        default: dot_rows_int16<FMT, 8>(row, xq, nb, out); break;
+    }
+}
+
+inline void prefetch_row(const uint8_t* row, size_t bytes) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+inline int64_t chunk_rows(int64_t N) {
+    const int64_t threads = omp_get_num_threads();
+    return std::max<int64_t>(8, std::min<int64_t>(256, N / (8 * threads)));
+}
+
+template <int FMT>
+void decode_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
+                 int64_t ldy) {
+    const size_t stride = row_bytes(FMT, K);
+    const int64_t nb = K / kBlock;
+    const PairRows xq = pair_rows(x, M, K);
+#pragma omp for schedule(dynamic, chunk_rows(N))
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = w + n * stride;
+        if (n + kPrefetchAhead < N) prefetch_row(row + kPrefetchAhead * stride, stride);
+        float out[kDecodeRows];
+        dot_rows_any<FMT>(row, xq, M, nb, out);
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t r = 0; r < M; ++r) y[r * ldy + n] = out[r] + b;
+    }
+}
+
+// out[r][n] = silu(gate row n . x[r]) * (up row n . x[r]); the gate rows are w's first I, the up rows the next I.
+template <int FMT>
+void decode_gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t I, float* out) {
+    const size_t stride = row_bytes(FMT, K);
+    const int64_t nb = K / kBlock;
+    const PairRows xq = pair_rows(x, M, K);
+#pragma omp for schedule(dynamic, chunk_rows(I))
+    for (int64_t n = 0; n < I; ++n) {
+        const uint8_t* gate_row = w + n * stride;
+        const uint8_t* up_row = w + (I + n) * stride;
+        if (n + kPrefetchAhead < I) {
+            prefetch_row(gate_row + kPrefetchAhead * stride, stride);
+            prefetch_row(up_row + kPrefetchAhead * stride, stride);
+        }
+        alignas(32) float g[kDecodeRows] = {}, u[kDecodeRows] = {}, a[kDecodeRows];
+        dot_rows_any<FMT>(gate_row, xq, M, nb, g);
+        dot_rows_any<FMT>(up_row, xq, M, nb, u);
+        const __m256 gv = _mm256_load_ps(g);
+        const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, _mm256_set1_ps(-0.0f)));
+        _mm256_store_ps(a, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_load_ps(u)));
+        for (int64_t r = 0; r < M; ++r) out[r * I + n] = a[r];
+    }
+}
+
+}  // namespace
+
+bool decode_takes(int fmt) {
+    const int base = fmt & ~(kInt8Dot | kInt16Dot);
+    return (fmt & kInt16Dot) && (base == kQ8_0 || base == kQ4_0 || base == kQ4_1 || base == kQ8_0F || base == kQ4_1F);
+}
+
+void decode_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
+                        float* y, int64_t ldy) {
+    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
+        case kQ8_0: decode_team<kQ8_0>(x, M, K, w, N, bias, y, ldy); break;
+        case kQ4_0: decode_team<kQ4_0>(x, M, K, w, N, bias, y, ldy); break;
+        case kQ4_1: decode_team<kQ4_1>(x, M, K, w, N, bias, y, ldy); break;
+        case kQ8_0F: decode_team<kQ8_0F>(x, M, K, w, N, bias, y, ldy); break;
+        case kQ4_1F: decode_team<kQ4_1F>(x, M, K, w, N, bias, y, ldy); break;
+    }
+}
+
+void decode_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out) {
+    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
+        case kQ8_0: decode_gated_team<kQ8_0>(x, M, K, w, I, out); break;
+        case kQ4_0: decode_gated_team<kQ4_0>(x, M, K, w, I, out); break;
+        case kQ4_1: decode_gated_team<kQ4_1>(x, M, K, w, I, out); break;
+        case kQ8_0F: decode_gated_team<kQ8_0F>(x, M, K, w, I, out); break;
+        case kQ4_1F: decode_gated_team<kQ4_1F>(x, M, K, w, I, out); break;
     }
 }
 

@@ -348,10 +348,13 @@ bool env_off(const char* name) {
 }
 
 const bool g_supported = cpu_has_avx512();
+const bool g_vnni = g_supported && __builtin_cpu_supports("avx512vnni");
 std::atomic<bool> g_enabled{g_supported && !env_off("PLAIT_DISABLE_CPU_AVX512")};
 }  // namespace
 
 bool enabled() { return g_enabled.load(std::memory_order_relaxed); }
+
+bool decode_enabled() { return g_vnni && enabled(); }
 
 bool set_enabled(bool on) { return g_enabled.exchange(on && g_supported); }
 }  // namespace plait::avx512
