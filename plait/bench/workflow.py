@@ -30,6 +30,7 @@ import json
 import logging
 import random
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Any
@@ -80,6 +81,9 @@ def _engine(mode: str, args: argparse.Namespace, max_total_tokens: int, extra: d
     options = {**MODES[mode][1], "max_total_tokens": max_total_tokens, **extra}
     if MODES[mode][1].get("enable_hierarchical_cache"):
         options.setdefault("hicache_ratio", args.hicache_ratio)
+        if args.storage_dir:  # a file tier under the host tier, one folder per engine
+            options.setdefault("hicache_storage_backend", "file")
+            options.setdefault("hicache_storage_dir", tempfile.mkdtemp(prefix=f"workflow-{mode}-", dir=args.storage_dir))
     for name in ("load_format", "dtype", "tokenizer_path"):  # given: every engine gets it
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="KV pool size in agent prompts (default: half the agents, at least the "
                              "concurrent workflows' needs)")
     parser.add_argument("--hicache-ratio", type=float, default=2.0)
+    parser.add_argument("--storage-dir", default=None,
+                        help="give the tiered setups (b, c) a file tier under the host tier, in a new folder here")
     parser.add_argument("--modes", default="a,b,c")
     parser.add_argument("--chat-sessions", type=int, default=4)
     parser.add_argument("--chat-turns", type=int, default=4)
