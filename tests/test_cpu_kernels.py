@@ -293,7 +293,7 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, d, amx, isa):
 @needs_kernels
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("hq,hkv,n", [(9, 3, 1), (6, 3, 1), (3, 3, 1), (2, 2, 3)])
-def test_attention_in_place_segments(cache_dtype, hq, hkv, n):
+def test_attention_in_place_segments(cache_dtype, hq, hkv, n, isa):
     """The path that reads the pool in place (at most 3 query rows per KV head) scores a segment of
     keys, takes one softmax step over it, then adds its values: lengths around the block (32) and
     segment (256) boundaries, long ones split along the keys, contiguous and scattered slots, several

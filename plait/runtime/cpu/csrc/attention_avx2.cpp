@@ -563,7 +563,10 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
     const int64_t* slots = a.slots + a.slot_off[s];
     const int64_t end = std::min(task.k1, last_visible);
     const BlockSoftmax sm{R, G, visible0 + task.q0, sp, mx, l, o, D};
-    if (head_rows <= 3) {
+    if (head_rows <= 3 && avx512::enabled() && D % 16 == 0) {  // as below, in 512-bit registers
+        avx512::decode_attention({slots, task.k0, end, task.head, task.nh, head_rows, G, visible0 + task.q0, D, a.Hkv,
+                                  a.fmt, a.k_cache, a.v_cache, qs, o, mx, l, sc.seg.data()});
+    } else if (head_rows <= 3) {
         switch (a.fmt * 4 + int(head_rows)) {
 #define PLAIT_DIRECT(F, RR) \
     case F * 4 + RR: blocks_direct<RR, F>(a, task, slots, end, qs, sm, sc.seg.data()); break;

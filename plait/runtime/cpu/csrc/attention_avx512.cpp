@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -202,6 +203,248 @@ void attend_rows(const int64_t* slots, int64_t k0, int64_t end, int64_t k1, cons
         for (int64_t r0 = 0; r0 < R; r0 += 6)
             by_rows(int(std::min<int64_t>(6, R - r0)), std::make_integer_sequence<int, 6>{},
                     [&](auto rows) { accumulate_all<decltype(rows)::value>(s + r0 * kT, v, D, nt, o + r0 * D); });
+    }
+}
+
+// ---- Decode tasks: the pool's rows read in place, a segment of keys at a time ----
+//
+// The AVX2 path's decode tasks (attention_avx2.cpp, blocks_direct) in 512-bit registers: per segment of
+// 256 keys all the scores (K rows converted in registers, 16 dims a vector), one softmax step per row,
+// then the values (64 dims of a row per pass over the keys, even and odd keys into separate sums), with
+// the next block's cache lines asked for from inside each block's arithmetic.
+namespace {
+
+constexpr int64_t kSeg = 256;  // keys per segment (kSeg in attention_avx2.cpp)
+
+template <int FMT>
+PLAIT_INLINE __m512 load_raw16(const uint8_t* row, int64_t d) {
+    if constexpr (FMT == kCacheBF16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + d));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else if constexpr (FMT == kCacheF16) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + d)));
+    } else if constexpr (FMT == kCacheI8) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+    } else {
+        return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + d);
+    }
+}
+
+class LinesAhead {  // as in attention_avx2.cpp
+public:
+    void plan(const uint8_t* const* rows, int64_t n, int64_t span) {
+        rows_ = rows;
+        n_ = n;
+        lines_per_row_ = (span + 63) / 64;
+        t_ = j_ = 0;
+    }
+    PLAIT_INLINE void read() {
+        if (t_ >= n_) return;
+        _mm_prefetch(reinterpret_cast<const char*>(rows_[t_] + 64 * j_), _MM_HINT_T0);
+        if (++j_ == lines_per_row_) {
+            j_ = 0;
+            ++t_;
+        }
+    }
+    void read_rest() {
+        while (t_ < n_) read();
+    }
+
+private:
+    const uint8_t* const* rows_ = nullptr;
+    int64_t n_ = 0, lines_per_row_ = 1, t_ = 0, j_ = 0;
+};
+
+// The sum of each of four vectors: {sum a0, sum a1, sum a2, sum a3}.
+PLAIT_INLINE __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); };
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a0), half(a1)), _mm256_hadd_ps(half(a2), half(a3)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <int R, int FMT>
+void scores_direct(const float* q, int64_t D, const uint8_t* const rows[kT], int64_t off, const float scales[kT],
+                   float* s, int64_t ld, LinesAhead& ahead) {
+    for (int64_t t = 0; t < kT; t += 4) {
+        __m512 acc[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            ahead.read();
+            for (int j = 0; j < 4; ++j) {
+                const __m512 k = load_raw16<FMT>(rows[t + j] + off, d);
+                for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + d), k, acc[r][j]);
+            }
+        }
+        const __m128 sc = _mm_loadu_ps(scales + t);
+        for (int r = 0; r < R; ++r) {
+            __m128 s4 = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            if constexpr (FMT == kCacheI8) s4 = _mm_mul_ps(s4, sc);
+            _mm_storeu_ps(s + r * ld + t, s4);
+        }
+    }
+}
+
+// o[r][d0 .. d0 + 16 NV) += sum_t p[r][t] v[t][...] over the block's first nt keys (rows past nt
+// repeat the last, with weight 0), even and odd keys into separate sums.
+template <int R, int FMT, int NV>
+PLAIT_INLINE void accumulate_part(const float* const w[R], const uint8_t* const rows[kT], int64_t off, int64_t D,
+                                  int64_t d0, int64_t nt, float* o, LinesAhead& ahead) {
+    __m512 even[R][NV], odd[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < NV; ++c) {
+            even[r][c] = _mm512_loadu_ps(o + r * D + d0 + 16 * c);
+            odd[r][c] = _mm512_setzero_ps();
+        }
+    const int64_t n2 = (nt + 1) / 2 * 2;
+    for (int64_t t = 0; t < n2; t += 2) {
+        ahead.read();
+        __m512 v[NV];
+        for (int c = 0; c < NV; ++c) v[c] = load_raw16<FMT>(rows[t] + off, d0 + 16 * c);
+        for (int r = 0; r < R; ++r) {
+            const __m512 pv = _mm512_set1_ps(w[r][t]);
+            for (int c = 0; c < NV; ++c) even[r][c] = _mm512_fmadd_ps(pv, v[c], even[r][c]);
+        }
+        for (int c = 0; c < NV; ++c) v[c] = load_raw16<FMT>(rows[t + 1] + off, d0 + 16 * c);
+        for (int r = 0; r < R; ++r) {
+            const __m512 pv = _mm512_set1_ps(w[r][t + 1]);
+            for (int c = 0; c < NV; ++c) odd[r][c] = _mm512_fmadd_ps(pv, v[c], odd[r][c]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * D + d0 + 16 * c, _mm512_add_ps(even[r][c], odd[r][c]));
+}
+
+template <int R, int FMT>
+void accumulate_direct(const float* p, int64_t ld, const uint8_t* const rows[kT], int64_t off, const float scales[kT],
+                       int64_t D, int64_t nt, float* o, LinesAhead& ahead) {
+    alignas(64) float scaled[FMT == kCacheI8 ? R : 1][kT];
+    const float* w[R];
+    for (int r = 0; r < R; ++r) w[r] = p + r * ld;
+    if constexpr (FMT == kCacheI8) {
+        for (int r = 0; r < R; ++r) {
+            for (int64_t t = 0; t < kT; t += 16)
+                _mm512_store_ps(&scaled[r][t], _mm512_mul_ps(_mm512_loadu_ps(p + r * ld + t), _mm512_loadu_ps(scales + t)));
+            w[r] = scaled[r];
+        }
+    }
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) accumulate_part<R, FMT, 4>(w, rows, off, D, d0, nt, o, ahead);
+    for (; d0 < D; d0 += 16) accumulate_part<R, FMT, 1>(w, rows, off, D, d0, nt, o, ahead);
+}
+
+// One softmax step over a segment of n keys from t0 (scores s[r * ld + ...], n rounded up to whole
+// blocks and masked here): BlockSoftmax::update_segment of attention_avx2.cpp.
+void softmax_segment(float* s, int64_t ld, float* mx, float* l, float* o, int64_t R, int64_t G, int64_t first_visible,
+                     int64_t t0, int64_t n, int64_t D) {
+    const int64_t padded = (n + kT - 1) / kT * kT;
+    for (int64_t r = 0; r < R; ++r) {
+        float* sr = s + r * ld;
+        const int64_t limit = std::min(n, first_visible + r / G - t0);
+        if (limit <= 0) {
+            std::fill(sr, sr + padded, 0.0f);
+            continue;
+        }
+        for (int64_t t = limit; t < padded; ++t) sr[t] = kNegInf;
+        __m512 m0 = _mm512_loadu_ps(sr), m1 = _mm512_loadu_ps(sr + 16);
+        for (int64_t t = kT; t < padded; t += kT) {
+            m0 = _mm512_max_ps(m0, _mm512_loadu_ps(sr + t));
+            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(sr + t + 16));
+        }
+        const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
+        const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);
+        const __m512 mv = _mm512_set1_ps(m_new);
+        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+        for (int64_t t = 0; t < padded; t += 32) {
+            const __m512 p0 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mv));
+            const __m512 p1 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + t + 16), mv));
+            _mm512_storeu_ps(sr + t, p0);
+            _mm512_storeu_ps(sr + t + 16, p1);
+            sum0 = _mm512_add_ps(sum0, p0);
+            sum1 = _mm512_add_ps(sum1, p1);
+        }
+        l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+        mx[r] = m_new;
+        if (alpha != 1.0f) {
+            const __m512 av = _mm512_set1_ps(alpha);
+            for (int64_t d = 0; d < D; d += 16)
+                _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), av));
+        }
+    }
+}
+
+template <int R, int FMT>
+void decode_blocks(const DecodeTask& t) {
+    const int64_t D = t.D, row_bytes = cache_row_bytes(FMT, D), slot_bytes = t.Hkv * row_bytes;
+    const int64_t span = t.nh * row_bytes;
+    const uint8_t* kbase = static_cast<const uint8_t*>(t.k_cache) + t.head * row_bytes;
+    const uint8_t* vbase = static_cast<const uint8_t*>(t.v_cache) + t.head * row_bytes;
+    const int64_t seg_blocks = kSeg / kT, num_segs = (t.end - t.k0 + kSeg - 1) / kSeg;
+    const int64_t num_blocks = num_segs * 2 * seg_blocks;
+    auto block = [&](int64_t i, int64_t& t0, int64_t& nt, int& pass) {
+        const int64_t seg = i / (2 * seg_blocks), in_seg = i % (2 * seg_blocks);
+        t0 = t.k0 + seg * kSeg + in_seg % seg_blocks * kT;
+        nt = std::min<int64_t>(kT, std::min(t.end, t.k0 + (seg + 1) * kSeg) - t0);
+        pass = in_seg < seg_blocks ? 0 : 1;
+        return i < num_blocks && nt > 0;
+    };
+    auto block_rows = [&](int64_t first, int64_t nt, const uint8_t* base, const uint8_t** rows) {
+        for (int64_t i = 0; i < kT; ++i) rows[i] = base + t.slots[first + std::min<int64_t>(i, nt - 1)] * slot_bytes;
+    };
+    const uint8_t* rows_a[kT];
+    const uint8_t* rows_b[kT];
+    const uint8_t** rows = rows_a;
+    const uint8_t** next = rows_b;
+    float scale[kT];
+    LinesAhead ahead;
+    int64_t t0, nt;
+    int pass;
+    block(0, t0, nt, pass);
+    block_rows(t0, nt, kbase, rows);
+    ahead.plan(rows, nt, span);
+    ahead.read_rest();
+    for (int64_t i = 0; i < num_blocks;) {
+        int64_t j = i + 1, t1 = 0, n1 = 0;
+        int pass1 = 0;
+        while (j < num_blocks && !block(j, t1, n1, pass1)) ++j;
+        const bool more = j < num_blocks;
+        if (more) block_rows(t1, n1, pass1 == 0 ? kbase : vbase, next);
+        ahead.plan(next, more ? n1 : 0, span);
+        const int64_t s0 = t.k0 + (t0 - t.k0) / kSeg * kSeg;
+        for (int64_t hh = 0; hh < t.nh; ++hh) {
+            const int64_t off = hh * row_bytes;
+            if constexpr (FMT == kCacheI8)
+                for (int64_t k = 0; k < kT; ++k) std::memcpy(&scale[k], rows[k] + off + D, sizeof(float));
+            float* sp = t.seg_scores + hh * R * kSeg + (t0 - s0);
+            if (pass == 0) scores_direct<R, FMT>(t.q + hh * R * D, D, rows, off, scale, sp, kSeg, ahead);
+            else accumulate_direct<R, FMT>(sp, kSeg, rows, off, scale, D, nt, t.o + hh * R * D, ahead);
+        }
+        ahead.read_rest();
+        if (pass == 0 && (!more || pass1 == 1)) {
+            const int64_t s1 = std::min(t.end, s0 + kSeg);
+            for (int64_t hh = 0; hh < t.nh; ++hh)
+                softmax_segment(t.seg_scores + hh * R * kSeg, kSeg, t.mx + hh * R, t.l + hh * R, t.o + hh * R * D, R,
+                                t.G, t.first_visible, s0, s1 - s0, D);
+        }
+        std::swap(rows, next);
+        i = j;
+        t0 = t1;
+        nt = n1;
+        pass = pass1;
+    }
+}
+
+}  // namespace
+
+void decode_attention(const DecodeTask& t) {
+    switch (t.fmt * 4 + int(t.R)) {
+#define PLAIT_DECODE(F, RR) \
+    case F * 4 + RR: decode_blocks<RR, F>(t); break;
+        PLAIT_DECODE(kCacheF32, 1) PLAIT_DECODE(kCacheF32, 2) PLAIT_DECODE(kCacheF32, 3)
+        PLAIT_DECODE(kCacheBF16, 1) PLAIT_DECODE(kCacheBF16, 2) PLAIT_DECODE(kCacheBF16, 3)
+        PLAIT_DECODE(kCacheF16, 1) PLAIT_DECODE(kCacheF16, 2) PLAIT_DECODE(kCacheF16, 3)
+        PLAIT_DECODE(kCacheI8, 1) PLAIT_DECODE(kCacheI8, 2) PLAIT_DECODE(kCacheI8, 3)
+#undef PLAIT_DECODE
     }
 }
 

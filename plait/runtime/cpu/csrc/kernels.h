@@ -130,6 +130,18 @@ bool decode_takes(int fmt);
 void decode_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
                         float* y, int64_t ldy);
 void decode_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
+// A decode attention task (attention_avx2.cpp's blocks_direct): R <= 3 query rows for each of nh KV heads
+// from `head`, keys [k0, end) listed in slots (the sequence's), read in place, a segment at a time;
+// q [nh][R][D] (scaled), running o [nh][R][D], mx and l [nh][R]; seg_scores [nh][R][256].
+struct DecodeTask {
+    const int64_t* slots;
+    int64_t k0, end, head, nh, R, G, first_visible, D, Hkv;
+    int fmt;
+    const void *k_cache, *v_cache;
+    const float* q;
+    float *o, *mx, *l, *seg_scores;
+};
+void decode_attention(const DecodeTask& task);  // attention_avx512.cpp; D % 16 == 0
 // An attention task of R query rows (G a KV head) over keys [k0, end) of one KV head (block ends capped
 // at k1), 32 keys at a time, into the running output o [R][D], maxima mx and sums l; row r sees keys
 // below first_visible + r / G. kt, v: D * 32 floats each; s: R * 32 (attention_avx512.cpp; D % 16 == 0).
