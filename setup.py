@@ -16,7 +16,7 @@ if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"
         Extension(
             "plait.runtime.cpu._kernels",
             sources=[f"plait/runtime/cpu/csrc/{name}" for name in sources],
-            depends=[f"plait/runtime/cpu/csrc/{name}" for name in ("kernels.h", "simd_avx2.h", "stack.h", "team.h", "amx_tiles.h", "amx_config.h")],
+            depends=[f"plait/runtime/cpu/csrc/{name}" for name in ("kernels.h", "simd_avx2.h", "simd_avx512.h", "stack.h", "team.h", "amx_tiles.h", "amx_config.h")],
             language="c++",
             # The kernels pick their instruction set per file (`#pragma GCC target`); the module
             # itself stays baseline x86-64 so importing it never faults.

@@ -24,10 +24,13 @@
 #include <limits>
 
 #include "amx_tiles.h"
+#include "simd_avx512.h"
 #include "team.h"
 
 namespace plait::amx {
 namespace {
+
+using avx512_helpers::exp_neg;
 
 constexpr int kT = 64;           // keys per block (two steps of 32 in the value product)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -46,25 +49,6 @@ inline __m512 load_row16(const uint8_t* row, int fmt, int64_t D, int64_t d) {
             return _mm512_mul_ps(codes, _mm512_set1_ps(scale));
         }
     }
-}
-
-// exp(x) for x <= 0 (0 for -inf), 16 at a time: 2^n * p(r) with x = n ln2 + r.
-inline __m512 exp_neg(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-    x = _mm512_max_ps(x, lo);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 struct TaskScratch {

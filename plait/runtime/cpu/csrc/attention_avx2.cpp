@@ -177,41 +177,6 @@ inline void block_rows(const int64_t* slots, int64_t nt, const uint8_t* base, in
     for (int64_t t = 0; t < kT; ++t) rows[t] = base + slots[std::min<int64_t>(t, nt - 1)] * slot_bytes;
 }
 
-// Asks for every cache line of a block's rows (all the task's heads, adjacent in the pool), one line at
-// a time from inside the arithmetic of the block before, so that the pool's reads overlap the
-// products. Prefetch hints, not loads: a load that misses holds up the retirement of everything after
-// it, and with K and V now read in separate sweeps (one stream of adjacent rows each) the hints are
-// taken. On the 2-core Zen 1 machine of docs/benchmarks.md, decode attention at 4,096 tokens of context
-// (30 layers' own pools, float16): 11.4 ms a step reading the lines with loads, 9.3 ms with hints;
-// all of a block's hints at once, 14.5 ms.
-class LinesAhead {
-public:
-    // The lines of rows[0 .. n), each `span` bytes (the caller keeps `rows`: they are the next
-    // block's, which it reads after this one).
-    void plan(const uint8_t* const* rows, int64_t n, int64_t span) {
-        rows_ = rows;
-        n_ = n;
-        lines_per_row_ = (span + 63) / 64;
-        t_ = j_ = 0;
-    }
-    // Ask for the next line (none past the last).
-    PLAIT_INLINE void read() {
-        if (t_ >= n_) return;
-        _mm_prefetch(reinterpret_cast<const char*>(rows_[t_] + 64 * j_), _MM_HINT_T0);
-        if (++j_ == lines_per_row_) {
-            j_ = 0;
-            ++t_;
-        }
-    }
-    void read_rest() {
-        while (t_ < n_) read();
-    }
-
-private:
-    const uint8_t* const* rows_ = nullptr;
-    int64_t n_ = 0, lines_per_row_ = 1, t_ = 0, j_ = 0;
-};
-
 // Scales of the rows of one head `off` bytes past the task's first (int8 pools: each row's float32
 // after its codes).
 inline void head_scales(const uint8_t* const rows[kT], int64_t off, int64_t D, float scales[kT]) {

@@ -18,13 +18,18 @@
 
 #include "kernels.h"
 #include "simd_avx2.h"
+#include "simd_avx512.h"
 
 namespace plait::avx512 {
 namespace {
 
 using avx2::cache_row;
 using avx2::CacheRow;
+using avx2::LinesAhead;
 using avx2::load_row8;
+using avx512_helpers::exp_neg;
+using avx512_helpers::tail_masks;
+using avx512_helpers::transpose16;
 
 constexpr int kT = 32;  // keys per block (kT in attention_avx2.cpp)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -32,54 +37,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // 16 values d .. d + 16 of a cache row as float32.
 inline __m512 load_row16(const CacheRow& row, int64_t d) {
     return _mm512_insertf32x8(_mm512_castps256_ps512(load_row8(row, d)), load_row8(row, d + 8), 1);
-}
-
-// Transposes 16 vectors of 16 floats in place (r[i][j] -> r[j][i]).
-inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int q = 0; q < 4; ++q) {
-        r[4 * q + 0] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
-        r[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
-        r[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
-        r[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
-    }
-    for (int e = 0; e < 4; ++e) {
-        const __m512 a0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);
-        const __m512 a1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);
-        const __m512 b0 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
-        const __m512 b1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
-        t[e] = _mm512_shuffle_f32x4(a0, b0, 0x88);
-        t[8 + e] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
-        t[4 + e] = _mm512_shuffle_f32x4(a1, b1, 0x88);
-        t[12 + e] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
-    }
-    for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
-// exp(x) for x <= 0 (-inf: 0): the AVX2 path's exp_neg_ps in 16 lanes (n = round(x log2 e) by the
-// 1.5 * 2^23 + 127 addition, the remainder's Taylor polynomial to degree 6).
-inline __m512 exp_neg(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    const __m512 magic = _mm512_set1_ps(12582912.0f + 127.0f);
-    const __m512 xc = _mm512_max_ps(x, lo);
-    const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic);
-    const __m512 n = _mm512_sub_ps(t, magic);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
-    const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-    return _mm512_maskz_mul_ps(live, p, scale);
 }
 
 // Keys of the block as columns kt[d][t] and values as rows v[t][d] (D % 16 == 0), float32; keys past
@@ -168,8 +125,8 @@ void softmax_step(float* s, float* mx, float* l, float* o, int64_t R, int64_t G,
             _mm512_storeu_ps(sr + 16, _mm512_setzero_ps());
             continue;
         }
-        const __mmask16 m0 = limit >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << limit) - 1);
-        const __mmask16 m1 = limit >= 32 ? __mmask16(0xFFFF) : limit <= 16 ? __mmask16(0) : __mmask16((1u << (limit - 16)) - 1);
+        __mmask16 m0, m1;
+        tail_masks(limit, m0, m1);
         const __m512 ninf = _mm512_set1_ps(kNegInf);
         const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, sr), s1 = _mm512_mask_loadu_ps(ninf, m1, sr + 16);
         const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
@@ -229,31 +186,6 @@ PLAIT_INLINE __m512 load_raw16(const uint8_t* row, int64_t d) {
         return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + d);
     }
 }
-
-class LinesAhead {  // as in attention_avx2.cpp
-public:
-    void plan(const uint8_t* const* rows, int64_t n, int64_t span) {
-        rows_ = rows;
-        n_ = n;
-        lines_per_row_ = (span + 63) / 64;
-        t_ = j_ = 0;
-    }
-    PLAIT_INLINE void read() {
-        if (t_ >= n_) return;
-        _mm_prefetch(reinterpret_cast<const char*>(rows_[t_] + 64 * j_), _MM_HINT_T0);
-        if (++j_ == lines_per_row_) {
-            j_ = 0;
-            ++t_;
-        }
-    }
-    void read_rest() {
-        while (t_ < n_) read();
-    }
-
-private:
-    const uint8_t* const* rows_ = nullptr;
-    int64_t n_ = 0, lines_per_row_ = 1, t_ = 0, j_ = 0;
-};
 
 // The sum of each of four vectors: {sum a0, sum a1, sum a2, sum a3}.
 PLAIT_INLINE __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {

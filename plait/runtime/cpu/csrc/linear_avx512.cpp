@@ -23,11 +23,14 @@
 
 #include "kernels.h"
 #include "simd_avx2.h"
+#include "simd_avx512.h"
 
 namespace plait::avx512 {
 namespace {
 
 using avx2::dequant_row;
+using avx512_helpers::tail_masks;
+using avx512_helpers::transpose16;
 
 constexpr int kNR = 32;  // output columns (weight rows) per panel: two 16-float vectors
 constexpr int kMR = 12;  // rows of x per block: 24 accumulators, 2 panel vectors, 1 broadcast
@@ -56,34 +59,6 @@ struct Buffer {
     ~Buffer() { std::free(data); }
 };
 
-// Transposes 16 vectors of 16 floats in place (r[i][j] -> r[j][i]).
-inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    // Per 128-bit lane l, r[4q + e] holds element 4l + e of rows 4q .. 4q + 3.
-    for (int q = 0; q < 4; ++q) {
-        r[4 * q + 0] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
-        r[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
-        r[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
-        r[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
-    }
-    // Gather lane l of r[e], r[4 + e], r[8 + e], r[12 + e] into column 4l + e.
-    for (int e = 0; e < 4; ++e) {
-        const __m512 a0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);       // r[e].l0 l2, r[4+e].l0 l2
-        const __m512 a1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);       // lanes 1, 3
-        const __m512 b0 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
-        const __m512 b1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
-        t[e] = _mm512_shuffle_f32x4(a0, b0, 0x88);       // column e
-        t[8 + e] = _mm512_shuffle_f32x4(a0, b0, 0xDD);   // column 8 + e
-        t[4 + e] = _mm512_shuffle_f32x4(a1, b1, 0x88);   // column 4 + e
-        t[12 + e] = _mm512_shuffle_f32x4(a1, b1, 0xDD);  // column 12 + e
-    }
-    for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 // Weight rows n0 .. n0 + rows (rows <= 32) as float32 in `panel` [K][32] (columns past `rows` zero),
 // through `rowbuf` [16][K].
 template <int FMT>
@@ -106,8 +81,8 @@ void fill_panel(const uint8_t* w, size_t stride, int64_t n0, int rows, int64_t K
 template <int MR>
 inline void panel_block(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel, const float* bias,
                         float* y, int64_t ldy, int ncols) {
-    const __mmask16 m0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
-    const __mmask16 m1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols <= 16 ? __mmask16(0) : __mmask16((1u << (ncols - 16)) - 1);
+    __mmask16 m0, m1;
+    tail_masks(ncols, m0, m1);
     __m512 c0[MR], c1[MR];
     if (k0 == 0) {
         for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
