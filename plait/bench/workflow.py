@@ -66,7 +66,8 @@ def _tier_summary(engine: Any) -> dict[str, Any]:
     state = engine.get_server_info()["internal_states"][0]
     cache = state["cache"]
     tiers = cache.get("tiers") or {}
-    keys = ("device_hit_tokens", "host_hit_tokens", "storage_hit_tokens", "load_tokens", "backup_tokens",
+    keys = ("device_hit_tokens", "host_hit_tokens", "storage_hit_tokens", "storage_write_tokens", "load_tokens",
+            "backup_tokens",
             "bytes_to_device", "bytes_to_host", "prefetch_started", "prefetch_hits", "prefetch_late",
             "prefetch_unused_tokens", "prefetch_skipped", "device_evicted_tokens", "dropped_tokens")
     out = {"hit_rate": cache["hit_rate"], "evicted_tokens": cache["evicted_tokens"],
