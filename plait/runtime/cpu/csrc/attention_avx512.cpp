@@ -28,7 +28,6 @@ using avx2::CacheRow;
 using avx2::LinesAhead;
 using avx2::load_row8;
 using avx512_helpers::exp_neg;
-using avx512_helpers::tail_masks;
 using avx512_helpers::transpose16;
 
 constexpr int kT = 32;  // keys per block (kT in attention_avx2.cpp)
@@ -113,29 +112,39 @@ inline void by_rows(int n, std::integer_sequence<int, Rs...>, F&& f) {
     ((n == Rs + 1 ? (f(std::integral_constant<int, Rs + 1>{}), 0) : 0), ...);
 }
 
-// One online-softmax step over the block's scores: row r sees keys [0, first_visible + r / G) of the
-// task, of which this block holds t0 .. t0 + nt; s[r] become weights, mx, l and o are rescaled.
-void softmax_step(float* s, float* mx, float* l, float* o, int64_t R, int64_t G, int64_t first_visible, int64_t t0,
-                  int64_t nt, int64_t D) {
+// One online-softmax step over n keys from t0 (scores s[r * ld + ...], n rounded up to whole blocks of
+// 32 and masked here; row r sees keys below first_visible + r / G): the scores become weights, and each
+// row's maximum, sum and output are rescaled. BlockSoftmax::update_segment of attention_avx2.cpp; a
+// prefill task calls it per block of keys, a decode task per segment.
+void softmax_segment(float* s, int64_t ld, float* mx, float* l, float* o, int64_t R, int64_t G, int64_t first_visible,
+                     int64_t t0, int64_t n, int64_t D) {
+    const int64_t padded = (n + kT - 1) / kT * kT;
     for (int64_t r = 0; r < R; ++r) {
-        float* sr = s + r * kT;
-        const int64_t limit = std::min(nt, first_visible + r / G - t0);
+        float* sr = s + r * ld;
+        const int64_t limit = std::min(n, first_visible + r / G - t0);
         if (limit <= 0) {
-            _mm512_storeu_ps(sr, _mm512_setzero_ps());
-            _mm512_storeu_ps(sr + 16, _mm512_setzero_ps());
+            std::fill(sr, sr + padded, 0.0f);
             continue;
         }
-        __mmask16 m0, m1;
-        tail_masks(limit, m0, m1);
-        const __m512 ninf = _mm512_set1_ps(kNegInf);
-        const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, sr), s1 = _mm512_mask_loadu_ps(ninf, m1, sr + 16);
-        const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-        const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);  // 0 for the first visible block
+        for (int64_t t = limit; t < padded; ++t) sr[t] = kNegInf;
+        __m512 m0 = _mm512_loadu_ps(sr), m1 = _mm512_loadu_ps(sr + 16);
+        for (int64_t t = kT; t < padded; t += kT) {
+            m0 = _mm512_max_ps(m0, _mm512_loadu_ps(sr + t));
+            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(sr + t + 16));
+        }
+        const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
+        const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);
         const __m512 mv = _mm512_set1_ps(m_new);
-        const __m512 p0 = exp_neg(_mm512_sub_ps(s0, mv)), p1 = exp_neg(_mm512_sub_ps(s1, mv));
-        _mm512_storeu_ps(sr, p0);
-        _mm512_storeu_ps(sr + 16, p1);
-        l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+        for (int64_t t = 0; t < padded; t += 32) {
+            const __m512 p0 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mv));
+            const __m512 p1 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + t + 16), mv));
+            _mm512_storeu_ps(sr + t, p0);
+            _mm512_storeu_ps(sr + t + 16, p1);
+            sum0 = _mm512_add_ps(sum0, p0);
+            sum1 = _mm512_add_ps(sum1, p1);
+        }
+        l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
         mx[r] = m_new;
         if (alpha != 1.0f) {
             const __m512 av = _mm512_set1_ps(alpha);
@@ -156,7 +165,7 @@ void attend_rows(const int64_t* slots, int64_t k0, int64_t end, int64_t k1, cons
         for (int64_t r0 = 0; r0 < R; r0 += 12)
             by_rows(int(std::min<int64_t>(12, R - r0)), std::make_integer_sequence<int, 12>{},
                     [&](auto rows) { scores<decltype(rows)::value>(q + r0 * D, D, kt, s + r0 * kT); });
-        softmax_step(s, mx, l, o, R, G, first_visible, t0, nt, D);
+        softmax_segment(s, kT, mx, l, o, R, G, first_visible, t0, nt, D);
         for (int64_t r0 = 0; r0 < R; r0 += 6)
             by_rows(int(std::min<int64_t>(6, R - r0)), std::make_integer_sequence<int, 6>{},
                     [&](auto rows) { accumulate_all<decltype(rows)::value>(s + r0 * kT, v, D, nt, o + r0 * D); });
@@ -263,46 +272,6 @@ void accumulate_direct(const float* p, int64_t ld, const uint8_t* const rows[kT]
     int64_t d0 = 0;
     for (; d0 + 64 <= D; d0 += 64) accumulate_part<R, FMT, 4>(w, rows, off, D, d0, nt, o, ahead);
     for (; d0 < D; d0 += 16) accumulate_part<R, FMT, 1>(w, rows, off, D, d0, nt, o, ahead);
-}
-
-// One softmax step over a segment of n keys from t0 (scores s[r * ld + ...], n rounded up to whole
-// blocks and masked here): BlockSoftmax::update_segment of attention_avx2.cpp.
-void softmax_segment(float* s, int64_t ld, float* mx, float* l, float* o, int64_t R, int64_t G, int64_t first_visible,
-                     int64_t t0, int64_t n, int64_t D) {
-    const int64_t padded = (n + kT - 1) / kT * kT;
-    for (int64_t r = 0; r < R; ++r) {
-        float* sr = s + r * ld;
-        const int64_t limit = std::min(n, first_visible + r / G - t0);
-        if (limit <= 0) {
-            std::fill(sr, sr + padded, 0.0f);
-            continue;
-        }
-        for (int64_t t = limit; t < padded; ++t) sr[t] = kNegInf;
-        __m512 m0 = _mm512_loadu_ps(sr), m1 = _mm512_loadu_ps(sr + 16);
-        for (int64_t t = kT; t < padded; t += kT) {
-            m0 = _mm512_max_ps(m0, _mm512_loadu_ps(sr + t));
-            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(sr + t + 16));
-        }
-        const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
-        const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);
-        const __m512 mv = _mm512_set1_ps(m_new);
-        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-        for (int64_t t = 0; t < padded; t += 32) {
-            const __m512 p0 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mv));
-            const __m512 p1 = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + t + 16), mv));
-            _mm512_storeu_ps(sr + t, p0);
-            _mm512_storeu_ps(sr + t + 16, p1);
-            sum0 = _mm512_add_ps(sum0, p0);
-            sum1 = _mm512_add_ps(sum1, p1);
-        }
-        l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
-        mx[r] = m_new;
-        if (alpha != 1.0f) {
-            const __m512 av = _mm512_set1_ps(alpha);
-            for (int64_t d = 0; d < D; d += 16)
-                _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), av));
-        }
-    }
 }
 
 template <int R, int FMT>
