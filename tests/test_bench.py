@@ -331,27 +331,6 @@ def test_workflow_bench_with_private_agents(tiny_config, tmp_path):
     assert agents[0]["hit_rate"] < 0.2 and agents[1]["hit_rate"] > agents[0]["hit_rate"]
 
 
-def test_workflow_bench_storage_dir_gives_the_tiered_setups_a_file_tier(tiny_config, tmp_path):
-    """--storage-dir: (b) and (c) get a file tier under a host tier too small for the prompts, which
-    takes what the host evicts and gives it back; (a) has no tiers."""
-    from plait.bench import workflow
-
-    out = tmp_path / "workflow.json"
-    store = tmp_path / "store"
-    store.mkdir()
-    workflow.main([
-        "--model-path", tiny_config, "--num-agents", "3", "--prompt-len", "64", "--task-len", "4",
-        "--output-len", "2", "--rounds", "2", "--workflows", "2", "--private-agents", "--modes", "a,b",
-        "--hicache-ratio", "0.5", "--storage-dir", str(store), "--skip-chat", "--output-file", str(out),
-        "--", "--load-format", "dummy", "--dtype", "float32",
-    ])
-    agents = json.loads(out.read_text())["agents"]
-    assert [r["mode"] for r in agents] == ["a", "b"]
-    assert all(r["integrity_ok"] and r["requests"] == 2 * 2 * 3 for r in agents)
-    assert agents[0]["storage_write_tokens"] == 0 and agents[1]["storage_write_tokens"] > 0
-    assert agents[1]["storage_hit_tokens"] > 0 and agents[1]["hit_rate"] > agents[0]["hit_rate"]
-
-
 def test_cpu_kernels_bench_times_every_path_it_can_run():
     """plait.bench.cpu_kernels: a row per product and per context, with the AMX columns only where AMX runs."""
     from plait.bench import cpu_kernels
