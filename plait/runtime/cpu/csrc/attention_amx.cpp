@@ -13,8 +13,6 @@
 // O^T = V^T P^T (dims x query rows), V^T made once per (sequence, KV head) for all its tasks.
 #include "amx_config.h"
 #if PLAIT_HAVE_AMX
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,amx-tile,amx-bf16,f16c,fma")
-
 #include <immintrin.h>
 #include <omp.h>
 
@@ -23,9 +21,12 @@
 #include <cstring>
 #include <limits>
 
+#include "team.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,amx-tile,amx-bf16,f16c,fma")
+
 #include "amx_tiles.h"
 #include "simd_avx512.h"
-#include "team.h"
 
 namespace plait::amx {
 namespace {

@@ -15,8 +15,6 @@
 // of attention per 30-layer step before, 13.6 ms after, on the 2-core machine of docs/benchmarks.md).
 // Decode tasks go through their keys a segment of 256 at a time: all its scores, one softmax step,
 // then its values (see blocks_direct).
-#pragma GCC target("avx2,fma,f16c")
-
 #include <omp.h>
 
 #include <algorithm>
@@ -24,8 +22,11 @@
 #include <limits>
 #include <vector>
 
-#include "simd_avx2.h"
 #include "team.h"
+
+#pragma GCC target("avx2,fma,f16c")
+
+#include "simd_avx2.h"
 
 namespace plait::avx2 {
 namespace {

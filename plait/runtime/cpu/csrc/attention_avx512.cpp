@@ -5,8 +5,6 @@
 // of all the task's rows, one online-softmax step per row and block, then the weighted values. Here
 // in 512-bit registers: scores as 12 rows x 32 keys (24 accumulators; per head dimension two key
 // loads and 12 broadcasts), values as 6 rows x 64 dimensions, and the softmax two vectors a row.
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-
 #include <immintrin.h>
 
 #include <algorithm>
@@ -17,6 +15,9 @@
 #include <utility>
 
 #include "kernels.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
 #include "simd_avx2.h"
 #include "simd_avx512.h"
 

@@ -14,16 +14,17 @@
 // layout, 4 KiB together. x is split per call into two bfloat16 matrices padded to 32 rows.
 #include "amx_config.h"
 #if PLAIT_HAVE_AMX
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
-
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
-#include "amx_tiles.h"
 #include "team.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+
+#include "amx_tiles.h"
 
 namespace plait::amx {
 namespace {

@@ -16,16 +16,17 @@
 // weight. Q8_0: the 512 bytes of signed codes are the tile itself (m = 0): 640 bytes.
 #include "amx_config.h"
 #if PLAIT_HAVE_AMX
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,amx-int8")
-
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
-#include "amx_tiles.h"
 #include "team.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,amx-int8")
+
+#include "amx_tiles.h"
 
 namespace plait::amx {
 namespace {

@@ -8,15 +8,16 @@
 // code to float (measured on a Zen 1 core: 15 cycles a block in float, 8 with int16 x, 6.5 int8).
 // Many rows (prefill): a panel of weight rows is decoded into float32 in cache, then multiplied with
 // x by a register-blocked kernel (3 x 4 outputs, each an 8-wide running sum along K).
-#pragma GCC target("avx2,fma,f16c")
-
 #include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "simd_avx2.h"
 #include "team.h"
+
+#pragma GCC target("avx2,fma,f16c")
+
+#include "simd_avx2.h"
 
 namespace plait::avx2 {
 namespace {

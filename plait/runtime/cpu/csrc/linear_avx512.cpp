@@ -10,18 +10,18 @@
 //
 // Threads take panels (32 output columns) dynamically; each sweeps all rows of x over its panel,
 // which stays in L2 (K * 128 bytes: 72 KiB for K = 576, 192 KiB for K = 1536).
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
-
 #include <immintrin.h>
 #include <omp.h>
-
-#include <utility>
 
 #include <algorithm>
 #include <cstdlib>
 #include <new>
+#include <utility>
 
 #include "kernels.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+
 #include "simd_avx2.h"
 #include "simd_avx512.h"
 
@@ -41,9 +41,11 @@ constexpr int kMR = 12;  // rows of x per block: 24 accumulators, 2 panel vector
 // x passes over it; K is cut into equal slices of a multiple of 16.
 constexpr int64_t kMaxKC = PLAIT_KC;
 
-// A thread's growing float buffer on 64-byte lines. Deliberately not a std::vector: a template this file
-// instantiates under its AVX-512 target could be merged by the linker with the same instantiation in
-// another file and then run on CPUs without AVX-512; a type local to this file cannot.
+// A thread's growing float buffer on 64-byte lines. Deliberately not a std::vector: a template
+// instantiated under this file's AVX-512 target could be merged by the linker with the same
+// instantiation in another file and then run on CPUs without AVX-512; a type local to this file cannot.
+// (The library headers come before the target pragma for that reason too, and because GCC 13 refuses
+// to inline their always_inline functions into code of another target.)
 struct Buffer {
     float* data = nullptr;
     size_t size = 0;

@@ -1,13 +1,14 @@
 // The small operations of a decoder layer, each one pass over its data: RMSNorm with the residual
 // add, SiLU-and-multiply, and rotary embedding fused with the store of K and V into the pool.
-#pragma GCC target("avx2,fma,f16c")
-
 #include <omp.h>
 
 #include <algorithm>
 
-#include "simd_avx2.h"
 #include "team.h"
+
+#pragma GCC target("avx2,fma,f16c")
+
+#include "simd_avx2.h"
 
 namespace plait::avx2 {
 

@@ -6,8 +6,6 @@
 // arguments in one block of integers (`StackField`, pointers and sizes) and each layer's weights
 // in one row of a table (`LayerField`). It is to the CPU what a captured CUDA graph is to a GPU,
 // without padding: every batch shape runs as it comes.
-#pragma GCC target("avx2,fma,f16c")
-
 #include <omp.h>
 
 #include <algorithm>
@@ -17,9 +15,12 @@
 #include <cstring>
 #include <vector>
 
-#include "simd_avx2.h"
 #include "stack.h"
 #include "team.h"
+
+#pragma GCC target("avx2,fma,f16c")
+
+#include "simd_avx2.h"
 
 namespace plait::avx2 {
 namespace {
