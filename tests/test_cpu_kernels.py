@@ -148,6 +148,53 @@ def test_decode_products_of_a_row_do_not_depend_on_the_batch(dot, isa):
         assert torch.equal(kernels.linear(x[r:r + 1].contiguous(), data, WeightFormat.Q4_1, 96, dot=dot), together[r:r + 1])
 
 
+needs_int16_panels = pytest.mark.skipif(not kernels.int16_panels_available(), reason="no AVX-512 VNNI here")
+
+
+@needs_int16_panels
+@pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_1F,
+                                 WeightFormat.Q8_0F], ids=lambda f: f.name)
+# 6 rows a block: 9 = 6 + 3, 100 = 16 x 6 + 4; K of 18 blocks (two slices of the panel) and of 34 (three)
+@pytest.mark.parametrize("rows,k", [(9, 576), (13, 576), (100, 576), (40, 1088)])
+def test_int16_panels_are_the_int16_decode_products(fmt, rows, k):
+    """Products of more than 8 rows with panels="int16": x rounded to int16 per block of 32 as the decode
+    products round it, exact integer block sums on VNNI, then the block constants: the int16 decode
+    products (8 rows at a time) within float32 rounding, with a bias and a partial panel (50 columns);
+    a row's result does not depend on its batch."""
+    n = 50
+    torch.manual_seed(rows)
+    if fmt in FLOAT_CONSTANTS:
+        data, ref = float_constant_weight(fmt, n, k, rows)
+    else:
+        data, ref = gguf_weight(torch.randn(n, k), fmt)
+    x, bias = torch.randn(rows, k) * torch.linspace(0.1, 3, k), torch.randn(n)
+    out = kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16")
+    int16 = torch.cat([kernels.linear(x[i:i + 8].contiguous(), data, fmt, n, bias=bias, dot="int16")
+                       for i in range(0, rows, 8)])
+    assert rel_err(out, int16) < 2e-6
+    exact = x.double() @ ref.double().T + bias.double()
+    assert 1e-7 < rel_err(out, exact) < 2e-4  # rounded, within the int16 step
+    alone = kernels.linear(x[-1:].expand(9, k).contiguous(), data, fmt, n, bias=bias, dot="int16", panels="int16")
+    assert torch.equal(alone[0], out[-1])
+
+
+@needs_kernels
+def test_int16_panels_fall_back_to_float_panels_without_vnni(isa):
+    """Where the int16 panels cannot run (AVX-512 off, or no VNNI), the flag is ignored: the float32
+    panels' product, to the bit; float weight formats ignore it everywhere."""
+    torch.manual_seed(1)
+    n, k = 40, 320
+    data, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q4_1)
+    x = torch.randn(20, k)
+    float_panels = kernels.linear(x, data, WeightFormat.Q4_1, n)
+    int16 = kernels.linear(x, data, WeightFormat.Q4_1, n, panels="int16")
+    assert torch.equal(int16, float_panels) != kernels.int16_panels_available()
+    w = torch.randn(n, k)
+    assert torch.equal(kernels.linear(x, w, WeightFormat.F32, n, panels="int16"), kernels.linear(x, w, WeightFormat.F32, n))
+    with pytest.raises(ValueError, match="panel product"):
+        kernels.linear(x, data, WeightFormat.Q4_1, n, panels="int8")
+
+
 @needs_kernels
 def test_unknown_decode_product_is_refused():
     with pytest.raises(ValueError, match="int16"):
@@ -500,10 +547,15 @@ def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
     from plait.runtime.config import ModelConfig
     from plait.runtime.executor.model_runner import resolve_cpu_prefill_products
 
-    amx = kernels.amx_available()
-    assert resolve_cpu_prefill_products(ModelConfig()) == ("amx" if amx else "float")
+    amx, int16 = kernels.amx_available(), kernels.int16_panels_available()
+    assert resolve_cpu_prefill_products(ModelConfig()) == ("amx" if amx else "int16" if int16 else "float")
     assert resolve_cpu_prefill_products(ModelConfig(dtype="float32")) == "float"
     assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="float")) == "float"
+    if int16:
+        assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="int16")) == "int16"
+    else:
+        with pytest.raises(ValueError, match="VNNI"):
+            resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="int16"))
     for name in ("amx", "amx-bf16"):
         if amx:
             assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products=name)) == name

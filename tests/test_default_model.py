@@ -80,11 +80,14 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
     if kernels.available():  # the fast path is the one that ran
         assert execution["cpu_graph"] == "on" and "Q4_1" in execution["weights"]
         assert execution["decode_products"] == "int16" and "int16-rounded" in execution["products"]
-        # prefill (the five prompts are one step of more than 8 rows) on AMX where the CPU has it
-        assert execution["prefill_products"] == ("amx" if kernels.amx_available() else "float")
-        if not kernels.amx_available():  # float32 panels, on AVX-512 where the CPU has it
-            flags = set(open("/proc/cpuinfo").read().split())
-            has_avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+        # prefill (the five prompts are one step of more than 8 rows) on AMX where the CPU has it, else
+        # in int16 on AVX-512 VNNI, else on float32 panels (AVX-512 or AVX2)
+        flags = set(open("/proc/cpuinfo").read().split())
+        has_avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+        int16 = has_avx512 and "avx512_vnni" in flags
+        assert execution["prefill_products"] == (
+            "amx" if kernels.amx_available() else "int16" if int16 else "float")
+        if not kernels.amx_available():
             assert execution["panel_products"] == ("avx512" if has_avx512 else "avx2") and steps["panel_kernel"] > 0
         assert default.runner.kv_dtype == torch.float16
 

@@ -3,14 +3,15 @@
     python -m plait.bench.cpu_kernels [--threads 2] [--output out.jsonl]
 
 - Products of 512 rows with the default model's shapes (QKV 576 -> 960, gate/up 576 -> 3,072, down
-  1,536 -> 576): the float32 panels over a Q4_1 weight (the path without AMX), the AMX products in
+  1,536 -> 576): the float32 panels over a Q4_1 weight, the int16 panels (x rounded to int16 per 32
+  values, integer products on AVX-512 VNNI: `--cpu-prefill-products int16`), the AMX products in
   three bfloat16 passes and in one (`--cpu-prefill-products amx` / `amx-bf16`), and PyTorch's own
   bfloat16 product (oneDNN) for reference.
 - Causal attention of a 512-token chunk over 512, 4,096 and 8,000 keys (9 query heads, 3 KV heads,
   head size 64, float16 pool: the default model): the vector kernels, AMX in three passes and in one.
 
 Median of `--repeats` calls each; prints a table and appends one JSON line to `--output`. The AMX rows
-are left out where the CPU has no AMX.
+are left out where the CPU has no AMX, the int16 ones where it has no AVX-512 VNNI.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def product_rows(rows: int, repeats: int) -> list[dict]:
         fmt, data = kernels.float_constants(WeightFormat.Q4_1, raw)
         row = {"product": name, "m": rows, "k": k, "n": n,
                "float_panels_ms": median_ms(lambda: kernels.linear(x, data, fmt, n), repeats)}
+        if kernels.int16_panels_available():
+            row["int16_panels_ms"] = median_ms(lambda: kernels.linear(x, data, fmt, n, panels="int16"), repeats)
         if amx:
             exact, one = kernels.amx_pack(w), kernels.amx_pack(w, exact=False)
             row["amx_ms"] = median_ms(lambda: kernels.amx_linear(x, exact, n), repeats)
@@ -97,9 +100,10 @@ def main() -> None:
     products = product_rows(args.rows, args.repeats)
     attention = attention_rows(args.rows, args.contexts, args.repeats)
     print(f"products of {args.rows} rows (ms; threads {torch.get_num_threads()}, AMX {kernels.amx_available()})")
-    print(f"{'product':>8} {'K':>6} {'N':>6} {'float':>8} {'amx':>8} {'amx-bf16':>9} {'torch bf16':>11}")
+    print(f"{'product':>8} {'K':>6} {'N':>6} {'float':>8} {'int16':>8} {'amx':>8} {'amx-bf16':>9} {'torch bf16':>11}")
     for r in products:
-        print(f"{r['product']:>8} {r['k']:>6} {r['n']:>6} {r['float_panels_ms']:>8.3f} {r.get('amx_ms', float('nan')):>8.3f} "
+        print(f"{r['product']:>8} {r['k']:>6} {r['n']:>6} {r['float_panels_ms']:>8.3f} "
+              f"{r.get('int16_panels_ms', float('nan')):>8.3f} {r.get('amx_ms', float('nan')):>8.3f} "
               f"{r.get('amx_bf16_ms', float('nan')):>9.3f} {r['torch_bf16_ms']:>11.3f}")
     print(f"causal attention of {args.rows} query tokens (ms; {HEADS} heads, {KV_HEADS} KV heads, float16 pool)")
     print(f"{'keys':>6} {'vector':>8} {'amx':>8} {'amx-bf16':>9}")

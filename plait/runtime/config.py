@@ -57,9 +57,12 @@ class ModelConfig:
         "tile unit (Intel Xeon since Sapphire Rapids) in three bfloat16 passes over the two bfloat16 parts of the "
         "activations and of the weights (16 significant bits, near the float32 product; the weights packed once "
         "at load, 4 bytes a weight); amx-bf16: on AMX in one pass over bfloat16-rounded activations and "
-        "weights (about twice as fast, bfloat16 precision, 2 bytes a weight); float: the stored weights "
+        "weights (about twice as fast, bfloat16 precision, 2 bytes a weight); int16: GGUF block weights (Q4_0, "
+        "Q4_1, Q8_0) times the activations rounded to int16 per 32 values, as the int16 decode products, in "
+        "integers on AVX-512 VNNI (twice the multiplies of float32 per instruction); float: the stored weights "
         "decoded into float32 panels, float32 products. auto: amx where the CPU and OS have it, --dtype is auto "
-        "and the packed weights take at most half the memory available, else float")
+        "and the packed weights take at most half the memory available; else int16 where the CPU has AVX-512 "
+        "VNNI and --dtype is auto; else float")
     enable_cpu_int8_dot: bool = option(False, "CPU kernels: the same as --cpu-decode-products int8")
     # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
     disable_cpu_graph: bool = option(

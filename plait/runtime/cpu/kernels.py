@@ -129,6 +129,9 @@ def _threads() -> int:
 # Added to a block format's code: decode-sized products with x rounded per 32 values to int8 or int16
 # and multiplied in integers (kernels.h).
 DECODE_DOTS = {"float": 0, "int8": 0x100, "int16": 0x200}
+# Added to a block format's code: products of more than 8 rows round x to int16 per 32 values as well
+# and multiply in integers, where the CPU has AVX-512 VNNI (elsewhere they run on float32 panels).
+INT16_PANELS = 0x400
 
 
 def _product_out(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
@@ -140,22 +143,35 @@ def _product_out(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
     return out
 
 
-def kernel_format(fmt: WeightFormat, dot: str = "float") -> int:
-    """The format code the kernels take: `fmt`, plus for a block format the flag of `dot`, how its
-    decode-sized products multiply ("float", "int16" or "int8"; other formats always use float)."""
+def kernel_format(fmt: WeightFormat, dot: str = "float", panels: str = "float") -> int:
+    """The format code the kernels take: `fmt`, plus for a block format the flags of `dot`, how its
+    decode-sized products multiply ("float", "int16" or "int8"), and of `panels`, how products of more
+    rows do ("float", or "int16" where the CPU has AVX-512 VNNI); other formats always use float."""
     if dot not in DECODE_DOTS:
         raise ValueError(f"unknown decode product {dot!r}; choose from {', '.join(DECODE_DOTS)}")
-    return int(fmt) | (DECODE_DOTS[dot] if fmt.block_bytes is not None else 0)
+    if panels not in ("float", "int16"):
+        raise ValueError(f"unknown panel product {panels!r}; choose from float, int16")
+    if fmt.block_bytes is None:
+        return int(fmt)
+    return int(fmt) | DECODE_DOTS[dot] | (INT16_PANELS if panels == "int16" else 0)
+
+
+def int16_panels_available() -> bool:
+    """Whether products of more than 8 rows can run with int16 x here (INT16_PANELS): the kernels built,
+    a CPU with AVX-512 VNNI, and the AVX-512 kernels on (`PLAIT_DISABLE_CPU_AVX512` not set)."""
+    return available() and bool(_ext.vnni())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
-           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, dot: str = "float") -> torch.Tensor:
+           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, dot: str = "float",
+           panels: str = "float") -> torch.Tensor:
     """x [M, K] float32 times the stored weight [N, K] transposed (+ bias): [M, N] float32.
 
     `weight` holds the rows in format `fmt`: uint8 [N, row_bytes] for block formats, the float
     tensor [N, K] itself otherwise. `out`, if given, is a [M, N] float32 tensor to write into.
     `dot`: for a block format, "int16" / "int8" round x to that type per 32 values in products of up
-    to 8 rows and multiply in integers (faster; no longer exactly the float32 product)."""
+    to 8 rows and multiply in integers (faster; no longer exactly the float32 product); `panels`
+    "int16" does the same in products of more rows where int16_panels_available()."""
     _check(x, "x", torch.float32)
     _check(weight, "weight")
     m, k = x.shape
@@ -165,7 +181,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_feature
     if bias is not None:
         _check(bias, "bias", torch.float32)
     out = _product_out(out, m, out_features)
-    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot), out_features,
+    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot, panels), out_features,
                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
     return out
 

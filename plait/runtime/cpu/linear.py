@@ -38,11 +38,14 @@ class StoredWeight:
     # Block formats: how decode-sized products multiply: "float", or x rounded to "int16" / "int8" and
     # integer products (kernels.DECODE_DOTS).
     decode_dot: str = "float"
+    # Block formats: how products of more than 8 rows multiply: "float" (float32 panels), or "int16"
+    # (x rounded as the int16 decode products; AVX-512 VNNI)
+    panel_dot: str = "float"
 
     @property
     def kernel_format(self) -> int:
         """The format code products with this weight pass to the kernels."""
-        return kernels.kernel_format(self.fmt, self.decode_dot)
+        return kernels.kernel_format(self.fmt, self.decode_dot, self.panel_dot)
 
     def __post_init__(self) -> None:
         assert self.data.is_contiguous() and self.in_features % 32 == 0
@@ -112,7 +115,7 @@ class CpuLinear(nn.Module):
         if self.amx is not None and flat.shape[0] >= AMX_MIN_ROWS:
             return kernels.amx_linear(flat, self.amx, self.out_features, self.bias).view(*x.shape[:-1], self.out_features)
         out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias,
-                             dot=self.stored.decode_dot)
+                             dot=self.stored.decode_dot, panels=self.stored.panel_dot)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

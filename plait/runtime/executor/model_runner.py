@@ -149,12 +149,24 @@ def resolve_cpu_decode_products(config: ModelConfig) -> str:
 def resolve_cpu_prefill_products(config: ModelConfig) -> str:
     """How the CPU kernels multiply products of more than 8 rows: "auto" is "amx" where the CPU and OS
     run AMX and the dtype is chosen automatically too (a dtype the user asked for keeps float32
-    products), else "float"; "amx" or "amx-bf16" when asked (an error where they cannot run)."""
+    products), else "int16" where the CPU has AVX-512 VNNI, else "float"; "amx", "amx-bf16" or
+    "int16" when asked (an error where they cannot run)."""
     name = config.cpu_prefill_products
-    if name not in ("auto", "amx", "amx-bf16", "float"):
-        raise ValueError(f"unknown cpu_prefill_products {name!r}; choose from auto, amx, amx-bf16, float")
-    if name == "float" or (name == "auto" and (config.dtype != "auto" or not cpu_kernels.amx_available())):
+    if name not in ("auto", "amx", "amx-bf16", "int16", "float"):
+        raise ValueError(f"unknown cpu_prefill_products {name!r}; choose from auto, amx, amx-bf16, int16, float")
+    if name == "auto":
+        if config.dtype != "auto":
+            return "float"
+        if cpu_kernels.amx_available():
+            return "amx"
+        return "int16" if cpu_kernels.int16_panels_available() else "float"
+    if name == "float":
         return "float"
+    if name == "int16":
+        if not cpu_kernels.int16_panels_available():
+            raise ValueError("--cpu-prefill-products int16: this CPU has no AVX-512 VNNI (or PLAIT_DISABLE_CPU_AVX512 "
+                             "is set)")
+        return "int16"
     if not cpu_kernels.amx_available():
         raise ValueError(f"--cpu-prefill-products {name}: this CPU or OS does not run AMX bfloat16 tiles "
                          "(or PLAIT_DISABLE_CPU_AMX is set)")
@@ -381,7 +393,7 @@ class ModelRunner:
             self.execution["decode_products"] = dot if blocks else "float"
             prefill = resolve_cpu_prefill_products(self.model_config)
             linears = list({id(m): m for m in model.modules() if isinstance(m, CpuLinear)}.values())
-            if prefill != "float":
+            if prefill in ("amx", "amx-bf16"):
                 # the packed weights sit beside the stored ones: 4 bytes a weight (2 for amx-bf16)
                 packed_bytes = sum(-(-m.out_features // 32) * 32 * m.in_features for m in linears) * (
                     4 if prefill == "amx" else 2)
@@ -392,7 +404,14 @@ class ModelRunner:
                                 "half the memory available (%.1f GiB); --cpu-prefill-products amx to force them",
                                 packed_bytes / 2**30, available / 2**30)
                     prefill = "float"
-            if prefill != "float":
+            if prefill == "int16":
+                # x rounded to int16 per block, integer products on AVX-512 VNNI: the block weights
+                # (float formats keep the float32 panels)
+                for module in blocks:
+                    module.stored.panel_dot = "int16"
+                if not blocks:
+                    prefill = "float"
+            if prefill in ("amx", "amx-bf16"):
                 for module in linears:
                     module.pack_amx(exact=prefill == "amx")
                 logger.info("CPU kernels: products of more than 8 rows on AMX tiles, %s (weights packed: %.0f MiB)",
@@ -405,7 +424,7 @@ class ModelRunner:
             # arithmetic (exact integer block sums), reading 0.75 bytes a weight rather than the 4 of
             # the AMX packing; where AMX runs and the decode products are int16.
             int8_rows = None
-            if prefill != "float" and dot == "int16" and cpu_kernels.amx_int8_available():
+            if prefill in ("amx", "amx-bf16") and dot == "int16" and cpu_kernels.amx_int8_available():
                 repacked = [m for m in linears if m.pack_amx_int8()]
                 if repacked:
                     int8_rows = list(AMX_INT8_ROWS)
@@ -417,6 +436,8 @@ class ModelRunner:
                 (_DECODE_PRODUCTS[dot] if blocks else "up to 8 rows (decode): stored weights decoded in registers; ")
                 + {"amx": "more rows (prefill): AMX tiles, bfloat16 hi/lo parts of x and w, three passes",
                    "amx-bf16": "more rows (prefill): AMX tiles, x and w rounded to bfloat16",
+                   "int16": "more rows (prefill): x rounded to int16 per 32 values, integer products "
+                            "(AVX-512 VNNI)",
                    "float": f"more rows (prefill): decoded into float32 panels ({panel_isa})"}[prefill])
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":

@@ -37,6 +37,11 @@ constexpr int kInt8Dot = 0x100;
 // The same with x rounded to int16 per 32 values (an error of at most 2^-16 of the block's largest
 // value, against 2^-8 for int8): nearly the float32 product, at most of the integer path's speed.
 constexpr int kInt16Dot = 0x200;
+// Added to a block format's code: products of more than 8 rows round x to int16 per 32 values too and
+// multiply in integers, where the CPU has AVX-512 VNNI (linear_avx512.cpp's int16 panels; elsewhere
+// the float32 panels run).
+constexpr int kInt16Panels = 0x400;
+constexpr int kProductFlags = kInt8Dot | kInt16Dot | kInt16Panels;
 
 // KV pool element types. A pool is [slots, Hkv, row] with one row per (token, KV head): D values of
 // the float types, or for kCacheI8 D int8 codes followed by the row's float32 scale (D + 4 bytes;
@@ -130,6 +135,14 @@ bool decode_takes(int fmt);
 void decode_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
                         float* y, int64_t ldy);
 void decode_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
+// Products of more than 8 rows of a block-format weight with x rounded to int16 per block of 32 (fmt
+// has kInt16Panels), where int16_panels_take(fmt) and decode_enabled(): exact integer block sums on
+// VNNI, scaled per block as the decode products do. `scratch`: int16_panel_scratch(M, K) int16s on a
+// 64-byte line, shared by the team (x's codes, scales and sums; written here).
+bool int16_panels_take(int fmt);
+inline size_t int16_panel_scratch(int64_t M, int64_t K) { return size_t(M * K + 4 * M * (K / kBlock)); }
+void int16_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N,
+                             const float* bias, float* y, int64_t ldy, int16_t* scratch);
 // A decode attention task (attention_avx2.cpp's blocks_direct): R <= 3 query rows for each of nh KV heads
 // from `head`, keys [k0, end) listed in slots (the sequence's), read in place, a segment at a time;
 // q [nh][R][D] (scaled), running o [nh][R][D], mx and l [nh][R]; seg_scores [nh][R][256].

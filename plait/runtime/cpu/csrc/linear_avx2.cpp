@@ -472,12 +472,16 @@ void gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 
 template <int FMT>
 void linear_fmt(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
-                int64_t ldy, int dot) {
+                int64_t ldy, int dot, TeamScratch& ts) {
     if (M <= kGemvMaxRows) {
         if (avx512::decode_enabled() && avx512::decode_takes(FMT | dot))
             avx512::decode_linear_team(x, M, K, w, FMT | dot, N, bias, y, ldy);
         else
             gemv_team<FMT>(x, M, K, w, N, bias, y, ldy, dot);
+    } else if (avx512::decode_enabled() && avx512::int16_panels_take(FMT | dot)) {
+#pragma omp single
+        ts.x16.resize(avx512::int16_panel_scratch(M, K));
+        avx512::int16_panel_linear_team(x, M, K, w, FMT | dot, N, bias, y, ldy, ts.x16.data());
     } else if (avx512::enabled()) {
         avx512::panel_linear_team(x, M, K, w, FMT, N, bias, y, ldy);
     } else {
@@ -495,17 +499,17 @@ void embedding_fmt(const int64_t* ids, int64_t n, const uint8_t* w, int64_t K, f
 }  // namespace
 
 void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
-                 float* y, int64_t ldy, TeamScratch&) {
-    const int dot = fmt & (kInt8Dot | kInt16Dot);
-    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
-        case kF32: linear_fmt<kF32>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kBF16: linear_fmt<kBF16>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kF16: linear_fmt<kF16>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kQ8_0F: linear_fmt<kQ8_0F>(x, M, K, w, N, bias, y, ldy, dot); break;
-        case kQ4_1F: linear_fmt<kQ4_1F>(x, M, K, w, N, bias, y, ldy, dot); break;
+                 float* y, int64_t ldy, TeamScratch& ts) {
+    const int dot = fmt & kProductFlags;
+    switch (fmt & ~kProductFlags) {
+        case kF32: linear_fmt<kF32>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kBF16: linear_fmt<kBF16>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kF16: linear_fmt<kF16>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kQ8_0: linear_fmt<kQ8_0>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kQ4_0: linear_fmt<kQ4_0>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kQ4_1: linear_fmt<kQ4_1>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kQ8_0F: linear_fmt<kQ8_0F>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
+        case kQ4_1F: linear_fmt<kQ4_1F>(x, M, K, w, N, bias, y, ldy, dot, ts); break;
     }
 }
 
@@ -514,8 +518,8 @@ void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         avx512::decode_gated_linear_team(x, M, K, w, fmt, I, out);
         return;
     }
-    const int dot = fmt & (kInt8Dot | kInt16Dot);
-    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
+    const int dot = fmt & kProductFlags;
+    switch (fmt & ~kProductFlags) {
         case kF32: gated_team<kF32>(x, M, K, w, I, out, dot); break;
         case kBF16: gated_team<kBF16>(x, M, K, w, I, out, dot); break;
         case kF16: gated_team<kF16>(x, M, K, w, I, out, dot); break;

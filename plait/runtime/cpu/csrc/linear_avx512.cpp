@@ -149,11 +149,193 @@ void panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
     }
 }
 
+// ---- Products of more rows in integers: int16 x times the stored codes on AVX-512 VNNI ----
+//
+// The float32 panels above run 16 multiply-adds per instruction. With x rounded to int16 per block of
+// 32 values (the decode products' rounding: scale max|x| / 32767, codes rounded to nearest even) and
+// the weights' codes widened to int16 (exact: 4-bit or int8), VPDPWSSD runs 32 per instruction at the
+// same rate. The panel is the same 32 output columns, now as pairs of inputs: per pair of inputs p,
+// 32 int32 lanes, each a column's two codes side by side, so one instruction multiplies a broadcast
+// pair of x's codes with 16 columns. Per block, each row's 32 exact code products are converted to
+// float and scaled by the column's d times the row's scale; the offset formats add m times the
+// block's float sum of x, as the decode kernels do. That per-block scaling is the price of the
+// integers: 2 vector operations (3 with an offset) per 16 multiply instructions.
+//
+// The scaling needs the 2 x MR float sums and 2 x MR integer sums in registers: 6 rows a block (28 of
+// the 32 registers), per pair of inputs 2 panel loads and 6 broadcast loads for 12 products.
+
+constexpr int kIntMR = 6;
+constexpr int64_t kIntMaxBlocks = 16;  // blocks per slice of the panel: 32 KiB of codes
+
+// A 4-byte load that may alias the int16 codes (two codes side by side).
+typedef int32_t pair32 __attribute__((may_alias, aligned(4)));
+
+// Row r of x: codes [K] (natural order), and per block its scale and float sum.
+inline void quantize_row(const float* x, int64_t K, int16_t* codes, float* scales, float* sums) {
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+        const __m512 v0 = _mm512_loadu_ps(x + b * kBlock), v1 = _mm512_loadu_ps(x + b * kBlock + 16);
+        const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const __m512 inv = _mm512_set1_ps(max_abs > 0.0f ? 32767.0f / max_abs : 0.0f);
+        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round to nearest even
+        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock), _mm512_cvtsepi32_epi16(c0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock + 16), _mm512_cvtsepi32_epi16(c1));
+        scales[b] = max_abs / 32767.0f;
+        sums[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    }
+}
+
+// Block b of a row's codes as 32 int16 in input order.
+template <int FMT>
+PLAIT_INLINE __m512i block_codes(const uint8_t* q) {
+    if constexpr (avx2::is_q8<FMT>()) {
+        return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    } else {  // inputs 0..15 in the low nibbles, 16..31 in the high ones
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        const __m256i nibbles = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(raw, mask)),
+                                                        _mm_and_si128(_mm_srli_epi16(raw, 4), mask), 1);
+        return _mm512_cvtepu8_epi16(nibbles);
+    }
+}
+
+// Weight rows n0 .. n0 + rows (rows <= 32) of a block format as the int16 panel: codes [K / 2][32] int32
+// (pairs of inputs), d and m [K / 32][32] (columns past `rows` zero).
+template <int FMT>
+void fill_int16_panel(const uint8_t* w, size_t stride, int64_t n0, int rows, int64_t nb, int32_t* codes, float* d,
+                      float* m) {
+    for (int half = 0; half < 2; ++half) {
+        const int j0 = 16 * half;
+        const int nj = std::max(0, std::min(16, rows - j0));
+        for (int64_t b = 0; b < nb; ++b) {
+            __m512 r[16];
+            for (int j = 0; j < 16; ++j) {
+                if (j < nj) {
+                    float dj, mj;
+                    const uint8_t* q = avx2::block_head<FMT>(w + (n0 + j0 + j) * stride, b, dj, mj);
+                    r[j] = _mm512_castsi512_ps(block_codes<FMT>(q));
+                    d[b * kNR + j0 + j] = dj;
+                    m[b * kNR + j0 + j] = mj;
+                } else {
+                    r[j] = _mm512_setzero_ps();
+                    d[b * kNR + j0 + j] = m[b * kNR + j0 + j] = 0.0f;
+                }
+            }
+            transpose16(r);  // r[p]: input pair p of the 16 columns
+            for (int p = 0; p < 16; ++p) _mm512_store_ps(reinterpret_cast<float*>(codes + (b * 16 + p) * kNR + j0), r[p]);
+        }
+    }
+}
+
+// y[i][0 .. ncols) (+)= x[i] . panel columns over blocks b0 .. b1 for MR rows of x (codes row stride K,
+// scales and sums row stride nb): the first slice starts the sums, later ones add to y; the last adds
+// the bias.
+template <int MR, bool kOffset>
+inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, int64_t K, int64_t nb, int64_t b0,
+                        int64_t b1, const int32_t* pc, const float* pd, const float* pm, const float* bias, float* y,
+                        int64_t ldy, int ncols) {
+    __mmask16 m0, m1;
+    tail_masks(ncols, m0, m1);
+    __m512 c0[MR], c1[MR];
+    if (b0 == 0) {
+        for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+    } else {
+        for (int i = 0; i < MR; ++i) {
+            c0[i] = _mm512_maskz_loadu_ps(m0, y + i * ldy);
+            c1[i] = _mm512_maskz_loadu_ps(m1, y + i * ldy + 16);
+        }
+    }
+    const int64_t half_k = K / 2;
+    for (int64_t b = b0; b < b1; ++b) {
+        __m512i s0[MR], s1[MR];
+        for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
+        const pair32* xp = reinterpret_cast<const pair32*>(xc + b * kBlock);
+        const int32_t* bp = pc + b * 16 * kNR;
+        for (int p = 0; p < 16; ++p) {
+            const __m512i w0 = _mm512_load_si512(bp + p * kNR), w1 = _mm512_load_si512(bp + p * kNR + 16);
+            for (int i = 0; i < MR; ++i) {
+                const __m512i a = _mm512_set1_epi32(xp[i * half_k + p]);
+                s0[i] = _mm512_dpwssd_epi32(s0[i], a, w0);
+                s1[i] = _mm512_dpwssd_epi32(s1[i], a, w1);
+            }
+        }
+        const __m512 d0 = _mm512_load_ps(pd + b * kNR), d1 = _mm512_load_ps(pd + b * kNR + 16);
+        for (int i = 0; i < MR; ++i) {
+            const __m512 sc = _mm512_set1_ps(xs[i * nb + b]);
+            c0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[i]), _mm512_mul_ps(d0, sc), c0[i]);
+            c1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[i]), _mm512_mul_ps(d1, sc), c1[i]);
+        }
+        if constexpr (kOffset) {
+            const __m512 o0 = _mm512_load_ps(pm + b * kNR), o1 = _mm512_load_ps(pm + b * kNR + 16);
+            for (int i = 0; i < MR; ++i) {
+                const __m512 sum = _mm512_set1_ps(xsum[i * nb + b]);
+                c0[i] = _mm512_fmadd_ps(o0, sum, c0[i]);
+                c1[i] = _mm512_fmadd_ps(o1, sum, c1[i]);
+            }
+        }
+    }
+    if (b1 == nb && bias) {
+        const __m512 bias0 = _mm512_maskz_loadu_ps(m0, bias), bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+        for (int i = 0; i < MR; ++i) {
+            c0[i] = _mm512_add_ps(c0[i], bias0);
+            c1[i] = _mm512_add_ps(c1[i], bias1);
+        }
+    }
+    for (int i = 0; i < MR; ++i) {
+        _mm512_mask_storeu_ps(y + i * ldy, m0, c0[i]);
+        _mm512_mask_storeu_ps(y + i * ldy + 16, m1, c1[i]);
+    }
+}
+
+template <bool kOffset, int... MRs>
+inline void int16_rows(int mr, const int16_t* xc, const float* xs, const float* xsum, int64_t K, int64_t nb, int64_t b0,
+                       int64_t b1, const int32_t* pc, const float* pd, const float* pm, const float* bias, float* y,
+                       int64_t ldy, int ncols, std::integer_sequence<int, MRs...>) {
+    ((mr == MRs + 1 ? (int16_block<MRs + 1, kOffset>(xc, xs, xsum, K, nb, b0, b1, pc, pd, pm, bias, y, ldy, ncols), 0)
+                    : 0),
+     ...);
+}
+
+template <int FMT>
+void int16_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
+                      int64_t ldy, int16_t* scratch) {
+    const size_t stride = row_bytes(FMT, K);
+    const int64_t nb = K / kBlock;
+    int16_t* const codes = scratch;
+    float* const scales = reinterpret_cast<float*>(scratch + M * K);
+    float* const sums = scales + M * nb;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, codes + r * K, scales + r * nb, sums + r * nb);
+    const int64_t num_panels = (N + kNR - 1) / kNR;
+    const int64_t slices = (nb + kIntMaxBlocks - 1) / kIntMaxBlocks;
+    const int64_t blocks_per_slice = (nb + slices - 1) / slices;
+    static thread_local Buffer code_buffer, const_buffer;
+    int32_t* const panel = reinterpret_cast<int32_t*>(code_buffer.get(size_t(K / 2 * kNR)));
+    float* const pd = const_buffer.get(size_t(2 * nb * kNR));
+    float* const pm = pd + nb * kNR;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < num_panels; ++p) {
+        const int64_t n0 = p * kNR;
+        const int cols = int(std::min<int64_t>(kNR, N - n0));
+        fill_int16_panel<FMT>(w, stride, n0, cols, nb, panel, pd, pm);
+        const float* b = bias ? bias + n0 : nullptr;
+        for (int64_t b0 = 0; b0 < nb; b0 += blocks_per_slice) {
+            const int64_t b1 = std::min(nb, b0 + blocks_per_slice);
+            for (int64_t m0 = 0; m0 < M; m0 += kIntMR) {
+                const int mr = int(std::min<int64_t>(kIntMR, M - m0));
+                int16_rows<avx2::has_offset<FMT>()>(mr, codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
+                                                    b1, panel, pd, pm, b, y + m0 * ldy + n0, ldy, cols,
+                                                    std::make_integer_sequence<int, kIntMR>{});
+            }
+        }
+    }
+}
+
 }  // namespace
 
 void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
                        float* y, int64_t ldy) {
-    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
+    switch (fmt & ~kProductFlags) {
         case kF32: panel_team<kF32>(x, M, K, w, N, bias, y, ldy); break;
         case kBF16: panel_team<kBF16>(x, M, K, w, N, bias, y, ldy); break;
         case kF16: panel_team<kF16>(x, M, K, w, N, bias, y, ldy); break;
@@ -162,6 +344,23 @@ void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, i
         case kQ4_1: panel_team<kQ4_1>(x, M, K, w, N, bias, y, ldy); break;
         case kQ8_0F: panel_team<kQ8_0F>(x, M, K, w, N, bias, y, ldy); break;
         case kQ4_1F: panel_team<kQ4_1F>(x, M, K, w, N, bias, y, ldy); break;
+    }
+}
+
+bool int16_panels_take(int fmt) {
+    const int base = fmt & ~kProductFlags;
+    return (fmt & kInt16Panels) &&
+           (base == kQ8_0 || base == kQ4_0 || base == kQ4_1 || base == kQ8_0F || base == kQ4_1F);
+}
+
+void int16_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N,
+                             const float* bias, float* y, int64_t ldy, int16_t* scratch) {
+    switch (fmt & ~kProductFlags) {
+        case kQ8_0: int16_panel_team<kQ8_0>(x, M, K, w, N, bias, y, ldy, scratch); break;
+        case kQ4_0: int16_panel_team<kQ4_0>(x, M, K, w, N, bias, y, ldy, scratch); break;
+        case kQ4_1: int16_panel_team<kQ4_1>(x, M, K, w, N, bias, y, ldy, scratch); break;
+        case kQ8_0F: int16_panel_team<kQ8_0F>(x, M, K, w, N, bias, y, ldy, scratch); break;
+        case kQ4_1F: int16_panel_team<kQ4_1F>(x, M, K, w, N, bias, y, ldy, scratch); break;
     }
 }
 
@@ -356,13 +555,13 @@ void decode_gated_team(const float* x, int64_t M, int64_t K, const uint8_t* w, i
 }  // namespace
 
 bool decode_takes(int fmt) {
-    const int base = fmt & ~(kInt8Dot | kInt16Dot);
+    const int base = fmt & ~kProductFlags;
     return (fmt & kInt16Dot) && (base == kQ8_0 || base == kQ4_0 || base == kQ4_1 || base == kQ8_0F || base == kQ4_1F);
 }
 
 void decode_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
                         float* y, int64_t ldy) {
-    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
+    switch (fmt & ~kProductFlags) {
         case kQ8_0: decode_team<kQ8_0>(x, M, K, w, N, bias, y, ldy); break;
         case kQ4_0: decode_team<kQ4_0>(x, M, K, w, N, bias, y, ldy); break;
         case kQ4_1: decode_team<kQ4_1>(x, M, K, w, N, bias, y, ldy); break;
@@ -372,7 +571,7 @@ void decode_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, 
 }
 
 void decode_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out) {
-    switch (fmt & ~(kInt8Dot | kInt16Dot)) {
+    switch (fmt & ~kProductFlags) {
         case kQ8_0: decode_gated_team<kQ8_0>(x, M, K, w, I, out); break;
         case kQ4_0: decode_gated_team<kQ4_0>(x, M, K, w, I, out); break;
         case kQ4_1: decode_gated_team<kQ4_1>(x, M, K, w, I, out); break;

@@ -302,6 +302,8 @@ PyObject* py_avx512(PyObject*, PyObject* const* a, Py_ssize_t n) {
     return PyBool_FromLong(plait::avx512::set_enabled(on));
 }
 
+PyObject* py_vnni(PyObject*, PyObject*) { return PyBool_FromLong(plait::avx512::decode_enabled()); }
+
 PyMethodDef methods[] = {
     {"stack_fields", py_stack_fields, METH_NOARGS, "Names of decoder_stack's argument fields, in order."},
     {"layer_fields", py_layer_fields, METH_NOARGS, "Names of decoder_stack's per-layer fields, in order."},
@@ -312,6 +314,8 @@ PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU: 'avx2' or 'none'."},
     {"avx512", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_avx512)), METH_FASTCALL,
      "avx512(on=None): whether products of more than 8 rows run on AVX-512; a bool sets it (returns the old)."},
+    {"vnni", py_vnni, METH_NOARGS,
+     "Whether the integer products on AVX-512 VNNI run here (the CPU has it and the AVX-512 kernels are on)."},
     {"amx", py_amx, METH_NOARGS, "Whether this CPU and OS run the AMX products (amx_linear, the stack's AMX weights)."},
     {"amx_int8", py_amx_int8, METH_NOARGS, "Whether AMX's int8 tiles run here too (amx_int8_linear)."},
     {"amx_int8_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_int8_linear)), METH_FASTCALL,
