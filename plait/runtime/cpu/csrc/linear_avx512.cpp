@@ -78,6 +78,28 @@ void fill_panel(const uint8_t* w, size_t stride, int64_t n0, int rows, int64_t K
     }
 }
 
+// A block's running sums of MR rows x 32 columns: zero for the first slice of K, else y's partial sums.
+template <int MR>
+PLAIT_INLINE void start_sums(bool first, const float* y, int64_t ldy, __mmask16 m0, __mmask16 m1, __m512 (&c0)[MR],
+                             __m512 (&c1)[MR]) {
+    for (int i = 0; i < MR; ++i) {
+        c0[i] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + i * ldy);
+        c1[i] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + i * ldy + 16);
+    }
+}
+
+// The sums into y, plus `bias` (the last slice of K only; else null).
+template <int MR>
+PLAIT_INLINE void store_sums(const float* bias, float* y, int64_t ldy, __mmask16 m0, __mmask16 m1, __m512 (&c0)[MR],
+                             __m512 (&c1)[MR]) {
+    const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+        _mm512_mask_storeu_ps(y + i * ldy, m0, bias ? _mm512_add_ps(c0[i], bias0) : c0[i]);
+        _mm512_mask_storeu_ps(y + i * ldy + 16, m1, bias ? _mm512_add_ps(c1[i], bias1) : c1[i]);
+    }
+}
+
 // y[i][0 .. ncols) (+)= x[i][k0 .. k1) . panel columns k0 .. k1 for MR rows of x (row stride K): the
 // first slice of K starts the sums, later ones add to y; the last adds the bias.
 template <int MR>
@@ -86,14 +108,7 @@ inline void panel_block(const float* x, int64_t K, int64_t k0, int64_t k1, const
     __mmask16 m0, m1;
     tail_masks(ncols, m0, m1);
     __m512 c0[MR], c1[MR];
-    if (k0 == 0) {
-        for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-    } else {
-        for (int i = 0; i < MR; ++i) {
-            c0[i] = _mm512_maskz_loadu_ps(m0, y + i * ldy);
-            c1[i] = _mm512_maskz_loadu_ps(m1, y + i * ldy + 16);
-        }
-    }
+    start_sums<MR>(k0 == 0, y, ldy, m0, m1, c0, c1);
     for (int64_t k = k0; k < k1; ++k) {
         const __m512 b0 = _mm512_load_ps(panel + k * kNR);
         const __m512 b1 = _mm512_load_ps(panel + k * kNR + 16);
@@ -103,17 +118,7 @@ inline void panel_block(const float* x, int64_t K, int64_t k0, int64_t k1, const
             c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
         }
     }
-    if (k1 == K && bias) {
-        const __m512 bias0 = _mm512_maskz_loadu_ps(m0, bias), bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-        for (int i = 0; i < MR; ++i) {
-            c0[i] = _mm512_add_ps(c0[i], bias0);
-            c1[i] = _mm512_add_ps(c1[i], bias1);
-        }
-    }
-    for (int i = 0; i < MR; ++i) {
-        _mm512_mask_storeu_ps(y + i * ldy, m0, c0[i]);
-        _mm512_mask_storeu_ps(y + i * ldy + 16, m1, c1[i]);
-    }
+    store_sums<MR>(k1 == K ? bias : nullptr, y, ldy, m0, m1, c0, c1);
 }
 
 template <int... MRs>
@@ -237,14 +242,7 @@ inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, i
     __mmask16 m0, m1;
     tail_masks(ncols, m0, m1);
     __m512 c0[MR], c1[MR];
-    if (b0 == 0) {
-        for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-    } else {
-        for (int i = 0; i < MR; ++i) {
-            c0[i] = _mm512_maskz_loadu_ps(m0, y + i * ldy);
-            c1[i] = _mm512_maskz_loadu_ps(m1, y + i * ldy + 16);
-        }
-    }
+    start_sums<MR>(b0 == 0, y, ldy, m0, m1, c0, c1);
     const int64_t half_k = K / 2;
     for (int64_t b = b0; b < b1; ++b) {
         __m512i s0[MR], s1[MR];
@@ -274,17 +272,7 @@ inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, i
             }
         }
     }
-    if (b1 == nb && bias) {
-        const __m512 bias0 = _mm512_maskz_loadu_ps(m0, bias), bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-        for (int i = 0; i < MR; ++i) {
-            c0[i] = _mm512_add_ps(c0[i], bias0);
-            c1[i] = _mm512_add_ps(c1[i], bias1);
-        }
-    }
-    for (int i = 0; i < MR; ++i) {
-        _mm512_mask_storeu_ps(y + i * ldy, m0, c0[i]);
-        _mm512_mask_storeu_ps(y + i * ldy + 16, m1, c1[i]);
-    }
+    store_sums<MR>(b1 == nb ? bias : nullptr, y, ldy, m0, m1, c0, c1);
 }
 
 template <bool kOffset, int... MRs>
