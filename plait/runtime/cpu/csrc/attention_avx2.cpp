@@ -45,10 +45,10 @@ struct Scratch {
             q.resize(rows * D);
             o.resize(rows * D);
         }
-        if (int64_t(s.size()) < rows * kT) s.resize(rows * kT);
-        if (int64_t(kt.size()) < D * kT) {
-            kt.resize(D * kT);
-            v.resize(D * kT);
+        if (int64_t(s.size()) < std::max(rows * kT, 12 * kSeg)) s.resize(std::max(rows * kT, 12 * kSeg));
+        if (int64_t(kt.size()) < D * kSeg) {  // a segment of keys (attention_avx512.cpp's tasks of many rows)
+            kt.resize(D * kSeg);
+            v.resize(D * kSeg);
         }
         if (int64_t(mx.size()) < rows) {
             mx.resize(rows);
@@ -543,7 +543,7 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
 #undef PLAIT_DIRECT
         }
     } else if (avx512::enabled() && D % 16 == 0) {  // one KV head, as below, in 512-bit registers
-        avx512::attend_rows(slots, task.k0, end, task.k1, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, qs, R, G,
+        avx512::attend_rows(slots, task.k0, end, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, qs, R, G,
                             visible0 + task.q0, sc.kt.data(), sc.v.data(), sp, o, mx, l);
     } else {  // one KV head (the planner's contract for more than 3 rows per head)
         for (int64_t t0 = task.k0; t0 < end; t0 += kT) {

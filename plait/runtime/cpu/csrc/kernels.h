@@ -155,10 +155,11 @@ struct DecodeTask {
     float *o, *mx, *l, *seg_scores;
 };
 void decode_attention(const DecodeTask& task);  // attention_avx512.cpp; D % 16 == 0
-// An attention task of R query rows (G a KV head) over keys [k0, end) of one KV head (block ends capped
-// at k1), 32 keys at a time, into the running output o [R][D], maxima mx and sums l; row r sees keys
-// below first_visible + r / G. kt, v: D * 32 floats each; s: R * 32 (attention_avx512.cpp; D % 16 == 0).
-void attend_rows(const int64_t* slots, int64_t k0, int64_t end, int64_t k1, const void* k_cache, const void* v_cache,
+// An attention task of R query rows (G a KV head) over keys [k0, end) of one KV head, 128 keys at a
+// time, into the running output o [R][D], maxima mx and sums l; row r sees keys below
+// first_visible + r / G (so none at or past end). kt, v: D * 128 floats each; s: 12 * 128
+// (attention_avx512.cpp; D % 16 == 0).
+void attend_rows(const int64_t* slots, int64_t k0, int64_t end, const void* k_cache, const void* v_cache,
                  int fmt, int64_t Hkv, int64_t head, int64_t D, const float* q, int64_t R, int64_t G,
                  int64_t first_visible, float* kt, float* v, float* s, float* o, float* mx, float* l);
 }  // namespace avx512
