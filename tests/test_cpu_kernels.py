@@ -399,14 +399,14 @@ def test_decode_products_setting_resolves_from_dtype_and_flags():
     """auto: int16 with an automatic dtype, float32 products when the user chose a dtype;
     --enable-cpu-int8-dot means int8; a name the kernels do not know is refused."""
     from plait.runtime.config import ModelConfig
-    from plait.runtime.executor.model_runner import resolve_cpu_decode_products
+    from plait.runtime.cpu.products import resolve_decode_products
 
-    assert resolve_cpu_decode_products(ModelConfig()) == "int16"
-    assert resolve_cpu_decode_products(ModelConfig(dtype="float32")) == "float"
-    assert resolve_cpu_decode_products(ModelConfig(dtype="float32", cpu_decode_products="int16")) == "int16"
-    assert resolve_cpu_decode_products(ModelConfig(enable_cpu_int8_dot=True)) == "int8"
+    assert resolve_decode_products(ModelConfig()) == "int16"
+    assert resolve_decode_products(ModelConfig(dtype="float32")) == "float"
+    assert resolve_decode_products(ModelConfig(dtype="float32", cpu_decode_products="int16")) == "int16"
+    assert resolve_decode_products(ModelConfig(enable_cpu_int8_dot=True)) == "int8"
     with pytest.raises(ValueError, match="cpu_decode_products"):
-        resolve_cpu_decode_products(ModelConfig(cpu_decode_products="int4"))
+        resolve_decode_products(ModelConfig(cpu_decode_products="int4"))
 
 
 needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX-BF16 here (Intel Xeon since Sapphire Rapids)")
@@ -545,25 +545,25 @@ def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
     """auto: AMX where the CPU has it and the dtype is automatic, float32 panels otherwise; asking for
     AMX where it cannot run is a clear error; unknown names are refused."""
     from plait.runtime.config import ModelConfig
-    from plait.runtime.executor.model_runner import resolve_cpu_prefill_products
+    from plait.runtime.cpu.products import resolve_prefill_products
 
     amx, int16 = kernels.amx_available(), kernels.int16_panels_available()
-    assert resolve_cpu_prefill_products(ModelConfig()) == ("amx" if amx else "int16" if int16 else "float")
-    assert resolve_cpu_prefill_products(ModelConfig(dtype="float32")) == "float"
-    assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="float")) == "float"
+    assert resolve_prefill_products(ModelConfig()) == ("amx" if amx else "int16" if int16 else "float")
+    assert resolve_prefill_products(ModelConfig(dtype="float32")) == "float"
+    assert resolve_prefill_products(ModelConfig(cpu_prefill_products="float")) == "float"
     if int16:
-        assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="int16")) == "int16"
+        assert resolve_prefill_products(ModelConfig(cpu_prefill_products="int16")) == "int16"
     else:
         with pytest.raises(ValueError, match="VNNI"):
-            resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="int16"))
+            resolve_prefill_products(ModelConfig(cpu_prefill_products="int16"))
     for name in ("amx", "amx-bf16"):
         if amx:
-            assert resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products=name)) == name
+            assert resolve_prefill_products(ModelConfig(cpu_prefill_products=name)) == name
         else:
             with pytest.raises(ValueError, match="AMX"):
-                resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products=name))
+                resolve_prefill_products(ModelConfig(cpu_prefill_products=name))
     with pytest.raises(ValueError, match="cpu_prefill_products"):
-        resolve_cpu_prefill_products(ModelConfig(cpu_prefill_products="tf32"))
+        resolve_prefill_products(ModelConfig(cpu_prefill_products="tf32"))
 
 
 @needs_amx
