@@ -331,6 +331,27 @@ def test_workflow_bench_with_private_agents(tiny_config, tmp_path):
     assert agents[0]["hit_rate"] < 0.2 and agents[1]["hit_rate"] > agents[0]["hit_rate"]
 
 
+def test_workflow_bench_with_a_storage_tier(tiny_config, tmp_path):
+    """--storage-dir: the hierarchical engines get a file tier of their own under it, and write to it."""
+    from plait.bench import workflow
+
+    out, store = tmp_path / "workflow.json", tmp_path / "store"
+    store.mkdir()
+    workflow.main([
+        "--model-path", tiny_config, "--num-agents", "3", "--prompt-len", "64", "--task-len", "4",
+        "--output-len", "2", "--rounds", "2", "--workflows", "2", "--private-agents", "--modes", "a,c",
+        "--skip-chat", "--storage-dir", str(store), "--output-file", str(out),
+        "--", "--load-format", "dummy", "--dtype", "float32",
+    ])
+    agents = {r["mode"]: r for r in json.loads(out.read_text())["agents"]}
+    assert all(r["integrity_ok"] for r in agents.values())
+    assert agents["a"]["storage_write_tokens"] == 0  # no hierarchical cache, no tier
+    assert agents["c"]["storage_write_tokens"] > 0
+    folders = [p for p in store.iterdir() if p.is_dir()]
+    assert [p.name.startswith("workflow-c-") for p in folders] == [True]
+    assert any(f.is_file() and f.stat().st_size > 0 for f in folders[0].rglob("*"))
+
+
 def test_cpu_kernels_bench_times_every_path_it_can_run():
     """plait.bench.cpu_kernels: a row per product and per context, with the AMX columns only where AMX runs."""
     from plait.bench import cpu_kernels
