@@ -332,7 +332,8 @@ def test_workflow_bench_with_private_agents(tiny_config, tmp_path):
 
 
 def test_workflow_bench_with_a_storage_tier(tiny_config, tmp_path):
-    """--storage-dir: the hierarchical engines get a file tier of their own under it, and write to it."""
+    """--storage-dir: the hierarchical engines get a file tier of their own under it; a host tier too small
+    for the private agents' prompts (1.2 x the KV pool) sends what it evicts there."""
     from plait.bench import workflow
 
     out, store = tmp_path / "workflow.json", tmp_path / "store"
@@ -340,7 +341,7 @@ def test_workflow_bench_with_a_storage_tier(tiny_config, tmp_path):
     workflow.main([
         "--model-path", tiny_config, "--num-agents", "3", "--prompt-len", "64", "--task-len", "4",
         "--output-len", "2", "--rounds", "2", "--workflows", "2", "--private-agents", "--modes", "a,c",
-        "--skip-chat", "--storage-dir", str(store), "--output-file", str(out),
+        "--skip-chat", "--hicache-ratio", "1.2", "--storage-dir", str(store), "--output-file", str(out),
         "--", "--load-format", "dummy", "--dtype", "float32",
     ])
     agents = {r["mode"]: r for r in json.loads(out.read_text())["agents"]}
