@@ -69,7 +69,13 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
             ids = default.tokenizer.encode(prompt)
             assert result["output_ids"] == hf_greedy(hf_model, ids, NEW_TOKENS, default.scheduler.eos_token_ids)
         steps = dict(default.runner.cpu_stack.steps) if default.runner.cpu_stack is not None else {}
+        info = default.runner.execution_info()
+    from plait.runtime import huge_pages
     from plait.runtime.cpu import kernels
+
+    # the weights and the KV pool on transparent huge pages where the kernel offers them
+    if huge_pages.kernel_mode() in ("always", "madvise") and os.environ.get(huge_pages.ENV) != "0":
+        assert info["huge_pages"] is True and info["huge_page_bytes"] >= 64 * 2**20
 
     # the decode steps of the five requests (4 to 64 rows) ran on AMX's int8 tiles where the CPU has them
     if kernels.amx_int8_available():

@@ -12,12 +12,14 @@ others (plait/runtime/distributed/lockstep.py), which run it in lock step.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from plait.runtime import huge_pages
 from plait.runtime.attention.base import (
     AttentionBackend,
     create_attention_backend,
@@ -303,6 +305,8 @@ class ModelRunner:
             "cuda_graph": self.graph_runner is not None,
             "cuda_graph_batch_sizes": list(self.memory_report.graph_batch_sizes),
             "torch_compile": self.graph_runner is not None and self.model_config.enable_torch_compile,
+            "huge_pages": os.environ.get(huge_pages.ENV, "").strip() not in ("", "0"),
+            "huge_page_bytes": huge_pages.huge_page_bytes(),
             **self.execution,
             **({"cpu_graph_steps": dict(self.cpu_stack.steps)} if self.cpu_stack is not None else {}),
         }
