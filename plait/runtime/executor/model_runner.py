@@ -338,12 +338,14 @@ class ModelRunner:
             model.load_weights(self.source.iter_weights(skip=consumed))
         if self.use_cpu_kernels:
             from plait.runtime.cpu.convert import convert_remaining
+            from plait.runtime.cpu.linear import gather_stored
             from plait.runtime.cpu.products import configure_products
 
             summary = convert_remaining(model, self.weight_dtype)
             self.execution["cpu_kernels"] = cpu_kernels.isa()
             self.execution["weights"] = summary.describe()
             self.execution.update(configure_products(model, self.model_config, available_memory_bytes()))
+            self.execution["stored_weight_bytes"] = gather_stored(model)
             logger.info("CPU kernels (%s): weights read as stored: %s", cpu_kernels.isa(), summary.describe())
         elif self.device.type == "cpu":
             self.execution["cpu_kernels"] = "off"
