@@ -218,32 +218,6 @@ def test_stored_weight_keeps_float_weights_in_16_bits_only_when_lossless():
 
 
 @needs_kernels
-def test_gathered_weights_are_views_of_one_buffer_with_the_same_products():
-    from torch import nn
-
-    from plait.runtime.cpu.linear import CpuEmbedding, CpuLinear, gather_stored
-
-    torch.manual_seed(0)
-    raw, _ = gguf_weight(torch.randn(96, 64), WeightFormat.Q4_1)
-    fmt, data = kernels.float_constants(WeightFormat.Q4_1, raw)
-    q41 = StoredWeight(data, fmt, 96, 64)
-    tied = StoredWeight.from_float(torch.randn(40, 64))
-    model = nn.ModuleList([CpuLinear(q41), CpuLinear(StoredWeight.from_float(torch.randn(24, 64).bfloat16().float())),
-                           CpuEmbedding(tied), CpuLinear(StoredWeight(tied.data, tied.fmt, 40, 64))])
-    x = torch.randn(3, 64)
-    before = [m(x) for m in model if isinstance(m, CpuLinear)]
-    total = gather_stored(model)
-    weights = [m.stored.data for m in model]
-    base = weights[0].untyped_storage().data_ptr()
-    assert all(w.untyped_storage().data_ptr() == base and w.data_ptr() % 64 == 0 for w in weights)
-    assert all(m.packed.data_ptr() == m.stored.data.data_ptr() for m in model)  # no buffer keeps the old bytes
-    assert weights[2].data_ptr() == weights[3].data_ptr()  # tied weights keep sharing their bytes
-    assert total >= sum(w.numel() * w.element_size() for w in weights[:3])
-    after = [m(x) for m in model if isinstance(m, CpuLinear)]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-
-
-@needs_kernels
 def test_rmsnorm_and_silu_match_the_reference_layers():
     torch.manual_seed(0)
     norm = RMSNorm(96, 1e-5)

@@ -43,20 +43,31 @@ def request_huge_pages(environ: MutableMapping[str, str] | None = None, path: st
     or the kernel offers none; returns whether huge pages are asked for."""
     env = os.environ if environ is None else environ
     if ENV in env:
-        return env[ENV].strip() not in ("", "0")
+        return asked(env)
     if kernel_mode(path) not in ("always", "madvise"):
         return False
     env[ENV] = "1"
     return True
 
 
-def huge_page_bytes() -> int:
-    """Bytes of this process's memory on transparent huge pages (0 where it cannot tell)."""
+def asked(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Whether THP_MEM_ALLOC_ENABLE asks PyTorch's allocator for huge pages."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV, "").strip() not in ("", "0")
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file (meminfo, smaps_rollup) in bytes; None where it cannot be read."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("AnonHugePages:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def huge_page_bytes() -> int:
+    """Bytes of this process's memory on transparent huge pages (0 where it cannot tell)."""
+    return proc_bytes("/proc/self/smaps_rollup", "AnonHugePages") or 0

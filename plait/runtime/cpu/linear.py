@@ -84,25 +84,22 @@ def gather_stored(model: nn.Module) -> int:
     together they are one allocation on huge pages, which a decode step streams through with a fraction
     of the TLB misses. Call before anything records the weights' addresses (the decoder stack)."""
     layers = [m for m in model.modules() if isinstance(m, (CpuLinear, CpuEmbedding))]
-    stored = list({id(m.stored): m.stored for m in layers}.values())
-    # weights that share their bytes (a tied embedding and LM head) share one view
-    first = {}
-    for weight in stored:
-        first.setdefault((weight.data.data_ptr(), weight.data.dtype, weight.data.shape), weight)
-    if not first:
+    # one copy of each tensor: weights that share their bytes (a tied embedding and LM head) share one view
+    tensors = list({t.data_ptr(): t for t in (m.stored.data for m in layers)}.values())
+    if not tensors:
         return 0
-    spans = [(w.nbytes + 63) // 64 * 64 for w in first.values()]
+    spans = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
     arena = torch.empty(sum(spans) + 64, dtype=torch.uint8)
     offset = (-arena.data_ptr()) % 64
     views = {}
-    for (key, weight), span in zip(first.items(), spans):
-        views[key] = arena[offset:offset + weight.nbytes].view(weight.data.dtype).view(weight.data.shape)
-        views[key].copy_(weight.data)
+    for t, span in zip(tensors, spans):
+        view = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        views[t.data_ptr()] = view.copy_(t)
         offset += span
-    for weight in stored:
-        weight.data = views[(weight.data.data_ptr(), weight.data.dtype, weight.data.shape)]
-    for layer in layers:  # their buffers held the old bytes
-        layer.packed = layer.stored.data
+    new = [views[m.stored.data.data_ptr()] for m in layers]  # before any StoredWeight (some are shared) moves
+    for layer, view in zip(layers, new):  # the StoredWeight, and the module's buffer that held the old bytes
+        layer.stored.data = view
+        layer.packed = view
     return arena.numel()
 
 

@@ -12,7 +12,6 @@ others (plait/runtime/distributed/lockstep.py), which run it in lock step.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -305,7 +304,7 @@ class ModelRunner:
             "cuda_graph": self.graph_runner is not None,
             "cuda_graph_batch_sizes": list(self.memory_report.graph_batch_sizes),
             "torch_compile": self.graph_runner is not None and self.model_config.enable_torch_compile,
-            "huge_pages": os.environ.get(huge_pages.ENV, "").strip() not in ("", "0"),
+            "huge_pages": huge_pages.asked(),
             "huge_page_bytes": huge_pages.huge_page_bytes(),
             **self.execution,
             **({"cpu_graph_steps": dict(self.cpu_stack.steps)} if self.cpu_stack is not None else {}),
@@ -505,14 +504,7 @@ def _init_dummy_weights(model: torch.nn.Module) -> None:
 
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return huge_pages.proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def cpu_default_kv_slots(bytes_per_token: int, context_length: int, available: int | None) -> int:
