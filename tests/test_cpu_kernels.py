@@ -179,6 +179,30 @@ def test_int16_panels_are_the_int16_decode_products(fmt, rows, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", [WeightFormat.Q4_1, WeightFormat.Q4_1F, WeightFormat.Q8_0], ids=lambda f: f.name)
+# intermediate sizes: whole panels of 32, a last panel of 8 columns, one of 4 (a tail past the 8-wide activation)
+@pytest.mark.parametrize("rows,k,inter", [(3, 576, 96), (9, 576, 96), (40, 576, 72), (100, 1088, 76)])
+def test_gated_product_is_the_product_then_silu_mul(fmt, rows, k, inter, isa):
+    """The MLP's gate/up product with its activation: where the int16 panels run (more than 8 rows, VNNI)
+    it never writes the [M, 2I] product, and its output is still that product then silu_mul, to the bit;
+    elsewhere the same by construction (decode kernels, or the product then silu_mul)."""
+    torch.manual_seed(5)
+    data, _ = gguf_weight(torch.randn(2 * inter, k), FLOAT_CONSTANTS.get(fmt, fmt))
+    if fmt in FLOAT_CONSTANTS:
+        _, data = kernels.float_constants(FLOAT_CONSTANTS[fmt], data)
+    x = torch.randn(rows, k)
+    for dot, panels in (("int16", "int16"), ("float", "float")):
+        fused = kernels.gated_linear(x, data, fmt, inter, dot=dot, panels=panels)
+        two_step = kernels.silu_mul(kernels.linear(x, data, fmt, 2 * inter, dot=dot, panels=panels))
+        assert torch.equal(fused, two_step), (dot, panels)
+    gate = kernels.linear(x, data, fmt, 2 * inter, dot="int16", panels="int16")
+    expected = torch.nn.functional.silu(gate[:, :inter]) * gate[:, inter:]
+    assert rel_err(kernels.gated_linear(x, data, fmt, inter, dot="int16", panels="int16"), expected) < 1e-6
+    with pytest.raises(ValueError, match="does not hold"):
+        kernels.gated_linear(x, data, fmt, inter + 32)
+
+
+@needs_kernels
 def test_int16_panels_fall_back_to_float_panels_without_vnni(isa):
     """Where the int16 panels cannot run (AVX-512 off, or no VNNI), the flag is ignored: the float32
     panels' product, to the bit; float weight formats ignore it everywhere."""

@@ -333,6 +333,24 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out
 
 
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, intermediate: int, *,
+                 dot: str = "float", panels: str = "float") -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) for a stored weight [2 * intermediate, K] of gate rows then up rows:
+    [M, intermediate] float32, as a decoder stack's MLP computes it (the fused forms where they run;
+    `dot` and `panels` as for `linear`)."""
+    _check(x, "x", torch.float32)
+    _check(weight, "weight")
+    m, k = x.shape
+    n = 2 * intermediate
+    if k % 32 or weight.numel() * weight.element_size() != n * fmt.row_bytes(k):
+        raise ValueError(f"weight of {weight.numel() * weight.element_size()} bytes does not hold "
+                         f"[{n}, {k}] in {fmt.name}")
+    out = torch.empty((m, intermediate), dtype=torch.float32)
+    _ext.gated_linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot, panels), intermediate,
+                      out.data_ptr(), _threads())
+    return out
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x [M, 2I] laid out as [gate | up]: [M, I]."""
     _check(x, "x", torch.float32)

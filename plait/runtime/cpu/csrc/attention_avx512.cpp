@@ -187,7 +187,8 @@ void attend_rows(const int64_t* slots, int64_t k0, int64_t end, const void* k_ca
 // ---- Decode tasks: the pool's rows read in place, a segment of keys at a time ----
 //
 // The AVX2 path's decode tasks (attention_avx2.cpp, blocks_direct) in 512-bit registers: per segment of
-// 256 keys all the scores (K rows converted in registers, 16 dims a vector), one softmax step per row,
+// 256 keys all the scores (K rows converted in registers, 16 dims a vector; the sums of 8 keys reduced
+// across lanes together), one softmax step per row,
 // then the values (64 dims of a row per pass over the keys, even and odd keys into separate sums), with
 // the next block's cache lines asked for from inside each block's arithmetic.
 namespace {
@@ -208,32 +209,47 @@ PLAIT_INLINE __m512 load_raw16(const uint8_t* row, int64_t d) {
     }
 }
 
-// The sum of each of four vectors: {sum a0, sum a1, sum a2, sum a3}.
-PLAIT_INLINE __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); };
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a0), half(a1)), _mm256_hadd_ps(half(a2), half(a3)));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+// The sums of eight vectors in order, {sum a[0], ..., sum a[7]}: pairs of vectors folded into one
+// (halves, then quarters, then pairs of lanes added), 24 instructions for the eight where reducing
+// each alone takes 4 shuffles and 4 adds.
+PLAIT_INLINE __m256 sum8(const __m512 a[8]) {
+    auto halves = [](__m512 x, __m512 y) {  // quarters {x0 + x2, x1 + x3, y0 + y2, y1 + y3}
+        return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    };
+    auto quarters = [](__m512 x, __m512 y) {  // quarter i: four partial sums of vector i
+        return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+    };
+    const __m512 lo = quarters(halves(a[0], a[1]), halves(a[2], a[3]));
+    const __m512 hi = quarters(halves(a[4], a[5]), halves(a[6], a[7]));
+    // Lane i of e: two partial sums of vector i, then two of vector 4 + i; of f: {s_i, s_i, s_4+i, s_4+i}.
+    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(lo, hi, 0x44), _mm512_shuffle_ps(lo, hi, 0xEE));
+    const __m512 f = _mm512_add_ps(e, _mm512_shuffle_ps(e, e, 0xB1));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, f));
 }
 
+// s[r * ld + t] = q[r] . k[t] for the block's 32 keys, 8 at a time: R x 8 sums in registers, reduced
+// together by sum8.
 template <int R, int FMT>
 void scores_direct(const float* q, int64_t D, const uint8_t* const rows[kT], int64_t off, const float scales[kT],
                    float* s, int64_t ld, LinesAhead& ahead) {
-    for (int64_t t = 0; t < kT; t += 4) {
-        __m512 acc[R][4];
+    for (int64_t t = 0; t < kT; t += 8) {
+        __m512 acc[R][8];
         for (int r = 0; r < R; ++r)
-            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+            for (int j = 0; j < 8; ++j) acc[r][j] = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
             ahead.read();
-            for (int j = 0; j < 4; ++j) {
+            ahead.read();
+            for (int j = 0; j < 8; ++j) {
                 const __m512 k = load_raw16<FMT>(rows[t + j] + off, d);
                 for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + d), k, acc[r][j]);
             }
         }
-        const __m128 sc = _mm_loadu_ps(scales + t);
+        const __m256 sc = _mm256_loadu_ps(scales + t);
         for (int r = 0; r < R; ++r) {
-            __m128 s4 = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-            if constexpr (FMT == kCacheI8) s4 = _mm_mul_ps(s4, sc);
-            _mm_storeu_ps(s + r * ld + t, s4);
+            __m256 s8 = sum8(acc[r]);
+            if constexpr (FMT == kCacheI8) s8 = _mm256_mul_ps(s8, sc);
+            _mm256_storeu_ps(s + r * ld + t, s8);
         }
     }
 }

@@ -96,6 +96,10 @@ void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, in
 // out[m, i] = silu(x[m, i]) * x[m, I + i]; x: [M, 2I].
 void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads);
 
+// out [M, I] = silu(x gate^T) * (x up^T) for a weight [2I, K] of gate rows then up rows: what a decoder
+// stack's MLP computes (the fused forms where they run, else the product then silu_mul).
+void gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out, int nthreads);
+
 // Rotates q [M, Hq, D] and k [M, Hkv, D] in place (rows `q_stride` / `k_stride` floats apart; the
 // half-split layout, cos/sin from `table` [max_pos, D] as [cos | sin] halves), then stores k and
 // v [M, Hkv, D] (rows `v_stride` apart) into the pool at slots `loc` (pools [slots, Hkv, D]).
@@ -143,6 +147,11 @@ bool int16_panels_take(int fmt);
 inline size_t int16_panel_scratch(int64_t M, int64_t K) { return size_t(M * K + 4 * M * (K / kBlock)); }
 void int16_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N,
                              const float* bias, float* y, int64_t ldy, int16_t* scratch);
+// out [M, I] = silu(x gate^T) * (x up^T) for the gate rows [0, I) and up rows [I, 2I) of w, with the same
+// products and the same activation bits as int16_panel_linear_team then silu_mul, without writing the
+// [M, 2I] product (same scratch).
+void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out,
+                            int16_t* scratch);
 // A decode attention task (attention_avx2.cpp's blocks_direct): R <= 3 query rows for each of nh KV heads
 // from `head`, keys [k0, end) listed in slots (the sequence's), read in place, a segment at a time;
 // q [nh][R][D] (scaled), running o [nh][R][D], mx and l [nh][R]; seg_scores [nh][R][256].

@@ -531,6 +531,31 @@ void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, i
     }
 }
 
+bool gated_panels_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out,
+                       TeamScratch& ts) {
+    if (M <= kGemvMaxRows || !avx512::decode_enabled() || !avx512::int16_panels_take(fmt)) return false;
+#pragma omp single
+    ts.x16.resize(avx512::int16_panel_scratch(M, K));
+    avx512::int16_gated_panel_team(x, M, K, w, fmt, I, out, ts.x16.data());
+    return true;
+}
+
+void gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out, int nthreads) {
+    TeamScratch ts;
+    std::vector<float> gate_up;
+#pragma omp parallel num_threads(nthreads)
+    {
+        if (M <= kGemvMaxRows) {
+            gated_linear_team(x, M, K, w, fmt, I, out);
+        } else if (!gated_panels_team(x, M, K, w, fmt, I, out, ts)) {
+#pragma omp single
+            gate_up.resize(size_t(M * 2 * I));
+            linear_team(x, M, K, w, fmt, 2 * I, nullptr, gate_up.data(), 2 * I, ts);
+            silu_mul_team(gate_up.data(), M, I, out);
+        }
+    }
+}
+
 void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias, float* y,
             int64_t ldy, int nthreads) {
     TeamScratch ts;

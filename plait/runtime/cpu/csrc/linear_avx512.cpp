@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <utility>
@@ -232,17 +233,17 @@ void fill_int16_panel(const uint8_t* w, size_t stride, int64_t n0, int rows, int
     }
 }
 
-// y[i][0 .. ncols) (+)= x[i] . panel columns over blocks b0 .. b1 for MR rows of x (codes row stride K,
-// scales and sums row stride nb): the first slice starts the sums, later ones add to y; the last adds
-// the bias.
+// y[i][0 .. ncols) = sums_in[i] + x[i] . panel columns over blocks b0 .. b1 for MR rows of x (codes row
+// stride K, scales and sums row stride nb): the first slice starts from zero (sums_in unread), the
+// last adds the bias.
 template <int MR, bool kOffset>
 inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, int64_t K, int64_t nb, int64_t b0,
-                        int64_t b1, const int32_t* pc, const float* pd, const float* pm, const float* bias, float* y,
-                        int64_t ldy, int ncols) {
+                        int64_t b1, const int32_t* pc, const float* pd, const float* pm, const float* bias,
+                        const float* sums_in, int64_t ld_in, float* y, int64_t ldy, int ncols) {
     __mmask16 m0, m1;
     tail_masks(ncols, m0, m1);
     __m512 c0[MR], c1[MR];
-    start_sums<MR>(b0 == 0, y, ldy, m0, m1, c0, c1);
+    start_sums<MR>(b0 == 0, sums_in, ld_in, m0, m1, c0, c1);
     const int64_t half_k = K / 2;
     for (int64_t b = b0; b < b1; ++b) {
         __m512i s0[MR], s1[MR];
@@ -277,44 +278,105 @@ inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, i
 
 template <bool kOffset, int... MRs>
 inline void int16_rows(int mr, const int16_t* xc, const float* xs, const float* xsum, int64_t K, int64_t nb, int64_t b0,
-                       int64_t b1, const int32_t* pc, const float* pd, const float* pm, const float* bias, float* y,
-                       int64_t ldy, int ncols, std::integer_sequence<int, MRs...>) {
-    ((mr == MRs + 1 ? (int16_block<MRs + 1, kOffset>(xc, xs, xsum, K, nb, b0, b1, pc, pd, pm, bias, y, ldy, ncols), 0)
+                       int64_t b1, const int32_t* pc, const float* pd, const float* pm, const float* bias,
+                       const float* sums_in, int64_t ld_in, float* y, int64_t ldy, int ncols,
+                       std::integer_sequence<int, MRs...>) {
+    ((mr == MRs + 1 ? (int16_block<MRs + 1, kOffset>(xc, xs, xsum, K, nb, b0, b1, pc, pd, pm, bias, sums_in, ld_in,
+                                                     y, ldy, ncols), 0)
                     : 0),
      ...);
 }
 
+// x's rows rounded to int16 per block (codes [M][K]; per row and block its scale and float sum), then
+// the products of panels of 32 weight rows with every row of x, a panel per work item.
+struct Int16Panels {
+    int64_t M, K, nb, per_slice;
+    const int16_t* codes;
+    const float *scales, *sums;
+    int32_t* panel;  // this thread's panel (codes) and its blocks' d and m
+    float *pd, *pm;
+
+    Int16Panels(const float* x, int64_t M_, int64_t K_, int16_t* scratch) : M(M_), K(K_), nb(K_ / kBlock) {
+        int16_t* const c = scratch;
+        float* const sc = reinterpret_cast<float*>(scratch + M * K);
+        float* const su = sc + M * nb;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, c + r * K, sc + r * nb, su + r * nb);
+        codes = c;
+        scales = sc;
+        sums = su;
+        const int64_t slices = (nb + kIntMaxBlocks - 1) / kIntMaxBlocks;
+        per_slice = (nb + slices - 1) / slices;
+        static thread_local Buffer code_buffer, const_buffer;
+        panel = reinterpret_cast<int32_t*>(code_buffer.get(size_t(K / 2 * kNR)));
+        pd = const_buffer.get(size_t(2 * nb * kNR));
+        pm = pd + nb * kNR;
+    }
+    bool sliced() const { return per_slice < nb; }
+
+    // y[m][0 .. cols) = x[m] . weight rows n0 .. n0 + cols (+ bias) for every row m, a slice of K at
+    // a time. Between slices the sums wait in `kept` (M rows of 32 floats; may be y itself when its
+    // rows are 32 floats apart), not in y, whose rows (a whole output row apart: 12 KiB for 3,072
+    // columns) all fall into a few cache sets.
+    template <int FMT>
+    void products(const uint8_t* w, int64_t n0, int cols, const float* bias, float* y, int64_t ldy, float* kept) {
+        fill_int16_panel<FMT>(w, row_bytes(FMT, K), n0, cols, nb, panel, pd, pm);
+        for (int64_t b0 = 0; b0 < nb; b0 += per_slice) {
+            const int64_t b1 = std::min(nb, b0 + per_slice);
+            const bool last = b1 == nb;
+            for (int64_t m0 = 0; m0 < M; m0 += kIntMR) {
+                const int mr = int(std::min<int64_t>(kIntMR, M - m0));
+                float* const between = kept != nullptr ? kept + m0 * kNR : nullptr;
+                int16_rows<avx2::has_offset<FMT>()>(mr, codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
+                                                    b1, panel, pd, pm, bias, between, kNR,
+                                                    last ? y + m0 * ldy : between, last ? ldy : kNR, cols,
+                                                    std::make_integer_sequence<int, kIntMR>{});
+            }
+        }
+    }
+};
+
 template <int FMT>
 void int16_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
                       int64_t ldy, int16_t* scratch) {
-    const size_t stride = row_bytes(FMT, K);
-    const int64_t nb = K / kBlock;
-    int16_t* const codes = scratch;
-    float* const scales = reinterpret_cast<float*>(scratch + M * K);
-    float* const sums = scales + M * nb;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, codes + r * K, scales + r * nb, sums + r * nb);
-    const int64_t num_panels = (N + kNR - 1) / kNR;
-    const int64_t slices = (nb + kIntMaxBlocks - 1) / kIntMaxBlocks;
-    const int64_t blocks_per_slice = (nb + slices - 1) / slices;
-    static thread_local Buffer code_buffer, const_buffer;
-    int32_t* const panel = reinterpret_cast<int32_t*>(code_buffer.get(size_t(K / 2 * kNR)));
-    float* const pd = const_buffer.get(size_t(2 * nb * kNR));
-    float* const pm = pd + nb * kNR;
+    Int16Panels panels(x, M, K, scratch);
+    static thread_local Buffer kept_buffer;
+    float* const kept = panels.sliced() ? kept_buffer.get(size_t(M * kNR)) : nullptr;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < num_panels; ++p) {
+    for (int64_t p = 0; p < (N + kNR - 1) / kNR; ++p) {
         const int64_t n0 = p * kNR;
-        const int cols = int(std::min<int64_t>(kNR, N - n0));
-        fill_int16_panel<FMT>(w, stride, n0, cols, nb, panel, pd, pm);
-        const float* b = bias ? bias + n0 : nullptr;
-        for (int64_t b0 = 0; b0 < nb; b0 += blocks_per_slice) {
-            const int64_t b1 = std::min(nb, b0 + blocks_per_slice);
-            for (int64_t m0 = 0; m0 < M; m0 += kIntMR) {
-                const int mr = int(std::min<int64_t>(kIntMR, M - m0));
-                int16_rows<avx2::has_offset<FMT>()>(mr, codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
-                                                    b1, panel, pd, pm, b, y + m0 * ldy + n0, ldy, cols,
-                                                    std::make_integer_sequence<int, kIntMR>{});
+        panels.products<FMT>(w, n0, int(std::min<int64_t>(kNR, N - n0)), bias ? bias + n0 : nullptr, y + n0, ldy, kept);
+    }
+}
+
+// out [M, I] = silu(x gate^T) * (x up^T), gate the weight's first I rows and up the next I: per work item
+// a panel of 32 gate rows and the same up rows, both into rows of 32 floats, then the activation as
+// silu_mul_team computes it (the same bits), so that the [M, 2I] product is never written.
+template <int FMT>
+void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t I, float* out,
+                            int16_t* scratch) {
+    Int16Panels panels(x, M, K, scratch);
+    static thread_local Buffer gate_buffer, up_buffer;
+    float* const gate = gate_buffer.get(size_t(M * kNR));
+    float* const up = up_buffer.get(size_t(M * kNR));
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < (I + kNR - 1) / kNR; ++p) {
+        const int64_t n0 = p * kNR;
+        const int cols = int(std::min<int64_t>(kNR, I - n0));
+        panels.products<FMT>(w, n0, cols, nullptr, gate, kNR, gate);
+        panels.products<FMT>(w, I + n0, cols, nullptr, up, kNR, up);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* g = gate + m * kNR;
+            const float* u = up + m * kNR;
+            float* o = out + m * I + n0;
+            int j = 0;
+            for (; j + 8 <= cols; j += 8) {
+                const __m256 gv = _mm256_loadu_ps(g + j);
+                const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, neg));
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
             }
+            for (; j < cols; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
         }
     }
 }
@@ -349,6 +411,17 @@ void int16_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t
         case kQ4_1: int16_panel_team<kQ4_1>(x, M, K, w, N, bias, y, ldy, scratch); break;
         case kQ8_0F: int16_panel_team<kQ8_0F>(x, M, K, w, N, bias, y, ldy, scratch); break;
         case kQ4_1F: int16_panel_team<kQ4_1F>(x, M, K, w, N, bias, y, ldy, scratch); break;
+    }
+}
+
+void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out,
+                            int16_t* scratch) {
+    switch (fmt & ~kProductFlags) {
+        case kQ8_0: int16_gated_panel_team<kQ8_0>(x, M, K, w, I, out, scratch); break;
+        case kQ4_0: int16_gated_panel_team<kQ4_0>(x, M, K, w, I, out, scratch); break;
+        case kQ4_1: int16_gated_panel_team<kQ4_1>(x, M, K, w, I, out, scratch); break;
+        case kQ8_0F: int16_gated_panel_team<kQ8_0F>(x, M, K, w, I, out, scratch); break;
+        case kQ4_1F: int16_gated_panel_team<kQ4_1F>(x, M, K, w, I, out, scratch); break;
     }
 }
 

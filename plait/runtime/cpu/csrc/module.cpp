@@ -182,6 +182,21 @@ PyObject* py_silu_mul(PyObject*, PyObject* const* a, Py_ssize_t n) {
     Py_END_ALLOW_THREADS return done();
 }
 
+// gated_linear(x, M, K, w, fmt, I, out, nthreads)
+PyObject* py_gated_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("gated_linear", n, 8)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto w = ptr<const uint8_t>(a[3]);
+    int fmt = int(i64(a[4]));
+    auto I = i64(a[5]);
+    auto out = ptr<float>(a[6]);
+    int nthreads = int(i64(a[7]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::gated_linear(x, M, K, w, fmt, I, out, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
 // rope_store(q, k, v, M, Hq, Hkv, D, q_stride, k_stride, v_stride, positions, table, k_cache, v_cache,
 //            cache_fmt, loc, nthreads)
 PyObject* py_rope_store(PyObject*, PyObject* const* a, Py_ssize_t n) {
@@ -322,6 +337,8 @@ PyMethodDef methods[] = {
      nullptr},
     {"amx_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_linear)), METH_FASTCALL, nullptr},
     {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL, nullptr},
+    {"gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_gated_linear)), METH_FASTCALL,
+     nullptr},
     {"embedding", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_embedding)), METH_FASTCALL, nullptr},
     {"rmsnorm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rmsnorm)), METH_FASTCALL, nullptr},
     {"silu_mul", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_silu_mul)), METH_FASTCALL, nullptr},

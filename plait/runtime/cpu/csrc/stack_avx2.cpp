@@ -226,10 +226,15 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             } else {
                 rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
                 clock.mark(kPhaseNorm);
-                product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, nullptr, 2 * I, gate_up);
-                clock.mark(kPhaseGateUp);
-                silu_mul_team(gate_up, T, I, act);
-                clock.mark(kPhaseSiluMul);
+                const bool tiles = int8_product(kGateUpI8) || (w[kGateUpAmx] && T >= kAmxMinRows);
+                if (!tiles && gated_panels_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act, ts)) {
+                    clock.mark(kPhaseGateUp);  // the activation is in it
+                } else {
+                    product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, nullptr, 2 * I, gate_up);
+                    clock.mark(kPhaseGateUp);
+                    silu_mul_team(gate_up, T, I, act);
+                    clock.mark(kPhaseSiluMul);
+                }
             }
             product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, nullptr, H, x);
             clock.mark(kPhaseDown);

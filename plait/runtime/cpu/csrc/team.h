@@ -109,6 +109,11 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
 // gate_up [*, 2I] -> out = silu(gate) * up [M, I] in one pass: each work item computes a gate row
 // and its up row and applies the activation (decode-sized M; x is this thread's own copy).
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
+// The same for more rows where the int16 panels take the weight (avx512::int16_gated_panel_team): the
+// [M, 2I] product is never written. Returns false, doing nothing, where they do not (the same answer in
+// every thread); the caller then runs the product and silu_mul_team.
+bool gated_panels_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out,
+                       TeamScratch& ts);
 // RMSNorm of small M redundantly in each thread (no barrier): out (thread-private) = norm(x + res_in)
 // (or norm(x) when res_in is null); the calling thread with `write` also stores x + res_in (or x) to res_out.
 void rmsnorm_private(const float* x, const float* res_in, float* res_out, bool write, const float* weight, int64_t M,
