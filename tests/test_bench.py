@@ -293,6 +293,46 @@ def test_decode_context_times_each_length(tmp_path):
     assert r["rows"][0]["vs_shortest"] == 1.0
 
 
+class _FakeSlowPrefill(_FakeStreamingOpenAI):
+    """As _FakeStreamingOpenAI, with 60 ms before the first token (a slower prefill)."""
+
+    prompt_lens: ClassVar[list[int]] = []
+
+    def do_POST(self):
+        time.sleep(0.06)
+        super().do_POST()
+
+
+def test_alternate_times_servers_in_turn(tmp_path):
+    from plait.bench import alternate
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_FakeStreamingOpenAI, _FakeSlowPrefill)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    before, before_slow = len(_FakeStreamingOpenAI.prompt_lens), len(_FakeSlowPrefill.prompt_lens)
+    try:
+        out = tmp_path / "alternate.jsonl"
+        alternate.main(["--server", f"fast=http://127.0.0.1:{servers[0].server_port}",
+                        "--server", f"slow=http://127.0.0.1:{servers[1].server_port}",
+                        "--prompt-len", "24", "--new-tokens", "3", "--rounds", "4", "--output-file", str(out)])
+    finally:
+        for s in servers:
+            s.shutdown()
+        for t in threads:
+            t.join()
+    (r,) = read_lines(out)
+    fast, slow = r["rows"]
+    assert (fast["server"], slow["server"]) == ("fast", "slow")
+    # each server: a 16-token warm-up, then one exact 24-token prompt a round
+    assert _FakeStreamingOpenAI.prompt_lens[before:] == [16, 24, 24, 24, 24]
+    assert _FakeSlowPrefill.prompt_lens[before_slow:] == [16, 24, 24, 24, 24]
+    assert slow["fast_prefill_ratio"] > 2 and slow["fast_prefill_ratio_range"][0] > 1.5  # 60 ms more to first token
+    assert 0.3 < slow["fast_decode_ratio"] < 3  # the same token spacing
+    with pytest.raises(SystemExit):
+        alternate.main(["--server", "only=http://127.0.0.1:1"])
+
+
 def test_workflow_bench_runs_every_setup(tiny_config, tmp_path):
     from plait.bench import workflow
 
