@@ -335,7 +335,7 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, d, amx, isa):
     # (query rows, keys): decode-like (one or two queries; long ones are split along the keys; decode reads
     # the pool's rows in place, more rows go through a float32 block copy), extend-like
     # (many queries over a prefix and themselves, more rows than one task holds), ragged tails.
-    shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (100, 130)] if causal else [(3, 100), (1, 2000), (50, 70)]
+    shapes = [(1, 1), (1, 37), (1, 2500), (2, 50), (5, 5), (40, 300), (200, 230)] if causal else [(3, 100), (1, 2000), (50, 70)]
     total = sum(n for n, _ in shapes)
     q = torch.randn(total, hq, d)
     q_rows = torch.randperm(total)  # a sequence's queries need not be adjacent rows

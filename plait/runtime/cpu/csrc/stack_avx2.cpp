@@ -112,7 +112,8 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
     const bool cascade = a[kPreNumSeqs] > 0;
     // The attention tasks depend only on the step's lengths: planned once for every layer.
     TeamScratch ts, main_plan, prefix_plan;
-    plan_attention(main_q_len, main_kv_len, a[kMainNumSeqs], Hq, Hkv, D, nthreads, main_plan);
+    const bool amx_attention = L > 0 && layers[kQkvAmx] != 0;  // the layers' attention tasks may run on AMX
+    plan_attention(main_q_len, main_kv_len, a[kMainNumSeqs], Hq, Hkv, D, nthreads, main_plan, amx_attention);
     if (cascade)
         plan_attention(field_ptr<const int64_t>(a, kPreQLen), field_ptr<const int64_t>(a, kPreKvLen), a[kPreNumSeqs],
                        Hq, Hkv, D, nthreads, prefix_plan);

@@ -99,8 +99,9 @@ void rope_store_team(float* q, float* k, const float* v, int64_t M, int64_t Hq, 
                      const float* table, void* k_cache, void* v_cache, int cache_fmt, const int64_t* loc);
 // Fills ts.tasks / splits / partial buffers for sequences of these lengths (one thread, before the
 // team runs `attention_team`; a step's plan serves all its layers).
+// `amx_tasks`: the tasks of many rows may run on AMX tiles (smaller tasks then).
 void plan_attention(const int64_t* q_len, const int64_t* kv_len, int64_t num_seqs, int64_t Hq, int64_t Hkv, int64_t D,
-                    int nthreads, TeamScratch& ts);
+                    int nthreads, TeamScratch& ts, bool amx_tasks = false);
 void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
