@@ -207,9 +207,74 @@ PLAIT_INLINE __m512i block_codes(const uint8_t* q) {
 
 // Weight rows n0 .. n0 + rows (rows <= 32) of a block format as the int16 panel: codes [K / 2][32] int32
 // (pairs of inputs), d and m [K / 32][32] (columns past `rows` zero).
+// The 4-bit formats' blocks for 16 columns (c < nj live, the rest zero) straight into the panel's pairs:
+// a column's 16 bytes are 8 words, word p holding the pairs p (its bytes' low nibbles: inputs 2p, 2p + 1)
+// and p + 8 (the high nibbles: inputs 16 + 2p, 17 + 2p). Two rounds of word permutes across registers
+// of 4 columns each turn 16 columns x 8 words into 8 vectors of one word of every column; widened to
+// 32 bits, shifts and masks give the two pairs' lanes. About half the instructions of widening each
+// column to int16 and transposing 16 x 16 lanes.
+PLAIT_INLINE void q4_pairs16(const uint8_t* const q[16], int nj, int32_t* out /* pair p at out[p * kNR] */) {
+    __m512i z[4];
+    for (int g = 0; g < 4; ++g) {
+        z[g] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; ++c)
+            if (4 * g + c < nj)
+                z[g] = _mm512_mask_broadcast_i32x4(z[g], __mmask16(0xF << (4 * c)),
+                                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[4 * g + c])));
+    }
+    // Round 1: from columns 0-7 (z0, z1) and 8-15 (z2, z3), words p = 4h .. 4h + 3: word r = p' * 8 + c.
+    alignas(64) static const int16_t kRound1[2][32] = {
+        {0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58, 3, 11, 19, 27, 35, 43, 51, 59},
+        {4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61, 6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39, 47, 55, 63}};
+    // Round 2: two words p of all 16 columns: word r = q * 16 + c from the first (c < 8) or second half.
+    alignas(64) static const int16_t kRound2[2][32] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37, 38, 39, 8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43, 44, 45, 46, 47},
+        {16, 17, 18, 19, 20, 21, 22, 23, 48, 49, 50, 51, 52, 53, 54, 55, 24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63}};
+    const __m512i mask = _mm512_set1_epi32(0x000F000F);
+    for (int h = 0; h < 2; ++h) {
+        const __m512i r1 = _mm512_load_si512(kRound1[h]);
+        const __m512i lo = _mm512_permutex2var_epi16(z[0], r1, z[1]);  // columns 0-7, words 4h .. 4h + 3
+        const __m512i hi = _mm512_permutex2var_epi16(z[2], r1, z[3]);  // columns 8-15
+        for (int k = 0; k < 2; ++k) {
+            const __m512i words = _mm512_permutex2var_epi16(lo, _mm512_load_si512(kRound2[k]), hi);
+            for (int q2 = 0; q2 < 2; ++q2) {
+                const int p = 4 * h + 2 * k + q2;
+                const __m512i v = _mm512_cvtepu16_epi32(q2 == 0 ? _mm512_castsi512_si256(words)
+                                                                : _mm512_extracti64x4_epi64(words, 1));
+                // (v | v << 8) & mask: bits 0-3 the low byte's low nibble, bits 16-19 the high byte's
+                _mm512_store_si512(out + p * kNR, _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 8), mask, 0xA8));
+                _mm512_store_si512(out + (p + 8) * kNR, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4),
+                                                                                  _mm512_slli_epi32(v, 4), mask, 0xA8));
+            }
+        }
+    }
+}
+
 template <int FMT>
 void fill_int16_panel(const uint8_t* w, size_t stride, int64_t n0, int rows, int64_t nb, int32_t* codes, float* d,
                       float* m) {
+    if constexpr (!avx2::is_q8<FMT>()) {
+        for (int half = 0; half < 2; ++half) {
+            const int j0 = 16 * half;
+            const int nj = std::max(0, std::min(16, rows - j0));
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t* q[16];
+                for (int j = 0; j < 16; ++j) {
+                    if (j < nj) {
+                        float dj, mj;
+                        q[j] = avx2::block_head<FMT>(w + (n0 + j0 + j) * stride, b, dj, mj);
+                        d[b * kNR + j0 + j] = dj;
+                        m[b * kNR + j0 + j] = mj;
+                    } else {
+                        q[j] = nullptr;
+                        d[b * kNR + j0 + j] = m[b * kNR + j0 + j] = 0.0f;
+                    }
+                }
+                q4_pairs16(q, nj, codes + b * 16 * kNR + j0);
+            }
+        }
+        return;
+    }
     for (int half = 0; half < 2; ++half) {
         const int j0 = 16 * half;
         const int nj = std::max(0, std::min(16, rows - j0));
