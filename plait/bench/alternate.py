@@ -22,40 +22,9 @@ import asyncio
 import json
 import random
 import statistics
-import time
 
+from plait.bench.decode_context import one_request
 from plait.bench.one_batch import environment
-from plait.bench.serving import http_request
-
-
-async def one_request(base_url: str, model: str | None, prompt: list[int], new_tokens: int) -> tuple[float, float | None]:
-    """(time to first token, decode tokens per second or None under 3 tokens) of one streamed request.
-    Every streamed choice counts as a token, an empty text too (a token that ends inside a character:
-    its bytes come with the next), so the first token's time is the prefill's."""
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True,
-            "min_tokens": new_tokens, "stream": True}
-    if model:
-        body["model"] = model
-    start = time.perf_counter()
-    first = last = None
-    count = 0
-    buffer = b""
-    async for chunk in http_request(base_url + "/v1/completions", body, timeout=3600):
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            line = line.strip()
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
-            choices = json.loads(line[5:]).get("choices") or []
-            if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += 1
-    if first is None:
-        raise RuntimeError(f"{base_url} streamed no token")
-    return first - start, ((count - 1) / (last - first) if count >= 3 and last > first else None)
 
 
 def parse_server(spec: str) -> tuple[str, str]:
@@ -96,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     timed: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for i in range(args.rounds):
         for name in names if i % 2 == 0 else names[::-1]:
-            ttft, decode = asyncio.run(one_request(servers[name], args.model, prompt(args.prompt_len),
+            ttft, decode, _ = asyncio.run(one_request(servers[name], args.model, prompt(args.prompt_len),
                                                       args.new_tokens))
             timed[name].append((args.prompt_len / ttft, decode))
 
