@@ -154,8 +154,9 @@ needs_int16_panels = pytest.mark.skipif(not kernels.int16_panels_available(), re
 @needs_int16_panels
 @pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_1F,
                                  WeightFormat.Q8_0F], ids=lambda f: f.name)
-# 6 rows a block: 9 = 6 + 3, 100 = 16 x 6 + 4; K of 18 blocks (two slices of the panel) and of 34 (three)
-@pytest.mark.parametrize("rows,k", [(9, 576), (13, 576), (100, 576), (40, 1088)])
+# 6 rows a block: 9 = 6 + 3, 100 = 16 x 6 + 4; K of 18 blocks (two slices of the panel) and of 34 (three);
+# 400 rows of K = 1,088 are 870 KB of int16 codes: two chunks of rows (204 + 196)
+@pytest.mark.parametrize("rows,k", [(9, 576), (13, 576), (100, 576), (40, 1088), (400, 1088)])
 def test_int16_panels_are_the_int16_decode_products(fmt, rows, k):
     """Products of more than 8 rows with panels="int16": x rounded to int16 per block of 32 as the decode
     products round it, exact integer block sums on VNNI, then the block constants: the int16 decode
@@ -180,8 +181,9 @@ def test_int16_panels_are_the_int16_decode_products(fmt, rows, k):
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", [WeightFormat.Q4_1, WeightFormat.Q4_1F, WeightFormat.Q8_0], ids=lambda f: f.name)
-# intermediate sizes: whole panels of 32, a last panel of 8 columns, one of 4 (a tail past the 8-wide activation)
-@pytest.mark.parametrize("rows,k,inter", [(3, 576, 96), (9, 576, 96), (40, 576, 72), (100, 1088, 76)])
+# intermediate sizes: whole panels of 32, a last panel of 8 columns, one of 4 (a tail past the 8-wide activation);
+# 400 rows of K = 1,088: two chunks of rows
+@pytest.mark.parametrize("rows,k,inter", [(3, 576, 96), (9, 576, 96), (40, 576, 72), (100, 1088, 76), (400, 1088, 76)])
 def test_gated_product_is_the_product_then_silu_mul(fmt, rows, k, inter, isa):
     """The MLP's gate/up product with its activation: where the int16 panels run (more than 8 rows, VNNI)
     it never writes the [M, 2I] product, and its output is still that product then silu_mul, to the bit;

@@ -31,6 +31,7 @@ namespace {
 
 using avx2::dequant_row;
 using avx512_helpers::tail_masks;
+using avx512_helpers::dpwssd;
 using avx512_helpers::transpose16;
 
 constexpr int kNR = 32;  // output columns (weight rows) per panel: two 16-float vectors
@@ -170,7 +171,10 @@ void panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 // The scaling needs the 2 x MR float sums and 2 x MR integer sums in registers: 6 rows a block (28 of
 // the 32 registers), per pair of inputs 2 panel loads and 6 broadcast loads for 12 products.
 
-constexpr int kIntMR = 6;
+#ifndef PLAIT_INT_MR
+#define PLAIT_INT_MR 6
+#endif
+constexpr int kIntMR = PLAIT_INT_MR;
 constexpr int64_t kIntMaxBlocks = 16;  // blocks per slice of the panel: 32 KiB of codes
 
 // A 4-byte load that may alias the int16 codes (two codes side by side).
@@ -319,8 +323,8 @@ inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, i
             const __m512i w0 = _mm512_load_si512(bp + p * kNR), w1 = _mm512_load_si512(bp + p * kNR + 16);
             for (int i = 0; i < MR; ++i) {
                 const __m512i a = _mm512_set1_epi32(xp[i * half_k + p]);
-                s0[i] = _mm512_dpwssd_epi32(s0[i], a, w0);
-                s1[i] = _mm512_dpwssd_epi32(s1[i], a, w1);
+                s0[i] = dpwssd(s0[i], a, w0);
+                s1[i] = dpwssd(s1[i], a, w1);
             }
         }
         const __m512 d0 = _mm512_load_ps(pd + b * kNR), d1 = _mm512_load_ps(pd + b * kNR + 16);
@@ -353,9 +357,15 @@ inline void int16_rows(int mr, const int16_t* xc, const float* xs, const float* 
 }
 
 // x's rows rounded to int16 per block (codes [M][K]; per row and block its scale and float sum), then
-// the products of panels of 32 weight rows with every row of x, a panel per work item.
+// the products of panels of 32 weight rows with x's rows, a panel and a chunk of rows per work item.
+// The rows come in chunks whose codes (at most kChunkCodeBytes) stay in a core's L2 while every panel
+// passes over them: 2,048 rows of K = 576 are 2.4 MB of codes, which otherwise come from L3 once per
+// panel. Work items go chunk by chunk, so both threads sweep the same chunk; a panel is filled once
+// per chunk (for 512 rows of K = 576, one chunk).
+constexpr int64_t kChunkCodeBytes = 768 * 1024;
+
 struct Int16Panels {
-    int64_t M, K, nb, per_slice;
+    int64_t M, K, nb, per_slice, chunk_rows, chunks;
     const int16_t* codes;
     const float *scales, *sums;
     int32_t* panel;  // this thread's panel (codes) and its blocks' d and m
@@ -372,6 +382,10 @@ struct Int16Panels {
         sums = su;
         const int64_t slices = (nb + kIntMaxBlocks - 1) / kIntMaxBlocks;
         per_slice = (nb + slices - 1) / slices;
+        const int64_t max_rows = std::max<int64_t>(kIntMR, kChunkCodeBytes / (K * int64_t(sizeof(int16_t))));
+        chunks = (M + max_rows - 1) / max_rows;
+        chunk_rows = ((M + chunks - 1) / chunks + kIntMR - 1) / kIntMR * kIntMR;
+        chunks = (M + chunk_rows - 1) / chunk_rows;
         static thread_local Buffer code_buffer, const_buffer;
         panel = reinterpret_cast<int32_t*>(code_buffer.get(size_t(K / 2 * kNR)));
         pd = const_buffer.get(size_t(2 * nb * kNR));
@@ -379,22 +393,31 @@ struct Int16Panels {
     }
     bool sliced() const { return per_slice < nb; }
 
-    // y[m][0 .. cols) = x[m] . weight rows n0 .. n0 + cols (+ bias) for every row m, a slice of K at
-    // a time. Between slices the sums wait in `kept` (M rows of 32 floats; may be y itself when its
-    // rows are 32 floats apart), not in y, whose rows (a whole output row apart: 12 KiB for 3,072
-    // columns) all fall into a few cache sets.
+    // Work item `item` (of chunks x num_panels, chunk-major): its first row and panel.
+    void item_at(int64_t item, int64_t num_panels, int64_t& r0, int64_t& r1, int64_t& panel_index) const {
+        const int64_t chunk = item / num_panels;
+        panel_index = item % num_panels;
+        r0 = chunk * chunk_rows;
+        r1 = std::min(M, r0 + chunk_rows);
+    }
+
+    // y[m - r0][0 .. cols) = x[m] . weight rows n0 .. n0 + cols (+ bias) for rows m of r0 .. r1, a slice
+    // of K at a time. Between slices the sums wait in `kept` (rows of 32 floats from row r0; may be y
+    // itself when its rows are 32 floats apart), not in y, whose rows (a whole output row apart: 12 KiB
+    // for 3,072 columns) all fall into a few cache sets.
     template <int FMT>
-    void products(const uint8_t* w, int64_t n0, int cols, const float* bias, float* y, int64_t ldy, float* kept) {
+    void products(const uint8_t* w, int64_t n0, int cols, int64_t r0, int64_t r1, const float* bias, float* y,
+                  int64_t ldy, float* kept) {
         fill_int16_panel<FMT>(w, row_bytes(FMT, K), n0, cols, nb, panel, pd, pm);
         for (int64_t b0 = 0; b0 < nb; b0 += per_slice) {
             const int64_t b1 = std::min(nb, b0 + per_slice);
             const bool last = b1 == nb;
-            for (int64_t m0 = 0; m0 < M; m0 += kIntMR) {
-                const int mr = int(std::min<int64_t>(kIntMR, M - m0));
-                float* const between = kept != nullptr ? kept + m0 * kNR : nullptr;
+            for (int64_t m0 = r0; m0 < r1; m0 += kIntMR) {
+                const int mr = int(std::min<int64_t>(kIntMR, r1 - m0));
+                float* const between = kept != nullptr ? kept + (m0 - r0) * kNR : nullptr;
                 int16_rows<avx2::has_offset<FMT>()>(mr, codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
                                                     b1, panel, pd, pm, bias, between, kNR,
-                                                    last ? y + m0 * ldy : between, last ? ldy : kNR, cols,
+                                                    last ? y + (m0 - r0) * ldy : between, last ? ldy : kNR, cols,
                                                     std::make_integer_sequence<int, kIntMR>{});
             }
         }
@@ -406,11 +429,15 @@ void int16_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, in
                       int64_t ldy, int16_t* scratch) {
     Int16Panels panels(x, M, K, scratch);
     static thread_local Buffer kept_buffer;
-    float* const kept = panels.sliced() ? kept_buffer.get(size_t(M * kNR)) : nullptr;
+    float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
+    const int64_t num_panels = (N + kNR - 1) / kNR;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < (N + kNR - 1) / kNR; ++p) {
+    for (int64_t item = 0; item < panels.chunks * num_panels; ++item) {
+        int64_t r0, r1, p;
+        panels.item_at(item, num_panels, r0, r1, p);
         const int64_t n0 = p * kNR;
-        panels.products<FMT>(w, n0, int(std::min<int64_t>(kNR, N - n0)), bias ? bias + n0 : nullptr, y + n0, ldy, kept);
+        panels.products<FMT>(w, n0, int(std::min<int64_t>(kNR, N - n0)), r0, r1, bias ? bias + n0 : nullptr,
+                             y + r0 * ldy + n0, ldy, kept);
     }
 }
 
@@ -422,18 +449,21 @@ void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t*
                             int16_t* scratch) {
     Int16Panels panels(x, M, K, scratch);
     static thread_local Buffer gate_buffer, up_buffer;
-    float* const gate = gate_buffer.get(size_t(M * kNR));
-    float* const up = up_buffer.get(size_t(M * kNR));
+    float* const gate = gate_buffer.get(size_t(panels.chunk_rows * kNR));
+    float* const up = up_buffer.get(size_t(panels.chunk_rows * kNR));
     const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    const int64_t num_panels = (I + kNR - 1) / kNR;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < (I + kNR - 1) / kNR; ++p) {
+    for (int64_t item = 0; item < panels.chunks * num_panels; ++item) {
+        int64_t r0, r1, p;
+        panels.item_at(item, num_panels, r0, r1, p);
         const int64_t n0 = p * kNR;
         const int cols = int(std::min<int64_t>(kNR, I - n0));
-        panels.products<FMT>(w, n0, cols, nullptr, gate, kNR, gate);
-        panels.products<FMT>(w, I + n0, cols, nullptr, up, kNR, up);
-        for (int64_t m = 0; m < M; ++m) {
-            const float* g = gate + m * kNR;
-            const float* u = up + m * kNR;
+        panels.products<FMT>(w, n0, cols, r0, r1, nullptr, gate, kNR, gate);
+        panels.products<FMT>(w, I + n0, cols, r0, r1, nullptr, up, kNR, up);
+        for (int64_t m = r0; m < r1; ++m) {
+            const float* g = gate + (m - r0) * kNR;
+            const float* u = up + (m - r0) * kNR;
             float* o = out + m * I + n0;
             int j = 0;
             for (; j + 8 <= cols; j += 8) {
@@ -598,8 +628,8 @@ inline void dot_rows_int16(const uint8_t* row, const PairRows& xq, int64_t nb, f
         pair_codes<FMT>(row, 2 * p, nb, lo, hi, d, m0, m1);
         for (int r = 0; r < R; ++r) {
             const int16_t* xc = xq.codes + (r * xq.pairs + p) * 64;
-            __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
-            s = _mm512_dpwssd_epi32(s, hi, _mm512_loadu_si512(xc + 32));
+            __m512i s = dpwssd(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
+            s = dpwssd(s, hi, _mm512_loadu_si512(xc + 32));
             const __m512 scale = _mm512_mul_ps(d, _mm512_loadu_ps(xq.scales + (r * xq.pairs + p) * 16));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
         }

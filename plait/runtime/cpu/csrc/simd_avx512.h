@@ -8,6 +8,14 @@
 
 namespace plait::avx512_helpers {
 
+// acc + the pairwise int16 products of a and b (VPDPWSSD), written as one instruction on acc's register.
+// GCC 12 compiles the intrinsic in loops that carry many sums with a register copy before and after each
+// instruction (two moves per multiply, which fill the front end); the asm ties the sum to one register.
+static inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+    return acc;
+}
+
 // Transposes 16 vectors of 16 floats in place (r[i][j] -> r[j][i]).
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];
