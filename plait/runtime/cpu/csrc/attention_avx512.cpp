@@ -171,14 +171,18 @@ void attend_rows(const int64_t* slots, int64_t k0, int64_t end, const void* k_ca
                        kt + b * D * kT, v + b * kT * D);
         for (int64_t r0 = 0; r0 < R; r0 += 12) {
             const int rows = int(std::min<int64_t>(12, R - r0));
+            // The keys of the segment the group's last row sees: on the causal diagonal, the blocks past
+            // them are masked for every row of the group and skipped (the same bits: their weights are 0).
+            const int64_t seen = std::min(ns, first_visible + (r0 + rows - 1) / G - t0);
+            if (seen <= 0) continue;
             by_rows(rows, std::make_integer_sequence<int, 12>{}, [&](auto n) {
-                for (int64_t b = 0; b * kT < ns; ++b)
+                for (int64_t b = 0; b * kT < seen; ++b)
                     scores<decltype(n)::value>(q + r0 * D, D, kt + b * D * kT, s + b * kT, kRowSeg);
             });
-            softmax_segment(s, kRowSeg, mx + r0, l + r0, o + r0 * D, rows, G, first_visible, t0, ns, D, r0);
+            softmax_segment(s, kRowSeg, mx + r0, l + r0, o + r0 * D, rows, G, first_visible, t0, seen, D, r0);
             for (int64_t r1 = 0; r1 < rows; r1 += 6)
                 by_rows(int(std::min<int64_t>(6, rows - r1)), std::make_integer_sequence<int, 6>{}, [&](auto n) {
-                    accumulate_all<decltype(n)::value>(s + r1 * kRowSeg, kRowSeg, v, D, ns, o + (r0 + r1) * D);
+                    accumulate_all<decltype(n)::value>(s + r1 * kRowSeg, kRowSeg, v, D, seen, o + (r0 + r1) * D);
                 });
         }
     }

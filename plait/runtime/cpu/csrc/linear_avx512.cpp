@@ -412,10 +412,13 @@ struct Int16Panels {
         for (int64_t b0 = 0; b0 < nb; b0 += per_slice) {
             const int64_t b1 = std::min(nb, b0 + per_slice);
             const bool last = b1 == nb;
-            for (int64_t m0 = r0; m0 < r1; m0 += kIntMR) {
-                const int mr = int(std::min<int64_t>(kIntMR, r1 - m0));
+            for (int64_t m0 = r0, mr = 0; m0 < r1; m0 += mr) {
+                // Groups of 6 rows; 7 to 9 rows left go as two groups of 4 or 5, each of which holds a
+                // panel load over more products than a group of 1 to 3 would.
+                const int64_t left = r1 - m0;
+                mr = left > kIntMR && left < kIntMR + 4 ? (left + 1) / 2 : std::min<int64_t>(kIntMR, left);
                 float* const between = kept != nullptr ? kept + (m0 - r0) * kNR : nullptr;
-                int16_rows<avx2::has_offset<FMT>()>(mr, codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
+                int16_rows<avx2::has_offset<FMT>()>(int(mr), codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
                                                     b1, panel, pd, pm, bias, between, kNR,
                                                     last ? y + (m0 - r0) * ldy : between, last ? ldy : kNR, cols,
                                                     std::make_integer_sequence<int, kIntMR>{});
