@@ -11,7 +11,7 @@ import torch
 
 from plait.runtime.cpu import kernels
 from plait.runtime.cpu.kernels import WeightFormat
-from plait.runtime.cpu.linear import StoredWeight
+from plait.runtime.cpu.linear import CpuLinear, StoredWeight
 from tests.cpu_weights import FLOAT_CONSTANTS, float_constant_weight, gguf_weight, needs_kernels, rel_err
 
 @needs_kernels
@@ -170,6 +170,40 @@ def test_gated_product_is_the_product_then_silu_mul(fmt, rows, k, inter, isa):
     assert rel_err(kernels.gated_linear(x, data, fmt, inter, dot="int16", panels="int16"), expected) < 1e-6
     with pytest.raises(ValueError, match="does not hold"):
         kernels.gated_linear(x, data, fmt, inter + 32)
+
+
+@needs_int16_panels
+@pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q8_0F], ids=lambda f: f.name)
+def test_packed_int16_panels_give_the_same_products(fmt):
+    """An 8-bit weight laid out once in the int16 panels' order (as many bytes as its rows, whole panels):
+    every product equals the one from the stored rows to the bit (with a bias, a last panel of 6
+    columns, two chunks of rows at 400), also through a CpuLinear; 4-bit weights are refused."""
+    n, k = 70, 1088
+    if fmt in FLOAT_CONSTANTS:
+        data, _ = float_constant_weight(fmt, n, k, 7)
+    else:
+        torch.manual_seed(7)
+        data, _ = gguf_weight(torch.randn(n, k), fmt)
+    packed = kernels.int16_panel_pack(data, fmt, n)
+    assert packed.numel() == 3 * (32 * k + 32 * (k // 32) * 4)  # three panels: 32 columns' codes, then d
+    bias = torch.randn(n)
+    for rows in (1, 8, 9, 40, 400):
+        x = torch.randn(rows, k)
+        rows_product = kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16")
+        assert torch.equal(kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16", packed=packed),
+                           rows_product), rows
+    layer = CpuLinear(StoredWeight(data, fmt, n, k))
+    layer.stored.decode_dot = layer.stored.panel_dot = "int16"
+    x = torch.randn(12, k)
+    before = layer(x)
+    assert layer.pack_int16_panels() and layer.int16_panels is not None
+    assert torch.equal(layer(x), before)
+    q4, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q4_1)
+    with pytest.raises(ValueError, match="8-bit"):
+        kernels.int16_panel_pack(q4, WeightFormat.Q4_1, n)
+    assert not CpuLinear(StoredWeight(q4, WeightFormat.Q4_1, n, k)).pack_int16_panels()
+    with pytest.raises(ValueError, match="packed panels"):
+        kernels.linear(torch.randn(9, k), data, fmt, n, dot="int16", panels="int16", packed=packed[:-64])
 
 
 @needs_kernels

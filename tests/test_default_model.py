@@ -64,10 +64,12 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
     with Engine(device="cpu", max_total_tokens=8192) as default:
         execution = default.runner.execution
         chats = [default.tokenizer.apply_chat_template([{"role": "user", "content": c}]) for c in CHAT]
-        results = default.generate(PROMPTS + chats, {"max_new_tokens": NEW_TOKENS, "temperature": 0})
-        for prompt, result in zip(PROMPTS + chats, results):
+        # each prompt twice: ten requests, so that the decode steps' LM head products have more than 8 rows
+        results = default.generate((PROMPTS + chats) * 2, {"max_new_tokens": NEW_TOKENS, "temperature": 0})
+        for prompt, first, second in zip(PROMPTS + chats, results, results[len(PROMPTS) + len(chats):]):
             ids = default.tokenizer.encode(prompt)
-            assert result["output_ids"] == hf_greedy(hf_model, ids, NEW_TOKENS, default.scheduler.eos_token_ids)
+            expected = hf_greedy(hf_model, ids, NEW_TOKENS, default.scheduler.eos_token_ids)
+            assert first["output_ids"] == expected and second["output_ids"] == expected
         steps = dict(default.runner.cpu_stack.steps) if default.runner.cpu_stack is not None else {}
         info = default.runner.execution_info()
     from plait.runtime import huge_pages
@@ -97,6 +99,9 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
             "amx" if kernels.amx_available() else "int16" if int16 else "float")
         if not kernels.amx_available():
             assert execution["panel_products"] == ("avx512" if has_avx512 else "avx2") and steps["panel_kernel"] > 0
+        # the 8-bit LM head laid out for the int16 panels where they run (its own copy of the table)
+        assert (execution["logits_head_int16_panels_mib"] or 0) > (20 if int16 and not kernels.amx_available() else -1)
+        assert (execution["logits_head_int16_panels_mib"] is None) == (not int16 or kernels.amx_available())
         assert default.runner.kv_dtype == torch.float16
 
 

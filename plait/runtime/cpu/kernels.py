@@ -162,16 +162,39 @@ def int16_panels_available() -> bool:
     return available() and bool(_ext.vnni())
 
 
+INT16_PANEL_PACKS = (WeightFormat.Q8_0, WeightFormat.Q8_0F)
+
+
+def int16_panel_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> torch.Tensor:
+    """An 8-bit block weight [N, row_bytes] (Q8_0, Q8_0F) laid out once in the int16 panels' order (uint8:
+    per 32 output columns the codes of each pair of inputs side by side, then the blocks' d in float32;
+    as many bytes as the stored rows, for whole panels), for `linear(..., packed=)`: products of more
+    than 8 rows then widen each panel with one instruction per 16 pairs instead of transposing the
+    stored rows' blocks every call. Needs int16_panels_available()."""
+    _check(weight, "weight", torch.uint8)
+    if fmt not in INT16_PANEL_PACKS:
+        raise ValueError(f"int16 panels are packed from 8-bit block formats, not {fmt.name}")
+    if not int16_panels_available():
+        raise RuntimeError("int16 panels need the kernels and a CPU with AVX-512 VNNI")
+    k = weight.shape[1] // fmt.block_bytes * 32
+    if weight.shape != (out_features, fmt.row_bytes(k)):
+        raise ValueError(f"weight {tuple(weight.shape)} does not hold [{out_features}, {k}] in {fmt.name}")
+    packed = torch.empty(_ext.int16_panel_bytes(out_features, k), dtype=torch.uint8)
+    _ext.int16_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
+    return packed
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, dot: str = "float",
-           panels: str = "float") -> torch.Tensor:
+           panels: str = "float", packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 times the stored weight [N, K] transposed (+ bias): [M, N] float32.
 
     `weight` holds the rows in format `fmt`: uint8 [N, row_bytes] for block formats, the float
     tensor [N, K] itself otherwise. `out`, if given, is a [M, N] float32 tensor to write into.
     `dot`: for a block format, "int16" / "int8" round x to that type per 32 values in products of up
     to 8 rows and multiply in integers (faster; no longer exactly the float32 product); `panels`
-    "int16" does the same in products of more rows where int16_panels_available()."""
+    "int16" does the same in products of more rows where int16_panels_available(), and then `packed`
+    (int16_panel_pack of this weight), if given, holds their panels ready: the same bits."""
     _check(x, "x", torch.float32)
     _check(weight, "weight")
     m, k = x.shape
@@ -181,7 +204,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_feature
     if bias is not None:
         _check(bias, "bias", torch.float32)
     out = _product_out(out, m, out_features)
-    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), kernel_format(fmt, dot, panels), out_features,
+    code = kernel_format(fmt, dot, panels)
+    if packed is not None:
+        _check(packed, "packed", torch.uint8)
+        if packed.numel() != _ext.int16_panel_bytes(out_features, k):
+            raise ValueError(f"packed panels of {packed.numel()} bytes are not those of [{out_features}, {k}]")
+        _ext.linear_packed(x.data_ptr(), m, k, weight.data_ptr(), packed.data_ptr(), code, out_features,
+                           0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
+        return out
+    _ext.linear(x.data_ptr(), m, k, weight.data_ptr(), code, out_features,
                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
     return out
 

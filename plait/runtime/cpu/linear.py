@@ -116,6 +116,9 @@ class CpuLinear(nn.Module):
         self.amx: torch.Tensor | None = None
         # The 4-bit codes repacked for AMX's int8 tiles (`pack_amx_int8`): decode-sized products.
         self.amx_int8: torch.Tensor | None = None
+        # An 8-bit weight laid out in the int16 panels' order (`pack_int16_panels`): products of more than
+        # 8 rows on the int16 panels read it instead of transposing the stored rows' blocks each call.
+        self.int16_panels: torch.Tensor | None = None
 
     def pack_amx_int8(self) -> bool:
         """Repack a Q4_1 or Q8_0 weight for the AMX int8 products (kernels.amx_int8_pack: 0.75 or 1.25
@@ -123,6 +126,14 @@ class CpuLinear(nn.Module):
         if self.stored.fmt not in kernels.AMX_INT8_PACK_BYTES:
             return False
         self.amx_int8 = kernels.amx_int8_pack(self.stored.data, self.stored.fmt, self.out_features, self.in_features)
+        return True
+
+    def pack_int16_panels(self) -> bool:
+        """Lay a Q8_0 / Q8_0F weight out in the int16 panels' order (kernels.int16_panel_pack: as many
+        bytes as the stored rows), beside the stored one; False for other formats."""
+        if self.stored.fmt not in kernels.INT16_PANEL_PACKS:
+            return False
+        self.int16_panels = kernels.int16_panel_pack(self.stored.data, self.stored.fmt, self.out_features)
         return True
 
     def pack_amx(self, exact: bool = True) -> None:
@@ -141,7 +152,7 @@ class CpuLinear(nn.Module):
         if self.amx is not None and flat.shape[0] >= AMX_MIN_ROWS:
             return kernels.amx_linear(flat, self.amx, self.out_features, self.bias).view(*x.shape[:-1], self.out_features)
         out = kernels.linear(flat, self.stored.data, self.stored.fmt, self.out_features, bias=self.bias,
-                             dot=self.stored.decode_dot, panels=self.stored.panel_dot)
+                             dot=self.stored.decode_dot, panels=self.stored.panel_dot, packed=self.int16_panels)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

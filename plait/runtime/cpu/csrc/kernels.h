@@ -96,6 +96,11 @@ void rmsnorm(const float* x, float* residual, const float* weight, int64_t M, in
 // out[m, i] = silu(x[m, i]) * x[m, I + i]; x: [M, 2I].
 void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads);
 
+// y = x w^T (+ bias) as linear() computes it, taking the int16 panels from `packed` (avx512::int16_panel_pack
+// of w) where linear() would run the int16 panels; elsewhere linear() itself over w's rows.
+void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint8_t* packed, int fmt, int64_t N,
+                   const float* bias, float* y, int64_t ldy, int nthreads);
+
 // out [M, I] = silu(x gate^T) * (x up^T) for a weight [2I, K] of gate rows then up rows: what a decoder
 // stack's MLP computes (the fused forms where they run, else the product then silu_mul).
 void gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out, int nthreads);
@@ -147,6 +152,15 @@ bool int16_panels_take(int fmt);
 inline size_t int16_panel_scratch(int64_t M, int64_t K) { return size_t(M * K + 4 * M * (K / kBlock)); }
 void int16_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N,
                              const float* bias, float* y, int64_t ldy, int16_t* scratch);
+// The same products of an 8-bit weight (int16_panel_packs(fmt)) from its panels' codes laid out once
+// in the panel's order (`packed`: int16_panel_pack's output for w, int16_panel_bytes(N, K) bytes, as
+// many as the stored rows), so that a weight multiplied by many rows every step (the LM head) does not
+// transpose its rows' blocks each time: the same bits.
+bool int16_panel_packs(int fmt);
+size_t int16_panel_bytes(int64_t N, int64_t K);
+void int16_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out);
+void int16_packed_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int fmt, int64_t N,
+                              const float* bias, float* y, int64_t ldy, int16_t* scratch);
 // out [M, I] = silu(x gate^T) * (x up^T) for the gate rows [0, I) and up rows [I, 2I) of w, with the same
 // products and the same activation bits as int16_panel_linear_team then silu_mul, without writing the
 // [M, 2I] product (same scratch).

@@ -563,6 +563,19 @@ void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int
     linear_team(x, M, K, w, fmt, N, bias, y, ldy, ts);
 }
 
+void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint8_t* packed, int fmt, int64_t N,
+                   const float* bias, float* y, int64_t ldy, int nthreads) {
+    if (M <= kGemvMaxRows || !avx512::decode_enabled() || !avx512::int16_panels_take(fmt) ||
+        !avx512::int16_panel_packs(fmt)) {
+        linear(x, M, K, w, fmt, N, bias, y, ldy, nthreads);
+        return;
+    }
+    TeamScratch ts;
+    ts.x16.resize(avx512::int16_panel_scratch(M, K));
+#pragma omp parallel num_threads(nthreads)
+    avx512::int16_packed_linear_team(x, M, K, packed, fmt, N, bias, y, ldy, ts.x16.data());
+}
+
 void embedding(const int64_t* ids, int64_t n, const uint8_t* w, int fmt, int64_t K, float* out, int nthreads) {
     switch (fmt) {
         case kF32: embedding_fmt<kF32>(ids, n, w, K, out, nthreads); break;

@@ -405,10 +405,21 @@ struct Int16Panels {
     // of K at a time. Between slices the sums wait in `kept` (rows of 32 floats from row r0; may be y
     // itself when its rows are 32 floats apart), not in y, whose rows (a whole output row apart: 12 KiB
     // for 3,072 columns) all fall into a few cache sets.
+    // `ready`: the panel already filled (int16_panel_pack's layout), else it is filled from w here.
     template <int FMT>
     void products(const uint8_t* w, int64_t n0, int cols, int64_t r0, int64_t r1, const float* bias, float* y,
-                  int64_t ldy, float* kept) {
-        fill_int16_panel<FMT>(w, row_bytes(FMT, K), n0, cols, nb, panel, pd, pm);
+                  int64_t ldy, float* kept, const uint8_t* ready = nullptr) {
+        const int32_t* codes_p = panel;
+        const float *d_p = pd, *m_p = pm;
+        if (ready != nullptr) {  // the 8-bit codes widen back to the int16 pairs fill_int16_panel makes
+            const int8_t* q = reinterpret_cast<const int8_t*>(ready);
+            for (int64_t v = 0; v < K * kNR; v += 32)  // 32 codes: a pair of 16 columns
+                _mm512_store_si512(panel + v / 2, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v))));
+            d_p = reinterpret_cast<const float*>(ready + K * kNR);
+            m_p = nullptr;  // the 8-bit formats have no offset
+        } else {
+            fill_int16_panel<FMT>(w, row_bytes(FMT, K), n0, cols, nb, panel, pd, pm);
+        }
         for (int64_t b0 = 0; b0 < nb; b0 += per_slice) {
             const int64_t b1 = std::min(nb, b0 + per_slice);
             const bool last = b1 == nb;
@@ -419,7 +430,7 @@ struct Int16Panels {
                 mr = left > kIntMR && left < kIntMR + 4 ? (left + 1) / 2 : std::min<int64_t>(kIntMR, left);
                 float* const between = kept != nullptr ? kept + (m0 - r0) * kNR : nullptr;
                 int16_rows<avx2::has_offset<FMT>()>(int(mr), codes + m0 * K, scales + m0 * nb, sums + m0 * nb, K, nb, b0,
-                                                    b1, panel, pd, pm, bias, between, kNR,
+                                                    b1, codes_p, d_p, m_p, bias, between, kNR,
                                                     last ? y + (m0 - r0) * ldy : between, last ? ldy : kNR, cols,
                                                     std::make_integer_sequence<int, kIntMR>{});
             }
@@ -441,6 +452,51 @@ void int16_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, in
         const int64_t n0 = p * kNR;
         panels.products<FMT>(w, n0, int(std::min<int64_t>(kNR, N - n0)), r0, r1, bias ? bias + n0 : nullptr,
                              y + r0 * ldy + n0, ldy, kept);
+    }
+}
+
+// An 8-bit weight's panels in the order the int16 panel takes them, made once (int16_panel_pack): per 32
+// output columns, the panel's pairs of codes as bytes ([K / 2][32][2] int8: the int16 pairs narrowed,
+// exactly), then its blocks' d [K / 32][32] float32. The same 1.125 bytes a weight as the stored rows, and
+// a work item widens its panel with one instruction per 16 pairs instead of transposing the rows' blocks.
+inline size_t panel_stride(int64_t K) { return size_t(K * kNR) + size_t(K / kBlock * kNR) * sizeof(float); }
+
+template <int FMT>
+void pack_panels(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
+    static_assert(avx2::is_q8<FMT>() && !avx2::has_offset<FMT>());
+    const size_t stride = row_bytes(FMT, K), ps = panel_stride(K);
+    const int64_t nb = K / kBlock;
+#pragma omp parallel
+    {
+        Buffer codes_buffer, const_buffer;
+        int32_t* codes = reinterpret_cast<int32_t*>(codes_buffer.get(size_t(K / 2 * kNR)));
+        float* dm = const_buffer.get(size_t(2 * nb * kNR));
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t p = 0; p < (N + kNR - 1) / kNR; ++p) {
+            fill_int16_panel<FMT>(w, stride, p * kNR, int(std::min<int64_t>(kNR, N - p * kNR)), nb, codes, dm,
+                                  dm + nb * kNR);
+            int8_t* q = reinterpret_cast<int8_t*>(out + p * ps);
+            for (int64_t v = 0; v < K * kNR; v += 32)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + v), _mm512_cvtepi16_epi8(_mm512_load_si512(codes + v / 2)));
+            std::copy(dm, dm + nb * kNR, reinterpret_cast<float*>(out + p * ps + K * kNR));
+        }
+    }
+}
+
+template <int FMT>
+void int16_packed_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                       float* y, int64_t ldy, int16_t* scratch) {
+    Int16Panels panels(x, M, K, scratch);
+    static thread_local Buffer kept_buffer;
+    float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
+    const int64_t num_panels = (N + kNR - 1) / kNR;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < panels.chunks * num_panels; ++item) {
+        int64_t r0, r1, p;
+        panels.item_at(item, num_panels, r0, r1, p);
+        const int64_t n0 = p * kNR;
+        panels.products<FMT>(nullptr, n0, int(std::min<int64_t>(kNR, N - n0)), r0, r1, bias ? bias + n0 : nullptr,
+                             y + r0 * ldy + n0, ldy, kept, packed + p * panel_stride(K));
     }
 }
 
@@ -509,6 +565,28 @@ void int16_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t
         case kQ4_1: int16_panel_team<kQ4_1>(x, M, K, w, N, bias, y, ldy, scratch); break;
         case kQ8_0F: int16_panel_team<kQ8_0F>(x, M, K, w, N, bias, y, ldy, scratch); break;
         case kQ4_1F: int16_panel_team<kQ4_1F>(x, M, K, w, N, bias, y, ldy, scratch); break;
+    }
+}
+
+size_t int16_panel_bytes(int64_t N, int64_t K) { return size_t((N + kNR - 1) / kNR) * panel_stride(K); }
+
+bool int16_panel_packs(int fmt) {
+    const int base = fmt & ~kProductFlags;
+    return base == kQ8_0 || base == kQ8_0F;
+}
+
+void int16_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out) {
+    switch (fmt & ~kProductFlags) {
+        case kQ8_0: pack_panels<kQ8_0>(w, N, K, out); break;
+        case kQ8_0F: pack_panels<kQ8_0F>(w, N, K, out); break;
+    }
+}
+
+void int16_packed_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int fmt, int64_t N,
+                              const float* bias, float* y, int64_t ldy, int16_t* scratch) {
+    switch (fmt & ~kProductFlags) {
+        case kQ8_0: int16_packed_team<kQ8_0>(x, M, K, packed, N, bias, y, ldy, scratch); break;
+        case kQ8_0F: int16_packed_team<kQ8_0F>(x, M, K, packed, N, bias, y, ldy, scratch); break;
     }
 }
 

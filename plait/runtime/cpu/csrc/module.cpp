@@ -91,6 +91,44 @@ PyObject* py_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
     Py_END_ALLOW_THREADS return done();
 }
 
+// int16_panel_bytes(N, K): the bytes int16_panel_pack writes for a weight [N, K]
+PyObject* py_int16_panel_bytes(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("int16_panel_bytes", n, 2)) return nullptr;
+    auto N = i64(a[0]), K = i64(a[1]);
+    if (PyErr_Occurred()) return nullptr;
+    return PyLong_FromSize_t(plait::avx512::int16_panel_bytes(N, K));
+}
+
+// int16_panel_pack(w, fmt, N, K, out); only where vnni() is True
+PyObject* py_int16_panel_pack(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("int16_panel_pack", n, 5)) return nullptr;
+    auto w = ptr<const uint8_t>(a[0]);
+    int fmt = int(i64(a[1]));
+    auto N = i64(a[2]), K = i64(a[3]);
+    auto out = ptr<uint8_t>(a[4]);
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx512::int16_panel_pack(w, fmt, N, K, out);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// linear_packed(x, M, K, w, packed, fmt, N, bias, y, ldy, nthreads)
+PyObject* py_linear_packed(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("linear_packed", n, 11)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto w = ptr<const uint8_t>(a[3]);
+    auto packed = ptr<const uint8_t>(a[4]);
+    int fmt = int(i64(a[5]));
+    auto N = i64(a[6]);
+    auto bias = ptr<const float>(a[7]);
+    auto y = ptr<float>(a[8]);
+    auto ldy = i64(a[9]);
+    int nthreads = int(i64(a[10]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::linear_packed(x, M, K, w, packed, fmt, N, bias, y, ldy, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
 // AMX's int8 tile products besides (int8_linear): only after amx() returned True.
 PyObject* py_amx_int8(PyObject*, PyObject*) {
 #if defined(__x86_64__) && defined(__linux__) && PLAIT_HAVE_AMX
@@ -337,6 +375,12 @@ PyMethodDef methods[] = {
      nullptr},
     {"amx_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_amx_linear)), METH_FASTCALL, nullptr},
     {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear)), METH_FASTCALL, nullptr},
+    {"linear_packed", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_linear_packed)), METH_FASTCALL,
+     nullptr},
+    {"int16_panel_bytes", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_int16_panel_bytes)),
+     METH_FASTCALL, nullptr},
+    {"int16_panel_pack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_int16_panel_pack)),
+     METH_FASTCALL, nullptr},
     {"gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_gated_linear)), METH_FASTCALL,
      nullptr},
     {"embedding", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_embedding)), METH_FASTCALL, nullptr},
