@@ -364,6 +364,12 @@ inline void int16_rows(int mr, const int16_t* xc, const float* xs, const float* 
 // per chunk (for 512 rows of K = 576, one chunk).
 constexpr int64_t kChunkCodeBytes = 768 * 1024;
 
+// An 8-bit weight's panels in the order the int16 panel takes them, made once (int16_panel_pack): per 32
+// output columns, the panel's pairs of codes as bytes ([K / 2][32][2] int8: the int16 pairs narrowed,
+// exactly), then its blocks' d [K / 32][32] float32. The same 1.125 bytes a weight as the stored rows, and
+// a work item widens its panel with one instruction per 16 pairs instead of transposing the rows' blocks.
+inline size_t panel_stride(int64_t K) { return size_t(K * kNR) + size_t(K / kBlock * kNR) * sizeof(float); }
+
 struct Int16Panels {
     int64_t M, K, nb, per_slice, chunk_rows, chunks;
     const int16_t* codes;
@@ -405,13 +411,14 @@ struct Int16Panels {
     // of K at a time. Between slices the sums wait in `kept` (rows of 32 floats from row r0; may be y
     // itself when its rows are 32 floats apart), not in y, whose rows (a whole output row apart: 12 KiB
     // for 3,072 columns) all fall into a few cache sets.
-    // `ready`: the panel already filled (int16_panel_pack's layout), else it is filled from w here.
+    // `ready`: an 8-bit weight's panel as int16_panel_pack lays it out, else the panel is filled from w.
     template <int FMT>
     void products(const uint8_t* w, int64_t n0, int cols, int64_t r0, int64_t r1, const float* bias, float* y,
-                  int64_t ldy, float* kept, const uint8_t* ready = nullptr) {
+                  int64_t ldy, float* kept, const uint8_t* ready) {
         const int32_t* codes_p = panel;
         const float *d_p = pd, *m_p = pm;
-        if (ready != nullptr) {  // the 8-bit codes widen back to the int16 pairs fill_int16_panel makes
+        if (avx2::is_q8<FMT>() && !avx2::has_offset<FMT>() && ready != nullptr) {
+            // the 8-bit codes widen back to the int16 pairs fill_int16_panel makes
             const int8_t* q = reinterpret_cast<const int8_t*>(ready);
             for (int64_t v = 0; v < K * kNR; v += 32)  // 32 codes: a pair of 16 columns
                 _mm512_store_si512(panel + v / 2, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v))));
@@ -438,9 +445,10 @@ struct Int16Panels {
     }
 };
 
+// `packed` (8-bit formats): the weight's panels as int16_panel_pack lays them out, read instead of w.
 template <int FMT>
 void int16_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
-                      int64_t ldy, int16_t* scratch) {
+                      int64_t ldy, int16_t* scratch, const uint8_t* packed = nullptr) {
     Int16Panels panels(x, M, K, scratch);
     static thread_local Buffer kept_buffer;
     float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
@@ -451,15 +459,9 @@ void int16_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, in
         panels.item_at(item, num_panels, r0, r1, p);
         const int64_t n0 = p * kNR;
         panels.products<FMT>(w, n0, int(std::min<int64_t>(kNR, N - n0)), r0, r1, bias ? bias + n0 : nullptr,
-                             y + r0 * ldy + n0, ldy, kept);
+                             y + r0 * ldy + n0, ldy, kept, packed != nullptr ? packed + p * panel_stride(K) : nullptr);
     }
 }
-
-// An 8-bit weight's panels in the order the int16 panel takes them, made once (int16_panel_pack): per 32
-// output columns, the panel's pairs of codes as bytes ([K / 2][32][2] int8: the int16 pairs narrowed,
-// exactly), then its blocks' d [K / 32][32] float32. The same 1.125 bytes a weight as the stored rows, and
-// a work item widens its panel with one instruction per 16 pairs instead of transposing the rows' blocks.
-inline size_t panel_stride(int64_t K) { return size_t(K * kNR) + size_t(K / kBlock * kNR) * sizeof(float); }
 
 template <int FMT>
 void pack_panels(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
@@ -483,23 +485,6 @@ void pack_panels(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
     }
 }
 
-template <int FMT>
-void int16_packed_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
-                       float* y, int64_t ldy, int16_t* scratch) {
-    Int16Panels panels(x, M, K, scratch);
-    static thread_local Buffer kept_buffer;
-    float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
-    const int64_t num_panels = (N + kNR - 1) / kNR;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < panels.chunks * num_panels; ++item) {
-        int64_t r0, r1, p;
-        panels.item_at(item, num_panels, r0, r1, p);
-        const int64_t n0 = p * kNR;
-        panels.products<FMT>(nullptr, n0, int(std::min<int64_t>(kNR, N - n0)), r0, r1, bias ? bias + n0 : nullptr,
-                             y + r0 * ldy + n0, ldy, kept, packed + p * panel_stride(K));
-    }
-}
-
 // out [M, I] = silu(x gate^T) * (x up^T), gate the weight's first I rows and up the next I: per work item
 // a panel of 32 gate rows and the same up rows, both into rows of 32 floats, then the activation as
 // silu_mul_team computes it (the same bits), so that the [M, 2I] product is never written.
@@ -518,8 +503,8 @@ void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t*
         panels.item_at(item, num_panels, r0, r1, p);
         const int64_t n0 = p * kNR;
         const int cols = int(std::min<int64_t>(kNR, I - n0));
-        panels.products<FMT>(w, n0, cols, r0, r1, nullptr, gate, kNR, gate);
-        panels.products<FMT>(w, I + n0, cols, r0, r1, nullptr, up, kNR, up);
+        panels.products<FMT>(w, n0, cols, r0, r1, nullptr, gate, kNR, gate, nullptr);
+        panels.products<FMT>(w, I + n0, cols, r0, r1, nullptr, up, kNR, up, nullptr);
         for (int64_t m = r0; m < r1; ++m) {
             const float* g = gate + (m - r0) * kNR;
             const float* u = up + (m - r0) * kNR;
@@ -585,8 +570,8 @@ void int16_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* 
 void int16_packed_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int fmt, int64_t N,
                               const float* bias, float* y, int64_t ldy, int16_t* scratch) {
     switch (fmt & ~kProductFlags) {
-        case kQ8_0: int16_packed_team<kQ8_0>(x, M, K, packed, N, bias, y, ldy, scratch); break;
-        case kQ8_0F: int16_packed_team<kQ8_0F>(x, M, K, packed, N, bias, y, ldy, scratch); break;
+        case kQ8_0: int16_panel_team<kQ8_0>(x, M, K, nullptr, N, bias, y, ldy, scratch, packed); break;
+        case kQ8_0F: int16_panel_team<kQ8_0F>(x, M, K, nullptr, N, bias, y, ldy, scratch, packed); break;
     }
 }
 
