@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 
 from plait.bench.decode_context import one_request
-from plait.bench.one_batch import environment
+from plait.bench.one_batch import environment, write_result
 
 
 def parse_server(spec: str) -> tuple[str, str]:
@@ -96,11 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"{row[reference + '_prefill_ratio_range'][1]:.2f})") if row["server"] != reference else "-"
         decode_ratio = f"{row[reference + '_decode_ratio']:.3f}" if reference + "_decode_ratio" in row else "-"
         print(f"{row['server']:>14} {row['prefill_tok_s']:>14.1f} {decode} {ratio:>24} {decode_ratio:>23}")
-    if args.output_file:
-        record = {"bench": "alternate", "run_name": args.run_name, "prompt_len": args.prompt_len,
-                  "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows, "env": environment()}
-        with open(args.output_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    write_result(args.output_file, {"bench": "alternate", "run_name": args.run_name, "prompt_len": args.prompt_len,
+                 "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows, "env": environment()})
 
 
 if __name__ == "__main__":

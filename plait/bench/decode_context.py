@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 
-from plait.bench.one_batch import environment
+from plait.bench.one_batch import environment, write_result
 from plait.bench.serving import http_request
 
 
@@ -86,11 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         row["vs_shortest"] = row["decode_tok_s"] / base
         print(f"{row['context']:>8} {row['ttft_s']:>8.2f} {row['decode_tok_s']:>13.1f} {row['vs_shortest']:>11.0%}")
-    if args.output_file:
-        record = {"bench": "decode_context", "run_name": args.run_name, "base_url": args.base_url,
-                  "new_tokens": args.new_tokens, "reps": args.reps, "rows": rows, "env": environment()}
-        with open(args.output_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    write_result(args.output_file, {"bench": "decode_context", "run_name": args.run_name, "base_url": args.base_url,
+                 "new_tokens": args.new_tokens, "reps": args.reps, "rows": rows, "env": environment()})
 
 
 if __name__ == "__main__":

@@ -171,10 +171,7 @@ void panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 // The scaling needs the 2 x MR float sums and 2 x MR integer sums in registers: 6 rows a block (28 of
 // the 32 registers), per pair of inputs 2 panel loads and 6 broadcast loads for 12 products.
 
-#ifndef PLAIT_INT_MR
-#define PLAIT_INT_MR 6
-#endif
-constexpr int kIntMR = PLAIT_INT_MR;
+constexpr int kIntMR = 6;
 constexpr int64_t kIntMaxBlocks = 16;  // blocks per slice of the panel: 32 KiB of codes
 
 // A 4-byte load that may alias the int16 codes (two codes side by side).
