@@ -407,3 +407,22 @@ def test_cpu_kernels_bench_times_every_path_it_can_run():
     for row in products + attention:
         assert all(v > 0 for k, v in row.items() if k.endswith("_ms"))
         assert ("amx_ms" in row) == kernels.amx_available() and ("amx_bf16_ms" in row) == kernels.amx_available()
+
+
+def test_rounding_bench_rounds_as_its_variants_say():
+    """The rounding variants of `plait.bench.rounding`: b-bit integers per block of 32 (error at most
+    half a step of the block's scale, the block's largest value kept), and x's two bfloat16 parts
+    (16 significant bits, far closer than bfloat16 alone)."""
+    import torch
+
+    from plait.bench import rounding
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 96) * torch.linspace(0.01, 5, 96)
+    for bits in (16, 12, 8):
+        step = x.view(3, 3, 32).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        err = (rounding.round_blocks(x, bits) - x).view(3, 3, 32).abs()
+        assert torch.all(err <= step / 2 * (1 + 1e-5))
+        assert torch.all(err.amax(-1, keepdim=True) > step / 8)  # it does round
+    parts = (rounding.two_bf16_parts(x) - x).abs() / x.abs()
+    assert parts.max() < 2**-16 and (rounding.bf16(x) - x).abs().div(x.abs()).max() > 2**-10

@@ -1,0 +1,126 @@
+"""How coarse the products' arithmetic may be before greedy outputs change (the default model).
+
+    python -m plait.bench.rounding [--new-tokens 64] [--bits 16 14 12 10 8] [--output-file out.jsonl]
+
+Plait holds its fast paths to one bar: greedy outputs equal those of `transformers` in float32. This
+program asks, for a kind of rounding a faster product would need, whether that bar still holds. It
+runs the default model in `transformers` (float32, the GGUF's own dequantized weights) on eight
+prompts (short, chat and long ones of 250-480 tokens) and decodes `--new-tokens` greedy tokens, once
+exactly and once per variant, with every linear layer's input (and for some variants its weight)
+rounded first:
+
+- `x int<b> per 32`: x rounded to b-bit integers per block of 32 values (scale = largest |x| of the
+  block), as integer products over block weights would (b = 16: the int16 products; 8: int8 ones);
+- `x 16 bits, w bf16`: x to 16 significant bits (its two bfloat16 parts), weights to bfloat16, as two
+  AMX passes over x's parts and one weight part would;
+- `x bf16, w bf16`: both rounded to bfloat16, as one AMX pass would (vLLM's arithmetic).
+
+Prints, per variant, how many prompts' outputs equal the exact ones and where the first differences
+fall, and appends one JSON line to `--output-file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+import torch
+
+from plait.bench.one_batch import environment, write_result
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+CHATS = ["Tell me about Paris.", "What is 2 + 2?"]
+LONG = ["The history of computing spans many centuries. " * 40 + "Summarize:",
+        "Write a poem about the sea. " * 20,
+        ("The history of the city begins with a small settlement on the river, where traders met to exchange "
+         "salt, grain and cloth. Over the centuries it grew into a market town, then a port. ") * 8
+        + "In summary, the city"]
+
+
+def round_blocks(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x rounded to `bits`-bit integers per block of 32 values of its last dimension, scaled back."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    top = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    levels = 2 ** (bits - 1) - 1
+    return (torch.round(blocks * (levels / top)) * (top / levels)).reshape(x.shape)
+
+
+def two_bf16_parts(x: torch.Tensor) -> torch.Tensor:
+    """x as the sum of its two bfloat16 parts (16 significant bits)."""
+    hi = x.bfloat16().float()
+    return hi + (x - hi).bfloat16().float()
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
+
+
+def greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        res = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            if token in eos:
+                break
+            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", default=None, help="a GGUF file (default: the default model)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--bits", type=int, nargs="*", default=[16, 14, 12, 10, 8])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output-file", default="rounding.jsonl")
+    args = parser.parse_args()
+    import transformers
+
+    from plait.runtime.model_loader import default_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.model_path or default_model_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    prompts = [tokenizer.encode(p) for p in PROMPTS + LONG]
+    prompts += [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                                               add_generation_prompt=True), add_special_tokens=False)
+                for c in CHATS]
+    eos = [tokenizer.eos_token_id]
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    exact_weights = {id(m): m.weight.data.clone() for m in linears}
+    round_input: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None]
+    for module in linears:
+        module.register_forward_pre_hook(lambda _m, a: None if round_input[0] is None else (round_input[0](a[0]),))
+
+    reference = [greedy(model, ids, args.new_tokens, eos) for ids in prompts]
+    variants: list[tuple[str, Callable, Callable | None]] = [
+        (f"x int{b} per 32", (lambda b: lambda x: round_blocks(x, b))(b), None) for b in args.bits]
+    variants += [("x 16 bits, w bf16", two_bf16_parts, bf16), ("x bf16, w bf16", bf16, bf16)]
+    rows = []
+    print(f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+          f"{args.new_tokens} greedy tokens each, against transformers in float32")
+    print(f"{'variant':>20} {'equal':>7}  first differences (token index)")
+    for label, x_round, w_round in variants:
+        for module in linears:
+            module.weight.data = exact_weights[id(module)] if w_round is None else w_round(exact_weights[id(module)])
+        round_input[0] = x_round
+        outputs = [greedy(model, ids, args.new_tokens, eos) for ids in prompts]
+        firsts = [next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+                  for out, ref in zip(outputs, reference) if out != ref]
+        equal = len(prompts) - len(firsts)
+        rows.append({"variant": label, "equal": equal, "prompts": len(prompts), "first_differences": firsts})
+        print(f"{label:>20} {equal:>3}/{len(prompts):<3}  {firsts}", flush=True)
+    round_input[0] = None
+    write_result(args.output_file, {"environment": environment(), "model": path, "new_tokens": args.new_tokens,
+                                    "variants": rows})
+
+
+if __name__ == "__main__":
+    main()
