@@ -329,6 +329,9 @@ def test_alternate_times_servers_in_turn(tmp_path):
     assert _FakeSlowPrefill.prompt_lens[before_slow:] == [16, 24, 24, 24, 24]
     assert slow["fast_prefill_ratio"] > 2 and slow["fast_prefill_ratio_range"][0] > 1.5  # 60 ms more to first token
     assert 0.3 < slow["fast_decode_ratio"] < 3  # the same token spacing
+    low, high = slow["fast_decode_ratio_range"]
+    assert low <= slow["fast_decode_ratio"] <= high
+    assert fast["decode_tok_s_range"][0] <= fast["decode_tok_s"] <= fast["decode_tok_s_range"][1]
     with pytest.raises(SystemExit):
         alternate.main(["--server", "only=http://127.0.0.1:1"])
 

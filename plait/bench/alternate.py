@@ -9,10 +9,10 @@ the minute they ran in as much as by their speed. Here every server is started f
 idle but for the request being timed: each round sends one streamed `/v1/completions` request to each
 server in turn (the order reversed every other round), each a new random prompt of exactly
 `--prompt-len` token ids (no prefix cache helps) and `--new-tokens` greedy tokens with `ignore_eos`.
-Per server: the median prefill rate from the time to first token (prompt tokens / TTFT) and the median
-decode rate ((tokens - 1) / time from the first token to the last, with 3 or more new tokens); per
-server against the first, the median and range of the rounds' ratios of those rates, which compare
-requests timed seconds apart. Prints a table and appends one JSON line to --output-file.
+Per server: the median and range of the prefill rate from the time to first token (prompt tokens /
+TTFT) and of the decode rate ((tokens - 1) / time from the first token to the last, with 3 or more new
+tokens); per server against the first, the median and range of the rounds' ratios of those rates,
+which compare requests timed seconds apart. Prints a table and appends one JSON line to --output-file.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                "prefill_tok_s_range": [min(prefill), max(prefill)]}
         if decode:
             row["decode_tok_s"] = statistics.median(decode)
+            row["decode_tok_s_range"] = [min(decode), max(decode)]
         if name != reference:
             ratios = [a[0] / b[0] for a, b in zip(timed[reference], timed[name])]
             row[f"{reference}_prefill_ratio"] = statistics.median(ratios)
@@ -84,17 +85,19 @@ def main(argv: list[str] | None = None) -> None:
             ratios = [a[1] / b[1] for a, b in zip(timed[reference], timed[name]) if a[1] and b[1]]
             if ratios:
                 row[f"{reference}_decode_ratio"] = statistics.median(ratios)
+                row[f"{reference}_decode_ratio_range"] = [min(ratios), max(ratios)]
         rows.append(row)
 
     print(f"{args.rounds} rounds, prompt {args.prompt_len} tokens, {args.new_tokens} new")
     print(f"{'server':>14} {'prefill tok/s':>14} {'decode tok/s':>13} {reference + ' / it, prefill':>24}"
-          f" {reference + ' / it, decode':>23}")
+          f" {reference + ' / it, decode':>24}")
     for row in rows:
         decode = f"{row['decode_tok_s']:>13.1f}" if "decode_tok_s" in row else f"{'-':>13}"
         ratio = (f"{row[reference + '_prefill_ratio']:.3f} ({row[reference + '_prefill_ratio_range'][0]:.2f}-"
                  f"{row[reference + '_prefill_ratio_range'][1]:.2f})") if row["server"] != reference else "-"
-        decode_ratio = f"{row[reference + '_decode_ratio']:.3f}" if reference + "_decode_ratio" in row else "-"
-        print(f"{row['server']:>14} {row['prefill_tok_s']:>14.1f} {decode} {ratio:>24} {decode_ratio:>23}")
+        decode_ratio = (f"{row[reference + '_decode_ratio']:.3f} ({row[reference + '_decode_ratio_range'][0]:.2f}-"
+                        f"{row[reference + '_decode_ratio_range'][1]:.2f})") if reference + "_decode_ratio" in row else "-"
+        print(f"{row['server']:>14} {row['prefill_tok_s']:>14.1f} {decode} {ratio:>24} {decode_ratio:>24}")
     write_result(args.output_file, {"bench": "alternate", "run_name": args.run_name, "prompt_len": args.prompt_len,
                  "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows, "env": environment()})
 
