@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from plait.bench.rounding import greedy as hf_greedy  # greedy decoding with transformers' own KV cache
 from plait.runtime.engine import Engine
 from plait.runtime.model_loader import default_model_path
 
@@ -36,20 +37,6 @@ def hf_model():
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     )
     return model.eval()
-
-
-def hf_greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
-    """Greedy decoding with the reference model's own KV cache; stops at EOS as the engine does."""
-    out: list[int] = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            if nxt in eos:
-                break
-            res = model(torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
 
 
 def test_greedy_tokens_match_transformers_raw(engine, hf_model):

@@ -57,6 +57,7 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
+    """Greedy decoding of a `transformers` model with its own KV cache; stops at EOS as the engine does."""
     out: list[int] = []
     with torch.no_grad():
         res = model(torch.tensor([ids]), use_cache=True)
