@@ -367,6 +367,10 @@ constexpr int64_t kChunkCodeBytes = 768 * 1024;
 // a work item widens its panel with one instruction per 16 pairs instead of transposing the rows' blocks.
 inline size_t panel_stride(int64_t K) { return size_t(K * kNR) + size_t(K / kBlock * kNR) * sizeof(float); }
 
+// Panels read ahead of the one being filled (measured on a 2-core Zen 4 with the weights in memory: 32 rows
+// x 576 x 3,072 in 0.81 of the time with 2, 0.85 with 3, 0.87 with 4; 512 rows 0.97).
+constexpr int64_t kPrefetchPanels = 2;
+
 struct Int16Panels {
     int64_t M, K, nb, per_slice, chunk_rows, chunks;
     const int16_t* codes;
@@ -414,6 +418,14 @@ struct Int16Panels {
                   int64_t ldy, float* kept, const uint8_t* ready) {
         const int32_t* codes_p = panel;
         const float *d_p = pd, *m_p = pm;
+        // The weights of the panel kPrefetchPanels on into L2 (and so L3, where the other thread may take
+        // it): in a decode batch each panel's weights come from memory once per step, and the fill reads
+        // 16 rows a block at a time, which the hardware's prefetchers do not follow far enough ahead.
+        const size_t stride = row_bytes(FMT, K);
+        const char* const ahead = ready != nullptr ? reinterpret_cast<const char*>(ready) + kPrefetchPanels * panel_stride(K)
+                                                   : reinterpret_cast<const char*>(w + (n0 + kPrefetchPanels * kNR) * stride);
+        const size_t ahead_bytes = ready != nullptr ? panel_stride(K) : kNR * stride;
+        for (size_t off = 0; off < ahead_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
         if (avx2::is_q8<FMT>() && !avx2::has_offset<FMT>() && ready != nullptr) {
             // the 8-bit codes widen back to the int16 pairs fill_int16_panel makes
             const int8_t* q = reinterpret_cast<const int8_t*>(ready);
@@ -422,7 +434,7 @@ struct Int16Panels {
             d_p = reinterpret_cast<const float*>(ready + K * kNR);
             m_p = nullptr;  // the 8-bit formats have no offset
         } else {
-            fill_int16_panel<FMT>(w, row_bytes(FMT, K), n0, cols, nb, panel, pd, pm);
+            fill_int16_panel<FMT>(w, stride, n0, cols, nb, panel, pd, pm);
         }
         for (int64_t b0 = 0; b0 < nb; b0 += per_slice) {
             const int64_t b1 = std::min(nb, b0 + per_slice);
