@@ -52,16 +52,20 @@ def product_rows(rows: int, repeats: int) -> list[dict]:
         w, x = torch.randn(n, k), torch.randn(rows, k)
         raw = torch.from_numpy(np.ascontiguousarray(quantize(w.numpy(), GGMLQuantizationType.Q4_1))).view(torch.uint8)
         fmt, data = kernels.float_constants(WeightFormat.Q4_1, raw)
+        # Outputs written into tensors made once, as the model's stack does: a fresh [512, 3,072] float32
+        # output a call costs its page faults (about 2 ms on a 2-core VM), which is not the product's time.
+        out, out_b = torch.empty(rows, n), torch.empty(rows, n, dtype=torch.bfloat16)
         row = {"product": name, "m": rows, "k": k, "n": n,
-               "float_panels_ms": median_ms(lambda: kernels.linear(x, data, fmt, n), repeats)}
+               "float_panels_ms": median_ms(lambda: kernels.linear(x, data, fmt, n, out=out), repeats)}
         if kernels.int16_panels_available():
-            row["int16_panels_ms"] = median_ms(lambda: kernels.linear(x, data, fmt, n, panels="int16"), repeats)
+            row["int16_panels_ms"] = median_ms(lambda: kernels.linear(x, data, fmt, n, panels="int16", out=out), repeats)
         if amx:
             exact, one = kernels.amx_pack(w), kernels.amx_pack(w, exact=False)
-            row["amx_ms"] = median_ms(lambda: kernels.amx_linear(x, exact, n), repeats)
-            row["amx_bf16_ms"] = median_ms(lambda: kernels.amx_linear(x, one, n), repeats)
-        xb, wb = x.bfloat16(), w.bfloat16()
-        row["torch_bf16_ms"] = median_ms(lambda: torch.nn.functional.linear(xb, wb), repeats)
+            row["amx_ms"] = median_ms(lambda: kernels.amx_linear(x, exact, n, out=out), repeats)
+            row["amx_bf16_ms"] = median_ms(lambda: kernels.amx_linear(x, one, n, out=out), repeats)
+        xb, wbt = x.bfloat16(), w.bfloat16().T
+        row["torch_bf16_ms"] = median_ms(lambda: torch.matmul(xb, wbt, out=out_b), repeats)
+        row["gmac"] = rows * k * n / 1e9
         out.append(row)
     return out
 
@@ -100,11 +104,13 @@ def main() -> None:
     products = product_rows(args.rows, args.repeats)
     attention = attention_rows(args.rows, args.contexts, args.repeats)
     print(f"products of {args.rows} rows (ms; threads {torch.get_num_threads()}, AMX {kernels.amx_available()})")
-    print(f"{'product':>8} {'K':>6} {'N':>6} {'float':>8} {'int16':>8} {'amx':>8} {'amx-bf16':>9} {'torch bf16':>11}")
+    print(f"{'product':>8} {'K':>6} {'N':>6} {'float':>8} {'int16':>8} {'amx':>8} {'amx-bf16':>9} {'torch bf16':>11}"
+          f" {'int16 GMAC/s':>13} {'bf16 GMAC/s':>12}")
     for r in products:
         print(f"{r['product']:>8} {r['k']:>6} {r['n']:>6} {r['float_panels_ms']:>8.3f} "
               f"{r.get('int16_panels_ms', float('nan')):>8.3f} {r.get('amx_ms', float('nan')):>8.3f} "
-              f"{r.get('amx_bf16_ms', float('nan')):>9.3f} {r['torch_bf16_ms']:>11.3f}")
+              f"{r.get('amx_bf16_ms', float('nan')):>9.3f} {r['torch_bf16_ms']:>11.3f} "
+              f"{r['gmac'] / r.get('int16_panels_ms', float('nan')) * 1e3:>13.1f} {r['gmac'] / r['torch_bf16_ms'] * 1e3:>12.1f}")
     print(f"causal attention of {args.rows} query tokens (ms; {HEADS} heads, {KV_HEADS} KV heads, float16 pool)")
     print(f"{'keys':>6} {'vector':>8} {'amx':>8} {'amx-bf16':>9}")
     for r in attention:
