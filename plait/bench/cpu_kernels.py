@@ -54,17 +54,17 @@ def product_rows(rows: int, repeats: int) -> list[dict]:
         fmt, data = kernels.float_constants(WeightFormat.Q4_1, raw)
         # Outputs written into tensors made once, as the model's stack does: a fresh [512, 3,072] float32
         # output a call costs its page faults (about 2 ms on a 2-core VM), which is not the product's time.
-        out, out_b = torch.empty(rows, n), torch.empty(rows, n, dtype=torch.bfloat16)
+        y, y_b = torch.empty(rows, n), torch.empty(rows, n, dtype=torch.bfloat16)
         row = {"product": name, "m": rows, "k": k, "n": n,
-               "float_panels_ms": median_ms(lambda: kernels.linear(x, data, fmt, n, out=out), repeats)}
+               "float_panels_ms": median_ms(lambda: kernels.linear(x, data, fmt, n, out=y), repeats)}
         if kernels.int16_panels_available():
-            row["int16_panels_ms"] = median_ms(lambda: kernels.linear(x, data, fmt, n, panels="int16", out=out), repeats)
+            row["int16_panels_ms"] = median_ms(lambda: kernels.linear(x, data, fmt, n, panels="int16", out=y), repeats)
         if amx:
             exact, one = kernels.amx_pack(w), kernels.amx_pack(w, exact=False)
-            row["amx_ms"] = median_ms(lambda: kernels.amx_linear(x, exact, n, out=out), repeats)
-            row["amx_bf16_ms"] = median_ms(lambda: kernels.amx_linear(x, one, n, out=out), repeats)
+            row["amx_ms"] = median_ms(lambda: kernels.amx_linear(x, exact, n, out=y), repeats)
+            row["amx_bf16_ms"] = median_ms(lambda: kernels.amx_linear(x, one, n, out=y), repeats)
         xb, wbt = x.bfloat16(), w.bfloat16().T
-        row["torch_bf16_ms"] = median_ms(lambda: torch.matmul(xb, wbt, out=out_b), repeats)
+        row["torch_bf16_ms"] = median_ms(lambda: torch.matmul(xb, wbt, out=y_b), repeats)
         row["gmac"] = rows * k * n / 1e9
         out.append(row)
     return out
