@@ -429,3 +429,32 @@ def test_rounding_bench_rounds_as_its_variants_say():
         assert torch.all(err.amax(-1, keepdim=True) > step / 8)  # it does round
     parts = (rounding.two_bf16_parts(x) - x).abs() / x.abs()
     assert parts.max() < 2**-16 and (rounding.bf16(x) - x).abs().div(x.abs()).max() > 2**-10
+
+
+def test_rounding_bench_integer_attention_is_causal_attention_rounded():
+    """`plait.bench.rounding.integer_attention`: without integer rounding it is causal attention over
+    float16 keys and values (prefill and one decode row, grouped heads); with q, k at 13 bits and p, v at
+    14 it rounds, within the steps' size, and coarser bits round more."""
+    import types
+
+    import torch
+
+    from plait.bench import rounding
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 40, 64)
+    k, v = torch.randn(1, 2, 40, 64).half().float(), torch.randn(1, 2, 40, 64).half().float()
+    module = types.SimpleNamespace(num_key_value_groups=3)
+    kk, vv = k.repeat_interleave(3, dim=1).double(), v.repeat_interleave(3, dim=1).double()
+    scores = (q.double() @ kk.transpose(2, 3)) * 0.125
+    scores = scores.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    exact = (torch.softmax(scores, -1) @ vv).transpose(1, 2).float()
+
+    def err(bits_qk, bits_pv, rows=slice(None)):
+        out, _ = rounding.integer_attention(bits_qk, bits_pv)(module, q[:, :, rows], k, v, None, scaling=0.125)
+        assert out.shape == exact[:, rows].shape
+        return float((out - exact[:, rows]).norm() / exact[:, rows].norm())
+
+    assert err(None, None) < 1e-6 and err(None, None, slice(39, 40)) < 1e-6
+    fine, coarse = err(13, 14), err(12, 12)
+    assert 1e-6 < fine < 2e-3 and fine < coarse < 1e-2

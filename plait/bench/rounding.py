@@ -15,6 +15,15 @@ rounded first:
   AMX passes over x's parts and one weight part would;
 - `x bf16, w bf16`: both rounded to bfloat16, as one AMX pass would (vLLM's arithmetic).
 
+With `--attention`, attention variants instead (the linear layers exact): keys and values rounded to
+float16 as the KV pool stores them, then
+- `kv float16`: float math, what the CPU kernels compute today;
+- `attention q,k int<a>; p,v int<b>`: integer attention as `VPDPWSSD` would run it without
+  overflowing its 32-bit sums: q and k rounded to a-bit integers per row of a head (scores exact
+  from the codes), the softmax weights times each value row's scale rounded to b-bit integers per 32
+  keys, values to b bits per row (a = 13 and b = 14 keep 64 products of a head and 32 keys of a
+  block inside 2^31).
+
 Prints, per variant, how many prompts' outputs equal the exact ones and where the first differences
 fall, and appends one JSON line to `--output-file`.
 """
@@ -56,6 +65,46 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
     return x.bfloat16().float()
 
 
+def integer_rows(x: torch.Tensor, bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows (last dimension) as `bits`-bit integer codes and one scale a row: x ~ codes * scale."""
+    top = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    levels = 2 ** (bits - 1) - 1
+    return torch.round(x * (levels / top)), top / levels
+
+
+def integer_attention(bits_qk: int | None, bits_pv: int | None, block: int = 32) -> Callable:
+    """An attention function for `transformers.AttentionInterface`: keys and values rounded to float16
+    (the KV pool), then, for each bit count not None, the integer rounding the module docstring
+    describes; products of codes in float64 (exact), the softmax in float32."""
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+        groups = module.num_key_value_groups
+        k = key.half().float().repeat_interleave(groups, dim=1)
+        v = value.half().float().repeat_interleave(groups, dim=1)
+        q_len, k_len = query.shape[2], k.shape[2]
+        if bits_qk is None:
+            scores = (query.double() @ k.double().transpose(2, 3)).float()
+        else:
+            (qc, qs), (kc, ks) = integer_rows(query, bits_qk), integer_rows(k, bits_qk)
+            scores = ((qc.double() @ kc.double().transpose(2, 3)) * (qs.double() * ks.double().transpose(2, 3))).float()
+        scores = scores * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if attention_mask is not None:
+            scores = scores + attention_mask[..., :k_len]
+        elif q_len > 1:
+            rows = torch.arange(q_len)[:, None] + (k_len - q_len)
+            scores = scores.masked_fill(torch.arange(k_len)[None, :] > rows, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if bits_pv is None:
+            out = weights.double() @ v.double()
+        else:
+            vc, vs = integer_rows(v, bits_pv)
+            scaled = torch.nn.functional.pad(weights * vs.transpose(2, 3), (0, (-k_len) % block))
+            blocks = scaled.reshape(*scaled.shape[:-1], -1, block)
+            codes, step = integer_rows(blocks, bits_pv)
+            out = (codes * step).reshape(scaled.shape)[..., :k_len].double() @ vc.double()
+        return out.float().transpose(1, 2).contiguous(), None
+    return attend
+
+
 def greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
     """Greedy decoding of a `transformers` model with its own KV cache; stops at EOS as the engine does."""
     out: list[int] = []
@@ -76,6 +125,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 14, 12, 10, 8])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--attention", action="store_true",
+                        help="attention variants (float16 KV, integer attention) instead of the products'")
     parser.add_argument("--output-file", default="rounding.jsonl")
     args = parser.parse_args()
     import transformers
@@ -104,6 +155,13 @@ def main() -> None:
     variants: list[tuple[str, Callable, Callable | None]] = [
         (f"x int{b} per 32", (lambda b: lambda x: round_blocks(x, b))(b), None) for b in args.bits]
     variants += [("x 16 bits, w bf16", two_bf16_parts, bf16), ("x bf16, w bf16", bf16, bf16)]
+    if args.attention:
+        variants = [(label, None, None) for label in ("kv float16", "attention q,k int13; p,v int14",
+                                                      "attention q,k int12; p,v int12")]
+        bits = {"kv float16": (None, None), "attention q,k int13; p,v int14": (13, 14),
+                "attention q,k int12; p,v int12": (12, 12)}
+        for label, (a, b) in bits.items():
+            transformers.AttentionInterface.register(f"plait-rounding-{a}-{b}", integer_attention(a, b))
     rows = []
     print(f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"{args.new_tokens} greedy tokens each, against transformers in float32")
@@ -112,6 +170,8 @@ def main() -> None:
         for module in linears:
             module.weight.data = exact_weights[id(module)] if w_round is None else w_round(exact_weights[id(module)])
         round_input[0] = x_round
+        if args.attention:
+            model.set_attn_implementation("plait-rounding-{}-{}".format(*bits[label]))
         outputs = [greedy(model, ids, args.new_tokens, eos) for ids in prompts]
         firsts = [next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
                   for out, ref in zip(outputs, reference) if out != ref]
