@@ -14,9 +14,10 @@ import time
 
 import pytest
 
+from plait.runtime.distributed.ranks import rendezvous_port
 from plait.runtime.distributed.sharding import DecoderShard, Span, split_evenly
 from plait.runtime.engine import Engine
-from tests.test_server_utils import ServerProcess, free_port, post, write_tiny_model
+from tests.test_server_utils import ServerProcess, post, write_tiny_model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -89,7 +90,7 @@ def test_tp2_over_two_nodes_with_a_replicated_kv_head_matches_tp1_then_a_killed_
     """Two "nodes" on this machine (--nnodes 2): node 0 serves HTTP with rank 0, node 1 runs rank 1."""
     expected = _reference(24, model_path=one_kv_head_model)
     flags = ("--model-path", one_kv_head_model, "--tp-size", "2", "--dtype", "float32", "--max-total-tokens", "16384",
-             "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}")
+             "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{rendezvous_port()}")
     node1 = ServerProcess(*flags, "--node-rank", "1")
     srv = ServerProcess(*flags, "--node-rank", "0")
     try:
@@ -116,3 +117,20 @@ def test_tp2_over_two_nodes_with_a_replicated_kv_head_matches_tp1_then_a_killed_
     finally:
         srv.stop()
         node1.stop()
+
+
+def test_the_rendezvous_port_is_free_and_outside_the_ephemeral_range():
+    """Ranks on one machine meet on a free port below the kernel's ephemeral range: a port from it can be
+    taken by another rank's own connection attempt (a socket connected to itself) before rank 0 listens."""
+    import socket
+
+    from plait.runtime.distributed.ranks import init_method_for
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(5):
+        port = int(init_method_for(None, 0).rpartition(":")[2])
+        assert 1024 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free
+    assert init_method_for("10.0.0.1:5000", 2) == "tcp://10.0.0.1:5002"

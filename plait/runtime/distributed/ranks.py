@@ -10,6 +10,7 @@ Each replica's ranks meet at their own rendezvous (`TpLaunch.init_method`): the 
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
@@ -38,9 +39,31 @@ def init_method_for(dist_init_addr: str | None, replica: int) -> str:
         if not host or not port.isdigit():
             raise ValueError(f"--dist-init-addr must be HOST:PORT, got {dist_init_addr!r}")
         return f"tcp://{host}:{int(port) + replica}"
-    with socket.socket() as s:
+    return f"tcp://127.0.0.1:{rendezvous_port()}"
+
+
+def rendezvous_port() -> int:
+    """A free port on this machine below the kernel's range of ephemeral ports. A port from that range
+    (what binding port 0 gives) can be taken, while rank 0 is still starting, by another rank's own
+    connection attempt to it: the kernel may pick the very port as the attempt's source and connect the
+    socket to itself, and rank 0 then fails with "address already in use"."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = range(max(1024, low - 10000), low)
+    for port in random.sample(candidates, min(50, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below taken: an ephemeral port after all
         s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        return s.getsockname()[1]
 
 
 def cpu_slices(num_processes: int) -> list[tuple[int, ...] | None]:
