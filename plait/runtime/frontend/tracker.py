@@ -106,6 +106,7 @@ class RequestGroup:
         self.closed = False  # unfinished requests were aborted; the caller is done with the group
         self._lock = threading.Lock()
         self._changed: set[int] = set()
+        self._notified_final: set[int] = set()  # states whose final output has been notified
         self._started = False  # some output arrived
         self._thread_event = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,8 +117,12 @@ class RequestGroup:
         return all(s.finished for s in self.states)
 
     def notify(self, index: int) -> None:
+        """Called after the state's output was applied, so a final output is in place before its
+        index is recorded as changed and as final (together, under the lock)."""
         with self._lock:
             self._changed.add(index)
+            if self.states[index].finished:
+                self._notified_final.add(index)
             self._started = True
         self._wake()
 
@@ -139,11 +144,15 @@ class RequestGroup:
         else:
             loop.call_soon_threadsafe(event.set)
 
-    def _take(self) -> list[int]:
+    def _take(self) -> tuple[list[int], bool]:
+        """The indexes changed since the last take, and whether every final output is among what has
+        now been taken. The waiters stop on that, never on `finished` read after a yield: an output
+        applied while the consumer handled the last batch would then never be handed out."""
         with self._lock:
             changed = sorted(self._changed)
             self._changed.clear()
-        return changed
+            done = len(self._notified_final) == len(self.states)
+        return changed, done
 
     def _check_failure(self) -> None:
         if self.failure is not None:
@@ -167,10 +176,10 @@ class RequestGroup:
             await event.wait()
             event.clear()
             self._check_failure()
-            changed = self._take()
+            changed, done = self._take()
             if changed:
                 yield changed
-            if self.finished:
+            if done:
                 return
 
     async def wait(self) -> None:
@@ -193,10 +202,10 @@ class RequestGroup:
             self._thread_event.wait()
             self._thread_event.clear()
             self._check_failure()
-            changed = self._take()
+            changed, done = self._take()
             if changed:
                 yield changed
-            if self.finished:
+            if done:
                 return
 
     def sync_wait(self) -> None:
