@@ -88,15 +88,19 @@ def reference_attention(q, k_cache, v_cache, slots, causal, scale):
 @pytest.mark.parametrize("causal", [True, False])
 # 3, 1 and 2 query heads per KV head; a head size that is not a multiple of 64
 @pytest.mark.parametrize("hq,hkv,d", [(6, 2, 64), (4, 4, 64), (8, 4, 64), (4, 2, 80)])
-@pytest.mark.parametrize("amx", [None, "exact", "bf16"])
-def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, d, amx, isa):
-    """Every task shape against float64; with `amx`, the tasks of 16 or more query rows run on AMX
-    tiles (three bfloat16 passes: an error below 5e-5 here, against 2e-6 for the float32 tasks; one
-    pass, bfloat16 products: below 2e-2)."""
+@pytest.mark.parametrize("arith", ["float", "amx", "amx-bf16", "int16"])
+def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, d, arith, isa):
+    """Every task shape against float64; with `arith` amx, the tasks of 16 or more query rows run on
+    AMX tiles (three bfloat16 passes: an error below 5e-5 here, against 2e-6 for the float32 tasks;
+    one pass, amx-bf16, bfloat16 products: below 2e-2); with int16 the tasks of more than 3 rows of
+    a KV head on integer codes (13- and 14-bit rounding: below 3e-3)."""
+    amx = arith.startswith("amx")
     if amx and (not kernels.amx_available() or d != 64):
         pytest.skip("no AMX-BF16 here" if d == 64 else "the AMX tasks take head size 64")
     if amx and isa == "avx512":
         pytest.skip("AVX-512 runs where AMX does not")
+    if arith == "int16" and not kernels.int16_attention_available(d):
+        pytest.skip("no AVX-512 VNNI here" if d % 32 == 0 else "integer attention takes head sizes 32 .. 128")
     torch.manual_seed(2)
     pool = 3000
     if cache_dtype == torch.int8:
@@ -118,19 +122,98 @@ def test_attention_over_slot_lists(cache_dtype, causal, hq, hkv, d, amx, isa):
     out = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
                             q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
                             slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
-                            causal=causal, scale=d**-0.5, lse=lse, amx=amx)
+                            causal=causal, scale=d**-0.5, lse=lse, arith=arith)
     float_tasks = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
                                     q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
                                     slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
-                                    causal=causal, scale=d**-0.5) if amx else out
-    tol = {None: 2e-6, "exact": 5e-5, "bf16": 2e-2}[amx]
+                                    causal=causal, scale=d**-0.5) if arith != "float" else out
+    tol = {"float": 2e-6, "amx": 5e-5, "amx-bf16": 2e-2, "int16": 3e-3}[arith]
+    other_rows = {"float": 10**9, "amx": 16, "amx-bf16": 16, "int16": 4}[arith]  # tasks this many rows or more
     for i, (n, _) in enumerate(shapes):
         rows = q_rows[q_off[i] : q_off[i] + n]
         ref_out, ref_lse = reference_attention(q[rows], k_cache, v_cache, slot_lists[i], causal, d**-0.5)
         assert (out[rows].double() - ref_out).abs().max() < tol, shapes[i]
         assert (lse[rows].double() - ref_lse).abs().max() < tol, shapes[i]
-        # tasks of 16 or more query rows took the AMX path (other bits than the float32 tasks'), the rest not
-        assert torch.equal(out[rows], float_tasks[rows]) == (not amx or n * hq // hkv < 16), shapes[i]
+        # tasks of 16 (AMX) or 4 (integers) or more query rows of a KV head took that path (other bits
+        # than the float32 tasks'), the rest not
+        assert torch.equal(out[rows], float_tasks[rows]) == (n * hq // hkv < other_rows), shapes[i]
+
+
+def _codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows (last dimension) as integer codes at `levels` with one scale a row, rounded as the
+    kernels round (float32 x times levels / max|x|, to nearest even)."""
+    top = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, torch.tensor(float(levels)) / top, torch.zeros_like(top))
+    return torch.round(x * inv), top / levels
+
+
+def reference_int16_attention(q, k_cache, v_cache, slots, causal, scale):
+    """The integer attention's rounding in float64 arithmetic: q (scaled) and k at 13 bits per row,
+    scores from the exact code products; the softmax weights times the values' row scales at 14 bits
+    per 32 keys, the values at 14 bits per row."""
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    k = dequantize_rows(k_cache[slots]).float().transpose(0, 1).repeat_interleave(hq // hkv, 0)  # [Hq, L, D]
+    v = dequantize_rows(v_cache[slots]).float().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+    (qc, qs), (kc, ks) = _codes((q * scale).transpose(0, 1), 4095), _codes(k, 4095)
+    scores = (qc.double() @ kc.double().transpose(1, 2)) * (qs.double() * ks.double().transpose(1, 2))
+    n, length = q.shape[0], len(slots)
+    if causal:
+        hidden = torch.arange(length)[None, :] > (length - n + torch.arange(n))[:, None]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    vc, vs = _codes(v, 8191)
+    weighted = torch.nn.functional.pad(torch.softmax(scores, -1) * vs.double().transpose(1, 2), (0, (-length) % 32))
+    pc, ps = _codes(weighted.reshape(*weighted.shape[:-1], -1, 32), 8191)
+    return ((pc * ps).reshape(weighted.shape)[..., :length] @ vc.double()).transpose(0, 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 2, 128), (8, 4, 32)])
+def test_int16_attention_computes_the_rounding_it_was_chosen_for(cache_dtype, hq, hkv, d):
+    """The integer attention against a float64 model of its rounding (the rounding `python -m
+    plait.bench.rounding --attention` measures the default model's greedy outputs under): on
+    average a tenth as far from the model as the model is from exact attention. What differences
+    remain are codes one step apart where float32 rounding (the kernel's exponential, its running
+    maximum) falls on the other side of a half: one weight's step moves an output by up to ~4e-4."""
+    if not kernels.int16_attention_available(d):
+        pytest.skip("no AVX-512 VNNI here")
+    torch.manual_seed(4)
+    pool = 3000
+    if cache_dtype == torch.int8:
+        k_cache, v_cache = int8_rows(torch.randn(pool, hkv, d)), int8_rows(torch.randn(pool, hkv, d))
+    else:
+        k_cache, v_cache = torch.randn(pool, hkv, d).to(cache_dtype), torch.randn(pool, hkv, d).to(cache_dtype)
+    shapes = [(5, 5), (40, 300), (200, 230), (3, 100), (64, 700)]
+    for causal in (True, False):
+        total = sum(n for n, _ in shapes)
+        q = torch.randn(total, hq, d)
+        q_rows = torch.randperm(total)
+        slot_lists = [torch.randperm(pool - 1)[:length] + 1 for _, length in shapes]
+        q_off = torch.tensor([0] + [n for n, _ in shapes[:-1]]).cumsum(0)
+        slot_off = torch.tensor([0] + [length for _, length in shapes[:-1]]).cumsum(0)
+        out = kernels.attention(q, k_cache, v_cache, q_rows=q_rows, q_off=q_off,
+                                q_len=torch.tensor([n for n, _ in shapes]), slots=torch.cat(slot_lists),
+                                slot_off=slot_off, kv_len=torch.tensor([length for _, length in shapes]),
+                                causal=causal, scale=d**-0.5, arith="int16")
+        for i, (n, _) in enumerate(shapes):
+            rows = q_rows[q_off[i] : q_off[i] + n]
+            model = reference_int16_attention(q[rows], k_cache, v_cache, slot_lists[i], causal, d**-0.5)
+            exact, _ = reference_attention(q[rows], k_cache, v_cache, slot_lists[i], causal, d**-0.5)
+            off = (out[rows].double() - model).abs()
+            assert off.max() < 5e-4, (causal, shapes[i])
+            assert off.mean() < 0.1 * (model - exact).abs().mean(), (causal, shapes[i], off.mean())
+
+
+@needs_kernels
+def test_int16_attention_is_refused_where_it_cannot_run():
+    q = torch.randn(4, 2, 80)
+    cache = torch.zeros(8, 1, 80)
+    meta = dict(q_rows=torch.arange(4), q_off=torch.tensor([0]), q_len=torch.tensor([4]), slots=torch.arange(4),
+                slot_off=torch.tensor([0]), kv_len=torch.tensor([4]), causal=True, scale=1.0)
+    with pytest.raises(ValueError, match="int16 attention"):
+        kernels.attention(q, cache, cache, arith="int16", **meta)  # head size 80
+    with pytest.raises(ValueError, match="unknown attention arithmetic"):
+        kernels.attention(q, cache, cache, arith="tf32", **meta)
 
 
 @needs_kernels

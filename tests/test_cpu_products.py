@@ -291,6 +291,32 @@ def test_amx_pack_puts_each_weight_in_its_tile_place(exact):
         kernels.amx_exact(packed.flatten()[:-1], n, k)
 
 
+def test_prefill_attention_setting_resolves_from_the_cpu_dtype_and_products():
+    """auto: integer attention where AVX-512 VNNI runs and the dtype is automatic, unless the products
+    are on AMX (which takes the attention too); asking for int16 where it cannot run, or for an
+    unknown name, is a clear error."""
+    from plait.runtime.config import ModelConfig
+    from plait.runtime.cpu.products import resolve_prefill_attention
+
+    int16 = kernels.int16_attention_available(64)
+    assert resolve_prefill_attention(ModelConfig(), "int16", 64) == ("int16" if int16 else "float")
+    assert resolve_prefill_attention(ModelConfig(), "float", 64) == ("int16" if int16 else "float")
+    assert resolve_prefill_attention(ModelConfig(), "amx", 64) == "amx"
+    assert resolve_prefill_attention(ModelConfig(dtype="float32"), "float", 64) == "float"
+    assert resolve_prefill_attention(ModelConfig(), "int16", 80) == "float"  # a head size it does not take
+    assert resolve_prefill_attention(ModelConfig(cpu_prefill_attention="float"), "int16", 64) == "float"
+    if int16:
+        assert resolve_prefill_attention(ModelConfig(dtype="float32", cpu_prefill_attention="int16"), "float",
+                                         64) == "int16"
+    else:
+        with pytest.raises(ValueError, match="VNNI"):
+            resolve_prefill_attention(ModelConfig(cpu_prefill_attention="int16"), "float", 64)
+    with pytest.raises(ValueError, match="head size 80"):
+        resolve_prefill_attention(ModelConfig(cpu_prefill_attention="int16"), "float", 80)
+    with pytest.raises(ValueError, match="cpu_prefill_attention"):
+        resolve_prefill_attention(ModelConfig(cpu_prefill_attention="bf16"), "float", 64)
+
+
 @needs_amx
 @pytest.mark.parametrize("rows", [9, 33, 100])
 def test_amx_products_are_near_the_float32_product(rows):

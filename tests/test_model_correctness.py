@@ -22,9 +22,9 @@ CPU_PATHS = {
 }
 
 
-def make_runner(hf_model, path: str = "cpu-graph", **memory) -> ModelRunner:
+def make_runner(hf_model, path: str = "cpu-graph", config: dict | None = None, **memory) -> ModelRunner:
     runner = ModelRunner(
-        ModelConfig(dtype="float32", device="cpu", **CPU_PATHS[path]),
+        ModelConfig(dtype="float32", device="cpu", **CPU_PATHS[path], **(config or {})),
         MemoryConfig(max_total_tokens=memory.get("max_total_tokens", 2048), max_running_requests=8),
         source=InMemorySource(hf_model),
     )
@@ -121,21 +121,28 @@ def test_batch_equals_requests_alone(family_pair):
         runner.req_to_token_pool.free(row)
 
 
+@pytest.mark.parametrize("attention", ["float", "int16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_native_stack_equals_the_layer_by_layer_kernels(family):
+def test_native_stack_equals_the_layer_by_layer_kernels(family, attention):
     """The CPU "graph" (the whole stack in one native call, with its fused decode-sized path) against
     the same kernels called layer by layer from the modules, in float32: a mixed extend batch (over a
-    cached prefix) and decode steps give the same logits to float32 rounding."""
+    cached prefix) and decode steps give the same logits to float32 rounding, with the prefill's
+    attention in float32 or on integer codes."""
     from plait.runtime.cpu import kernels
 
     if not kernels.available():
         pytest.skip("CPU kernels not built here")
+    config = tiny_hf_model(family).config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if attention == "int16" and not kernels.int16_attention_available(head_dim):
+        pytest.skip("integer attention does not run here")
     hf = tiny_hf_model(family)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (9, 40, 3)]
     results = []
     for path in ("cpu-graph", "cpu-kernels-eager"):
-        runner = make_runner(hf, path)
+        runner = make_runner(hf, path, {"cpu_prefill_attention": attention})
+        assert runner.execution["prefill_attention"] == attention
         rows = [runner.req_to_token_pool.alloc() for _ in prompts]
         extend(runner, [rows[1]], [0], [prompts[1][:16]])
         logits = [extend(runner, rows, [0, 16, 0], [prompts[0], prompts[1][16:], prompts[2]]).next_token_logits]

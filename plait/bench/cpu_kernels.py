@@ -71,7 +71,8 @@ def product_rows(rows: int, repeats: int) -> list[dict]:
 
 
 def attention_rows(chunk: int, contexts: list[int], repeats: int) -> list[dict]:
-    modes = [None] + (["exact", "bf16"] if kernels.amx_available() else [])
+    modes = (["float"] + (["int16"] if kernels.int16_attention_available(HEAD_DIM) else [])
+             + (["amx", "amx-bf16"] if kernels.amx_available() else []))
     out = []
     for length in contexts:
         torch.manual_seed(0)
@@ -83,8 +84,8 @@ def attention_rows(chunk: int, contexts: list[int], repeats: int) -> list[dict]:
                     causal=True, scale=HEAD_DIM**-0.5)
         row = {"chunk": chunk, "keys": length}
         for mode in modes:
-            key = {None: "vector_ms", "exact": "amx_ms", "bf16": "amx_bf16_ms"}[mode]
-            row[key] = median_ms(lambda: kernels.attention(q, k_cache, v_cache, amx=mode, **meta), repeats)
+            key = {"float": "vector_ms", "int16": "int16_ms", "amx": "amx_ms", "amx-bf16": "amx_bf16_ms"}[mode]
+            row[key] = median_ms(lambda: kernels.attention(q, k_cache, v_cache, arith=mode, **meta), repeats)
         out.append(row)
     return out
 
@@ -112,9 +113,10 @@ def main() -> None:
               f"{r.get('amx_bf16_ms', float('nan')):>9.3f} {r['torch_bf16_ms']:>11.3f} "
               f"{r['gmac'] / r.get('int16_panels_ms', float('nan')) * 1e3:>13.1f} {r['gmac'] / r['torch_bf16_ms'] * 1e3:>12.1f}")
     print(f"causal attention of {args.rows} query tokens (ms; {HEADS} heads, {KV_HEADS} KV heads, float16 pool)")
-    print(f"{'keys':>6} {'vector':>8} {'amx':>8} {'amx-bf16':>9}")
+    print(f"{'keys':>6} {'float':>8} {'int16':>8} {'amx':>8} {'amx-bf16':>9}")
     for r in attention:
-        print(f"{r['keys']:>6} {r['vector_ms']:>8.2f} {r.get('amx_ms', float('nan')):>8.2f} {r.get('amx_bf16_ms', float('nan')):>9.2f}")
+        print(f"{r['keys']:>6} {r['vector_ms']:>8.2f} {r.get('int16_ms', float('nan')):>8.2f} "
+              f"{r.get('amx_ms', float('nan')):>8.2f} {r.get('amx_bf16_ms', float('nan')):>9.2f}")
     with open(args.output, "a") as f:
         f.write(json.dumps({"environment": environment(), "products": products, "attention": attention}) + "\n")
 

@@ -63,6 +63,14 @@ class ModelConfig:
         "decoded into float32 panels, float32 products. auto: amx where the CPU and OS have it, --dtype is auto "
         "and the packed weights take at most half the memory available; else int16 where the CPU has AVX-512 "
         "VNNI and --dtype is auto; else float")
+    cpu_prefill_attention: str = option(
+        "auto", "CPU kernels: how the attention of prefill and extend steps (many query rows per request) "
+        "multiplies. int16: queries and keys rounded to 13-bit integers per row, softmax weights (times the "
+        "values' scales) and values to 14-bit integers per 32 keys, integer products on AVX-512 VNNI (twice "
+        "the multiplies of float32 per instruction; head sizes 32, 64, 96, 128); float: float32 products. "
+        "auto: int16 where the CPU has AVX-512 VNNI, --dtype is auto and the prefill products are not on AMX "
+        "(with AMX products, attention runs on the AMX tiles too); else float. Decode steps read the KV "
+        "cache in float32 either way")
     enable_cpu_int8_dot: bool = option(False, "CPU kernels: the same as --cpu-decode-products int8")
     # The CPU's counterpart of CUDA graphs: no per-operation dispatch from Python.
     disable_cpu_graph: bool = option(

@@ -58,8 +58,10 @@ class CpuBackend(AttentionBackend):
     supports_shared_prefix_extend = True
     shared_prefix_min_saved_tokens = CASCADE_MIN_PREFIX
 
-    def __init__(self, **_: object):
+    def __init__(self, prefill_attention: str = "float", **_: object):
         self._arange = torch.arange(0)
+        # how tasks of many query rows multiply ("int16" or "float"; AMX attention runs in the stack alone)
+        self.arith = "int16" if prefill_attention == "int16" else "float"
 
     def _range(self, n: int) -> torch.Tensor:
         if self._arange.numel() < n:
@@ -121,7 +123,7 @@ class CpuBackend(AttentionBackend):
         k_buf, v_buf = batch.kv_pool.layer_buffers(layer.layer_id)
         return kernels.attention(q, k_buf, v_buf, q_rows=seqs.q_rows, q_off=seqs.q_off, q_len=seqs.q_len,
                                  slots=seqs.slots, slot_off=seqs.slot_off, kv_len=seqs.kv_len, causal=seqs.causal,
-                                 scale=layer.scaling, out=out, lse=lse)
+                                 scale=layer.scaling, out=out, lse=lse, arith=self.arith)
 
     def forward_extend(self, q: torch.Tensor, layer: RadixAttention, batch: ForwardBatch) -> torch.Tensor:
         return self._forward(q, layer, batch)

@@ -162,6 +162,16 @@ def int16_panels_available() -> bool:
     return available() and bool(_ext.vnni())
 
 
+def int16_attention_available(head_dim: int) -> bool:
+    """Whether attention tasks of many query rows can run on integer codes here (`attention`'s
+    arith="int16"): VNNI as for the int16 panels, and a head size that is a multiple of 32 up to 128
+    (128 products of 13-bit codes fill an int32 sum)."""
+    return int16_panels_available() and head_dim % 32 == 0 and head_dim <= 128
+
+
+# How attention tasks of many query rows compute: `attention`'s arith -> csrc/kernels.h AttentionMode
+ATTENTION_ARITH = {"float": 0, "amx": 1, "amx-bf16": 2, "int16": 3}
+
 INT16_PANEL_PACKS = (WeightFormat.Q8_0, WeightFormat.Q8_0F)
 
 
@@ -428,20 +438,26 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, q_rows: torch.Tensor,
               q_off: torch.Tensor, q_len: torch.Tensor, slots: torch.Tensor, slot_off: torch.Tensor,
               kv_len: torch.Tensor, causal: bool, scale: float, out: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None, amx: str | None = None) -> torch.Tensor:
+              lse: torch.Tensor | None = None, arith: str = "float") -> torch.Tensor:
     """Attention of query sequences over slot lists of the pool (see `attention` in csrc/kernels.h).
 
     q: [rows, Hq, D] float32 (heads contiguous, rows any distance apart); k_cache, v_cache: [slots, Hkv, D]; per sequence s: its query rows
     `q_rows[q_off[s] : q_off[s] + q_len[s]]` and its keys `slots.flatten()[slot_off[s] :][: kv_len[s]]`.
     Returns out [rows, Hq, D] float32 (rows no sequence lists are left as they were); fills `lse`
-    [rows, Hq] with the log-sum-exp of the scaled scores when given. `amx` "exact" or "bf16": tasks of
-    many query rows run on AMX tiles (only where `amx_available()`), in three bfloat16 passes (near
-    float32) or one. Bounds are the caller's contract: the metadata builders derive them from the batch.
+    [rows, Hq] with the log-sum-exp of the scaled scores when given. `arith` (ATTENTION_ARITH) says how
+    tasks of many query rows (prefill, extend) compute: "float" in float32; "amx" on AMX tiles in three
+    bfloat16 passes (near float32) or "amx-bf16" in one (only where `amx_available()`); "int16" on
+    integer codes with AVX-512 VNNI (only where `int16_attention_available(D)`). Decode tasks read the
+    pool in place in float32 whatever `arith`. Bounds are the caller's contract: the metadata builders
+    derive them from the batch.
     """
-    amx_mode = {None: 0, "exact": 1, "bf16": 2}[amx]
-    if amx_mode and not amx_available():
-        raise ValueError("AMX attention asked for where AMX does not run")
+    if arith not in ATTENTION_ARITH:
+        raise ValueError(f"unknown attention arithmetic {arith!r}; choose from {', '.join(ATTENTION_ARITH)}")
     rows, hq, d = q.shape
+    if arith.startswith("amx") and not amx_available():
+        raise ValueError("AMX attention asked for where AMX does not run")
+    if arith == "int16" and not int16_attention_available(d):
+        raise ValueError(f"int16 attention asked for where it does not run (AVX-512 VNNI, head size {d})")
     q_row_stride = _row_stride(q, "q")
     for name, t in (("q_rows", q_rows), ("q_off", q_off), ("q_len", q_len), ("slots", slots),
                     ("slot_off", slot_off), ("kv_len", kv_len)):
@@ -461,7 +477,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, 
     _ext.attention(q.data_ptr(), q_row_stride, q_rows.data_ptr(), q_off.data_ptr(), q_len.data_ptr(), slots.data_ptr(),
                    slot_off.data_ptr(), kv_len.data_ptr(), num_seqs, causal, k_cache.data_ptr(), v_cache.data_ptr(),
                    CACHE_FORMATS[k_cache.dtype], hq, hkv, d, scale, out.data_ptr(),
-                   0 if lse is None else lse.data_ptr(), _threads(), amx_mode)
+                   0 if lse is None else lse.data_ptr(), _threads(), ATTENTION_ARITH[arith])
     return out
 
 

@@ -5,7 +5,7 @@ ones of a prefill, bound by arithmetic. `resolve_decode_products` and `resolve_p
 `--cpu-decode-products` / `--cpu-prefill-products` ("auto" or a named path) into the path that runs,
 refusing a path this CPU cannot run; `configure_products` applies both to a loaded model's layers
 (packing weights where a path needs it) and describes the result for the startup log and
-`/get_server_info`.
+`/get_server_info`, with the arithmetic of the prefill's attention (`resolve_prefill_attention`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ DECODE_PRODUCTS = {
     "float": "up to 8 rows (decode): stored blocks decoded in registers, float32 products; ",
 }
 PREFILL_PRODUCTS = ("amx", "amx-bf16", "int16", "float")
+PREFILL_ATTENTION = ("int16", "float")
 
 
 def resolve_decode_products(config: ModelConfig) -> str:
@@ -65,6 +66,25 @@ def resolve_prefill_products(config: ModelConfig) -> str:
     if not kernels.amx_available():
         raise ValueError(f"--cpu-prefill-products {name}: this CPU or OS does not run AMX bfloat16 tiles "
                          "(or PLAIT_DISABLE_CPU_AMX is set)")
+    return name
+
+
+def resolve_prefill_attention(config: ModelConfig, prefill_products: str, head_dim: int) -> str:
+    """How the CPU kernels' attention of many query rows (prefill, extend) multiplies, given the
+    prefill products that run: "amx" with AMX products (the AMX tiles take the attention too); "auto"
+    is "int16" where it runs here (AVX-512 VNNI, the head size) and the dtype is chosen automatically,
+    else "float"; "int16" when asked (an error where it cannot run)."""
+    name = config.cpu_prefill_attention
+    if name != "auto" and name not in PREFILL_ATTENTION:
+        raise ValueError(f"unknown cpu_prefill_attention {name!r}; choose from auto, {', '.join(PREFILL_ATTENTION)}")
+    if name == "int16" and not kernels.int16_attention_available(head_dim):
+        raise ValueError(f"--cpu-prefill-attention int16: this CPU has no AVX-512 VNNI (or PLAIT_DISABLE_CPU_AVX512 "
+                         f"is set), or the head size {head_dim} is not 32, 64, 96 or 128")
+    if prefill_products in ("amx", "amx-bf16"):
+        return "amx"
+    if name == "auto":
+        auto = config.dtype == "auto" and kernels.int16_attention_available(head_dim)
+        return "int16" if auto else "float"
     return name
 
 
@@ -121,9 +141,14 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
             logger.info("CPU kernels: products of %d to %d rows of Q4_1 weights on AMX int8 tiles (x in int16; "
                         "%d weights repacked: %.0f MiB)", *AMX_INT8_ROWS, len(repacked),
                         sum(m.amx_int8.numel() for m in repacked) / 2**20)
+    attention = resolve_prefill_attention(config, prefill, model.arch.head_dim)
+    if attention == "int16":
+        logger.info("CPU kernels: prefill attention on integer codes (13-bit q and k, 14-bit weights and values; "
+                    "AVX-512 VNNI)")
     return {
         "decode_products": dot if blocks else "float",
         "prefill_products": prefill,
+        "prefill_attention": attention,
         "panel_products": panel_isa,
         "decode_products_amx_int8_rows": int8_rows,
         "logits_head_int16_panels_mib": head_panels_mib,

@@ -37,7 +37,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 class CpuDecoderStack:
     """Runs `model.model` (embedding, layers, final norm) for a batch in one native call."""
 
-    def __init__(self, model: nn.Module, kv_pool) -> None:
+    def __init__(self, model: nn.Module, kv_pool, prefill_attention: str = "float") -> None:
         reason = self.unsupported(model, kv_pool)
         assert reason is None, reason
         arch = model.arch
@@ -48,6 +48,8 @@ class CpuDecoderStack:
         self.rope_table = decoder.rotary._table(torch.device("cpu"))
         self.cache_fmt = kernels.CACHE_FORMATS[kv_pool.dtype]
         self.eps = float(arch.rms_norm_eps)
+        # prefill and extend attention on integer codes (the stack takes AMX attention with AMX weights)
+        self.int_attention = int(prefill_attention == "int16")
         self.scale = float(arch.head_dim**-0.5)
         table = torch.zeros((arch.num_layers, len(_LAYER_FIELDS)), dtype=torch.int64)
         self._keep: list[torch.Tensor] = []  # everything the table points at stays alive with it
@@ -137,6 +139,7 @@ class CpuDecoderStack:
             "kv_heads": hkv, "head_dim": d, "intermediate": arch.intermediate_size, "cache_fmt": self.cache_fmt,
             "num_threads": torch.get_num_threads(), "amx_exact": self.amx_exact,
             "int8_min_rows": self.int8_rows[0], "int8_max_rows": self.int8_rows[1],
+            "int_attention": self.int_attention,
             "x": x, "residual": residual, "positions": positions, "rope_table": self.rope_table, "loc": loc,
             **bufs,
         }

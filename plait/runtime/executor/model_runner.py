@@ -216,7 +216,8 @@ class ModelRunner:
         if backend == "cpu" and not self.use_cpu_kernels:
             raise ValueError("the cpu attention backend needs the CPU kernels (built, an AVX2 CPU) and dtype float32")
         self.execution["attention_backend"] = backend
-        self.attn_backend = create_attention_backend(backend, device=self.device)
+        self.attn_backend = create_attention_backend(
+            backend, device=self.device, prefill_attention=self.execution.get("prefill_attention", "float"))
         kv_name = model_config.kv_cache_dtype
         if kv_name == "auto" and self.weight_dtype is not None:
             kv_name = str(self.weight_dtype).replace("torch.", "")
@@ -291,7 +292,7 @@ class ModelRunner:
             self.execution["cpu_graph"] = f"off ({reason})"
             return None
         self.execution["cpu_graph"] = "on"
-        return CpuDecoderStack(self.model, self.kv_pool)
+        return CpuDecoderStack(self.model, self.kv_pool, self.execution.get("prefill_attention", "float"))
 
     def execution_info(self) -> dict[str, Any]:
         """Which model-execution path runs (`internal_states[0].execution` of the server info):

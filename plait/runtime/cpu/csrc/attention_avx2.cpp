@@ -494,7 +494,9 @@ inline void task_row(const AttentionTask& task, int64_t G, int64_t r, int64_t& t
     head = task.head * G + (task.nh == 1 ? r % G : r);
 }
 
-void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l) {
+// codes: the task's (sequence, KV head) as integer codes (avx512::sequence_codes) where it runs on them.
+void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* partial_o, float* partial_m, float* partial_l,
+              const int32_t* codes) {
     const int64_t D = a.D, G = a.G, R = task.nq * G * task.nh, head_rows = task.nq * G;
     const int64_t s = task.seq, kv_len = a.kv_len[s], q_len = a.q_len[s];
     float *qs = sc.q.data(), *o = sc.o.data(), *sp = sc.s.data(), *mx = sc.mx.data(), *l = sc.l.data();
@@ -547,6 +549,8 @@ void run_task(const Args& a, const AttentionTask& task, Scratch& sc, float* part
             PLAIT_DIRECT(kCacheI8, 1) PLAIT_DIRECT(kCacheI8, 2) PLAIT_DIRECT(kCacheI8, 3)
 #undef PLAIT_DIRECT
         }
+    } else if (codes != nullptr) {  // one KV head, on integer codes
+        avx512::attend_rows_int(codes, task.k0, end, D, qs, R, G, visible0 + task.q0, sp, o, mx, l);
     } else if (avx512::enabled() && D % 16 == 0) {  // one KV head, as below, in 512-bit registers
         avx512::attend_rows(slots, task.k0, end, a.k_cache, a.v_cache, a.fmt, a.Hkv, task.head, D, qs, R, G,
                             visible0 + task.q0, sc.kt.data(), sc.v.data(), sp, o, mx, l);
@@ -684,29 +688,33 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
                     int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope,
-                    int amx_mode) {
+                    int mode) {
     const Args a{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
                  cache_fmt, Hq, Hkv, D, Hq / Hkv, scale, out, lse, rope};
     static thread_local Scratch sc;
     sc.reserve(kMaxRows, D);
     const int64_t num_tasks = int64_t(ts.tasks.size());
     // Tasks of many query rows on AMX where asked (prefill and extend: the keys are all in the pool)
-    const bool amx = amx_mode != 0 && rope == nullptr;
+    const bool amx = (mode == kAttnAmxExact || mode == kAttnAmxBf16) && rope == nullptr;
     int64_t num_seqs = 0;
     for (const AttentionTask& t : ts.tasks) num_seqs = std::max(num_seqs, t.seq + 1);
-    const AttentionCall amx_call{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
+    const AttentionCall call{q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
                                  num_seqs, causal, k_cache, v_cache, cache_fmt, Hq, Hkv, D, scale, out, lse,
-                                 amx_mode != 2};
+                                 mode != kAttnAmxBf16};
     if (amx) {
-        amx::prepare_attention(amx_call, ts);
+        amx::prepare_attention(call, ts);
         amx::begin_tiles();
     }
+    const bool integer = mode == kAttnInt16 && rope == nullptr && avx512::attend_rows_in_integers(D);
+    if (integer) avx512::prepare_codes(call, ts);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_tasks; ++i) {
-        if (amx && amx::attention_task_fits(amx_call, ts.tasks[i]))
-            amx::run_attention_task(amx_call, ts.tasks[i], ts);
+        if (amx && amx::attention_task_fits(call, ts.tasks[i]))
+            amx::run_attention_task(call, ts.tasks[i], ts);
         else
-            run_task(a, ts.tasks[i], sc, ts.partial_o.data(), ts.partial_m.data(), ts.partial_l.data());
+            run_task(a, ts.tasks[i], sc, ts.partial_o.data(), ts.partial_m.data(), ts.partial_l.data(),
+                     integer && ts.int_kv_off[size_t(ts.tasks[i].seq)] >= 0
+                         ? avx512::sequence_codes(ts, ts.tasks[i], kv_len, D) : nullptr);
     }
     if (amx) amx::end_tiles();
     const int64_t num_splits = int64_t(ts.splits.size());
@@ -719,12 +727,12 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
-               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, int amx) {
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, int mode) {
     TeamScratch ts;
-    plan_attention(q_len, kv_len, num_seqs, Hq, Hkv, D, nthreads, ts, amx != 0);
+    plan_attention(q_len, kv_len, num_seqs, Hq, Hkv, D, nthreads, ts, mode == kAttnAmxExact || mode == kAttnAmxBf16);
 #pragma omp parallel num_threads(nthreads)
     attention_team(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len, causal, k_cache, v_cache,
-                   cache_fmt, Hq, Hkv, D, scale, out, lse, ts, nullptr, amx);
+                   cache_fmt, Hq, Hkv, D, scale, out, lse, ts, nullptr, mode);
 }
 
 }  // namespace plait::avx2

@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "kernels.h"
+#include "team.h"
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 
@@ -31,6 +32,7 @@ using avx2::cache_row;
 using avx2::CacheRow;
 using avx2::LinesAhead;
 using avx2::load_row8;
+using avx512_helpers::dpwssd;
 using avx512_helpers::exp_neg;
 using avx512_helpers::transpose16;
 
@@ -157,6 +159,150 @@ void softmax_segment(float* s, int64_t ld, float* mx, float* l, float* o, int64_
                 _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), av));
         }
     }
+}
+
+// ---- Tasks of many rows in integers (VPDPWSSD), where the CPU has AVX-512 VNNI ----
+//
+// The same segments, softmax steps and row groups as above, with both products as exact sums of
+// int16 code products: 32 multiply-adds per instruction where the float kernels run 16. The keys and
+// values are rounded once per call (prepare_codes, the team over all blocks of the sequences that
+// have such tasks): every task of a sequence reads the same codes. q and each key
+// are rounded to 13-bit codes with one scale a row (a head's 64 or 128 products of two such codes stay
+// inside an int32 sum); the scores are the code sums times the two scales. Each value row is rounded to
+// 14-bit codes with its own scale, which moves into the weights: per row and block of 32 keys the
+// softmax weights times their values' scales are rounded to 14-bit codes (32 products of two 14-bit
+// codes stay inside an int32 sum), and each block's sum is scaled into the float output. Greedy
+// outputs of the default model under this rounding equal those of exact attention over the same
+// float16 cache (python -m plait.bench.rounding --attention).
+
+constexpr float kQkLevels = 4095.0f;  // q and k: codes in [-4095, 4095]
+constexpr float kPvLevels = 8191.0f;  // weights times value scales, and values: [-8191, 8191]
+constexpr int64_t kIntMaxD = 128;     // 128 products of 13-bit codes fill an int32 sum
+
+// A 4-byte load of two int16 codes side by side.
+typedef int32_t code_pair __attribute__((may_alias, aligned(4)));
+
+// A row of n floats (n % 16 == 0, n <= kIntMaxD) as int16 codes at `levels` with one scale (returned).
+inline float round_row(const __m512* x, int64_t n, float levels, int16_t* codes) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / 16; ++i) top = _mm512_max_ps(top, _mm512_abs_ps(x[i]));
+    const float max_abs = _mm512_reduce_max_ps(top);
+    const __m512 inv = _mm512_set1_ps(max_abs > 0.0f ? levels / max_abs : 0.0f);
+    for (int64_t i = 0; i < n / 16; ++i)  // round to nearest even
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 16 * i),
+                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x[i], inv))));
+    return max_abs / levels;
+}
+
+// A block of 32 keys as codes (code_block_words(D) words): the keys as pairs of dimensions,
+// kp[p][t] = (k[t][2p], k[t][2p + 1]) [D / 2][32]; the values as pairs of keys,
+// vp[j][d] = (v[2j][d], v[2j + 1][d]) [16][D]; then per key the keys' scales sk[32] and the values'
+// sv[32] (floats). Keys past `nt` are 0.
+struct CodeBlock {
+    int32_t *kp, *vp;
+    float *sk, *sv;
+    CodeBlock(int32_t* base, int64_t D)
+        : kp(base), vp(base + D / 2 * kT), sk(reinterpret_cast<float*>(base + D * kT)), sv(sk + kT) {}
+};
+
+void load_block_codes(const int64_t* slots, int64_t nt, const void* k_cache, const void* v_cache, int fmt,
+                      int64_t Hkv, int64_t head, int64_t D, const CodeBlock& out) {
+    int32_t* kp = out.kp;
+    int32_t* vp = out.vp;
+    float* sk = out.sk;
+    float* sv = out.sv;
+    alignas(64) int16_t kc[kT][kIntMaxD], vc[kT][kIntMaxD];
+    for (int64_t t = 0; t < kT; ++t) {
+        if (t >= nt) {
+            std::fill(kc[t], kc[t] + D, int16_t(0));
+            std::fill(vc[t], vc[t] + D, int16_t(0));
+            sk[t] = sv[t] = 0.0f;
+            continue;
+        }
+        __m512 row[kIntMaxD / 16];
+        const CacheRow krow = cache_row(k_cache, fmt, slots[t], Hkv, head, D);
+        for (int64_t i = 0; i < D / 16; ++i) row[i] = load_row16(krow, 16 * i);
+        sk[t] = round_row(row, D, kQkLevels, kc[t]);
+        const CacheRow vrow = cache_row(v_cache, fmt, slots[t], Hkv, head, D);
+        for (int64_t i = 0; i < D / 16; ++i) row[i] = load_row16(vrow, 16 * i);
+        sv[t] = round_row(row, D, kPvLevels, vc[t]);
+    }
+    for (int64_t t0 = 0; t0 < kT; t0 += 16)
+        for (int64_t p0 = 0; p0 < D / 2; p0 += 16) {  // 16 keys x 16 pairs, transposed
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_load_si512(kc[t0 + i] + 2 * p0));
+            transpose16(r);
+            for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kp + (p0 + j) * kT + t0, _mm512_castps_si512(r[j]));
+        }
+    const __m512i low = _mm512_set1_epi32(0xFFFF);
+    for (int64_t j = 0; j < kT / 2; ++j)
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512i a = _mm512_cvtepi16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(vc[2 * j] + d)));
+            const __m512i b = _mm512_cvtepi16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(vc[2 * j + 1] + d)));
+            _mm512_storeu_si512(vp + j * D + d, _mm512_or_si512(_mm512_and_si512(a, low), _mm512_slli_epi32(b, 16)));
+        }
+}
+
+// s[r * ld + 0..32) = q[r] . k[t] for R <= 12 rows from codes: qc [R][D] with scales sq, kp [D / 2][32]
+// with scales sk.
+template <int R>
+inline void scores_codes(const int16_t* qc, const float* sq, int64_t D, const int32_t* kp, const float* sk, float* s,
+                         int64_t ld) {
+    __m512i a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+    const code_pair* qp = reinterpret_cast<const code_pair*>(qc);
+    for (int64_t p = 0; p < D / 2; ++p) {
+        const __m512i k0 = _mm512_loadu_si512(kp + p * kT), k1 = _mm512_loadu_si512(kp + p * kT + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512i qv = _mm512_set1_epi32(qp[r * D / 2 + p]);
+            a0[r] = dpwssd(a0[r], qv, k0);
+            a1[r] = dpwssd(a1[r], qv, k1);
+        }
+    }
+    const __m512 s0 = _mm512_loadu_ps(sk), s1 = _mm512_loadu_ps(sk + 16);
+    for (int r = 0; r < R; ++r) {
+        const __m512 sr = _mm512_set1_ps(sq[r]);
+        _mm512_storeu_ps(s + r * ld, _mm512_mul_ps(_mm512_cvtepi32_ps(a0[r]), _mm512_mul_ps(s0, sr)));
+        _mm512_storeu_ps(s + r * ld + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(a1[r]), _mm512_mul_ps(s1, sr)));
+    }
+}
+
+// o[r][d0 .. d0 + 16 NV) += the blocks' weighted values for R <= 6 rows: per block b, the code sums
+// of pc[r * ld + 32 b ..] and the block's values (vp + b * vp_stride), times the row's block scale
+// ps[r * ps_ld + b].
+template <int R, int NV>
+inline void accumulate_codes(const int16_t* pc, int64_t ld, const float* ps, int64_t ps_ld, const int32_t* vp,
+                             int64_t vp_stride, int64_t D, int64_t d0, int64_t nblocks, float* o) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+        __m512i acc[R][NV];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_si512();
+        const code_pair* pp = reinterpret_cast<const code_pair*>(pc + b * kT);
+        const int32_t* vb = vp + b * vp_stride + d0;
+        for (int64_t t2 = 0; t2 < kT / 2; ++t2) {
+            __m512i vv[NV];
+            for (int j = 0; j < NV; ++j) vv[j] = _mm512_loadu_si512(vb + t2 * D + 16 * j);
+            for (int r = 0; r < R; ++r) {
+                const __m512i pv = _mm512_set1_epi32(pp[r * ld / 2 + t2]);
+                for (int j = 0; j < NV; ++j) acc[r][j] = dpwssd(acc[r][j], pv, vv[j]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m512 scale = _mm512_set1_ps(ps[r * ps_ld + b]);
+            for (int j = 0; j < NV; ++j) {
+                float* out = o + r * D + d0 + 16 * j;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), scale, _mm512_loadu_ps(out)));
+            }
+        }
+    }
+}
+
+template <int R>
+inline void accumulate_codes_all(const int16_t* pc, int64_t ld, const float* ps, int64_t ps_ld, const int32_t* vp,
+                                 int64_t vp_stride, int64_t D, int64_t nblocks, float* o) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) accumulate_codes<R, 4>(pc, ld, ps, ps_ld, vp, vp_stride, D, d0, nblocks, o);
+    for (; d0 < D; d0 += 16) accumulate_codes<R, 1>(pc, ld, ps, ps_ld, vp, vp_stride, D, d0, nblocks, o);
 }
 
 }  // namespace
@@ -378,6 +524,94 @@ void decode_attention(const DecodeTask& t) {
         PLAIT_DECODE(kCacheF16, 1) PLAIT_DECODE(kCacheF16, 2) PLAIT_DECODE(kCacheF16, 3)
         PLAIT_DECODE(kCacheI8, 1) PLAIT_DECODE(kCacheI8, 2) PLAIT_DECODE(kCacheI8, 3)
 #undef PLAIT_DECODE
+    }
+}
+
+bool attend_rows_in_integers(int64_t D) { return decode_enabled() && D % 32 == 0 && D <= kIntMaxD; }
+
+int64_t code_block_words(int64_t D) { return D * kT + 2 * kT; }
+
+void prepare_codes(const AttentionCall& a, TeamScratch& ts) {
+    const int64_t G = a.Hq / a.Hkv, words = code_block_words(a.D);
+    const int64_t num_seqs = a.num_seqs;
+#pragma omp single
+    {
+        ts.int_kv_off.assign(size_t(num_seqs), -1);
+        std::vector<char> takes(size_t(num_seqs), 0);
+        for (const AttentionTask& t : ts.tasks)
+            if (t.nq * G > 3) takes[size_t(t.seq)] = 1;  // run_task's tasks of many rows
+        int64_t total = 0;
+        for (int64_t s = 0; s < num_seqs; ++s) {
+            if (!takes[size_t(s)]) continue;
+            ts.int_kv_off[size_t(s)] = total;
+            total += a.Hkv * (a.kv_len[s] + kT - 1) / kT * words;
+        }
+        if (int64_t(ts.int_kv.size()) < total) ts.int_kv.resize(size_t(total));
+    }
+    // one item per (sequence, KV head, block of 32 keys)
+    std::vector<int64_t> first(size_t(num_seqs) + 1, 0);
+    int64_t items = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        first[size_t(s)] = items;
+        if (ts.int_kv_off[size_t(s)] >= 0) items += a.Hkv * ((a.kv_len[s] + kT - 1) / kT);
+    }
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t s = std::upper_bound(first.begin(), first.begin() + num_seqs, it) - first.begin() - 1;
+        const int64_t blocks = (a.kv_len[s] + kT - 1) / kT;
+        const int64_t h = (it - first[size_t(s)]) / blocks, b = (it - first[size_t(s)]) % blocks;
+        int32_t* base = ts.int_kv.data() + ts.int_kv_off[size_t(s)] + (h * blocks + b) * words;
+        load_block_codes(a.slots + a.slot_off[s] + b * kT, std::min<int64_t>(kT, a.kv_len[s] - b * kT), a.k_cache,
+                         a.v_cache, a.fmt, a.Hkv, h, a.D, CodeBlock(base, a.D));
+    }
+}
+
+const int32_t* sequence_codes(const TeamScratch& ts, const AttentionTask& task, const int64_t* kv_len, int64_t D) {
+    const int64_t blocks = (kv_len[task.seq] + kT - 1) / kT;
+    return ts.int_kv.data() + ts.int_kv_off[size_t(task.seq)] + task.head * blocks * code_block_words(D);
+}
+
+void attend_rows_int(const int32_t* codes, int64_t k0, int64_t end, int64_t D, const float* q, int64_t R, int64_t G,
+                     int64_t first_visible, float* s, float* o, float* mx, float* l) {
+    constexpr int64_t kBlocks = kRowSeg / kT;
+    const int64_t words = code_block_words(D);
+    alignas(64) int16_t qc[12 * kIntMaxD], pc[12 * kRowSeg];
+    float sq[12], ps[12 * kBlocks];
+    for (int64_t t0 = k0; t0 < end; t0 += kRowSeg) {
+        const int64_t ns = std::min<int64_t>(kRowSeg, end - t0);
+        const int32_t* seg = codes + t0 / kT * words;
+        auto block = [&](int64_t b) { return CodeBlock(const_cast<int32_t*>(seg + b * words), D); };
+        for (int64_t r0 = 0; r0 < R; r0 += 12) {
+            const int rows = int(std::min<int64_t>(12, R - r0));
+            const int64_t seen = std::min(ns, first_visible + (r0 + rows - 1) / G - t0);
+            if (seen <= 0) continue;
+            const int64_t nblocks = (seen + kT - 1) / kT;
+            for (int r = 0; r < rows; ++r) {
+                __m512 row[kIntMaxD / 16];
+                for (int64_t i = 0; i < D / 16; ++i) row[i] = _mm512_loadu_ps(q + (r0 + r) * D + 16 * i);
+                sq[r] = round_row(row, D, kQkLevels, qc + r * D);
+            }
+            by_rows(rows, std::make_integer_sequence<int, 12>{}, [&](auto n) {
+                for (int64_t b = 0; b < nblocks; ++b) {
+                    const CodeBlock cb = block(b);
+                    scores_codes<decltype(n)::value>(qc, sq, D, cb.kp, cb.sk, s + b * kT, kRowSeg);
+                }
+            });
+            softmax_segment(s, kRowSeg, mx + r0, l + r0, o + r0 * D, rows, G, first_visible, t0, seen, D, r0);
+            for (int r = 0; r < rows; ++r)  // the weights times the values' scales, as codes per block
+                for (int64_t b = 0; b < nblocks; ++b) {
+                    const float* sv = block(b).sv;
+                    __m512 w[2];
+                    for (int h = 0; h < 2; ++h)
+                        w[h] = _mm512_mul_ps(_mm512_loadu_ps(s + r * kRowSeg + b * kT + 16 * h), _mm512_loadu_ps(sv + 16 * h));
+                    ps[r * kBlocks + b] = round_row(w, kT, kPvLevels, pc + r * kRowSeg + b * kT);
+                }
+            for (int64_t r1 = 0; r1 < rows; r1 += 6)
+                by_rows(int(std::min<int64_t>(6, rows - r1)), std::make_integer_sequence<int, 6>{}, [&](auto n) {
+                    accumulate_codes_all<decltype(n)::value>(pc + r1 * kRowSeg, kRowSeg, ps + r1 * kBlocks, kBlocks,
+                                                             seg + D / 2 * kT, words, D, nblocks, o + (r0 + r1) * D);
+                });
+        }
     }
 }
 

@@ -112,18 +112,26 @@ void rope_store(float* q, float* k, const float* v, int64_t M, int64_t Hq, int64
                 int64_t q_stride, int64_t k_stride, int64_t v_stride, const int64_t* positions, const float* table,
                 void* k_cache, void* v_cache, int cache_fmt, const int64_t* loc, int nthreads);
 
+// How an attention call computes its tasks of many query rows (prefill, extend); decode tasks read the
+// pool in place in float32 whatever the mode.
+enum AttentionMode : int {
+    kAttnFloat = 0,     // float32 products
+    kAttnAmxExact = 1,  // AMX tiles, three bfloat16 passes (head size 64; only where the module's amx())
+    kAttnAmxBf16 = 2,   // AMX tiles, one bfloat16 pass
+    kAttnInt16 = 3,     // 13/14-bit codes on AVX-512 VNNI (avx512::attend_rows_int), float where it cannot
+};
+
 // The attention of a set of "query sequences" over KV slot lists in the pool, one online softmax per
 // (sequence, KV head). Sequence s has `q_len[s]` query rows, listed at `q_rows + q_off[s]` (row
 // indices of q [rows, Hq, D], rows `q_row_stride` floats apart), and attends the `kv_len[s]` slots
 // listed at `slots + slot_off[s]`; when `causal`, its query i sees the first
 // `kv_len[s] - q_len[s] + 1 + i` of them, else all. Writes out [rows, Hq, D] (float32, at the same
-// row indices) and, when lse is not null, the log-sum-exp of the scaled scores [rows, Hq]. `amx` 1 or 2:
-// tasks of many query rows (prefill, extend; head size 64) run on AMX tiles (attention_amx.cpp; only
-// where the module's amx() is true), with three bfloat16 passes (1) or one (2).
+// row indices) and, when lse is not null, the log-sum-exp of the scaled scores [rows, Hq]. `mode` says
+// how tasks of many query rows (prefill, extend) compute (AttentionMode).
 void attention(const float* q, int64_t q_row_stride, const int64_t* q_rows, const int64_t* q_off,
                const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                int64_t num_seqs, bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq,
-               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, int amx = 0);
+               int64_t Hkv, int64_t D, float scale, float* out, float* lse, int nthreads, int mode = 0);
 
 }  // namespace avx2
 
@@ -185,6 +193,9 @@ void decode_attention(const DecodeTask& task);  // attention_avx512.cpp; D % 16 
 void attend_rows(const int64_t* slots, int64_t k0, int64_t end, const void* k_cache, const void* v_cache,
                  int fmt, int64_t Hkv, int64_t head, int64_t D, const float* q, int64_t R, int64_t G,
                  int64_t first_visible, float* kt, float* v, float* s, float* o, float* mx, float* l);
+// Whether attend_rows can run on integer codes (kAttnInt16; attend_rows_int in team.h): AVX-512 VNNI
+// enabled, D % 32 == 0 and D <= 128.
+bool attend_rows_in_integers(int64_t D);
 }  // namespace avx512
 
 namespace amx {

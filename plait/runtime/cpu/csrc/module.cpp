@@ -279,11 +279,11 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
     auto out = ptr<float>(a[17]);
     auto lse = ptr<float>(a[18]);
     int nthreads = int(i64(a[19]));
-    int amx = int(i64(a[20]));
+    int mode = int(i64(a[20]));
     if (PyErr_Occurred()) return nullptr;
     Py_BEGIN_ALLOW_THREADS plait::avx2::attention(q, q_row_stride, q_rows, q_off, q_len, slots, slot_off, kv_len,
                                                   num_seqs, causal, kc, vc, fmt, Hq, Hkv, D, scale, out, lse,
-                                                  nthreads, amx);
+                                                  nthreads, mode);
     Py_END_ALLOW_THREADS return done();
 }
 

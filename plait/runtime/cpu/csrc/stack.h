@@ -25,7 +25,9 @@ namespace plait {
     /* the layers' AMX weights (kQkvAmx...): 1 packed with their lo parts (three products), 0 not */ \
     X(kAmxExact)                                                                                    \
     /* steps of this many rows take the layers' AMX int8 packing (kQkvI8...) where they have one */  \
-    X(kInt8MinRows) X(kInt8MaxRows)
+    X(kInt8MinRows) X(kInt8MaxRows)                                                                 \
+    /* 1: prefill and extend attention on integer codes where it can (kAttnInt16), 0: float32 */     \
+    X(kIntAttention)
 
 #define PLAIT_LAYER_FIELDS(X)                                                                        \
     X(kQkvW) X(kQkvFmt) X(kQkvBias) X(kOW) X(kOFmt) X(kGateUpW) X(kGateUpFmt) X(kDownW) X(kDownFmt)  \

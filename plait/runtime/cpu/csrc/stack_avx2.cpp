@@ -195,7 +195,10 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                            main_q_len, field_ptr<const int64_t>(a, kMainSlots), field_ptr<const int64_t>(a, kMainSlotOff),
                            main_kv_len, a[kMainCausal] != 0, k_cache, v_cache, fmt, Hq, Hkv, D, scale, attn,
                            cascade ? field_ptr<float>(a, kLseOwn) : nullptr, main_plan, decode ? &fused : nullptr,
-                           decode || w[kQkvAmx] == 0 ? 0 : a[kAmxExact] ? 1 : 2);
+                           decode                ? kAttnFloat
+                           : w[kQkvAmx] != 0     ? (a[kAmxExact] ? kAttnAmxExact : kAttnAmxBf16)
+                           : a[kIntAttention]    ? kAttnInt16
+                                                 : kAttnFloat);
             if (cascade) {
                 float* out_prefix = field_ptr<float>(a, kOutPrefix);
                 float* lse_prefix = field_ptr<float>(a, kLsePrefix);

@@ -57,9 +57,12 @@ struct TeamScratch {
     // amx attention: per (sequence, KV head) its keys' and values' bfloat16 parts, at amx_kv_off[seq]
     AlignedVector<uint16_t> amx_kv;
     std::vector<int64_t> amx_kv_off;
+    // integer attention: per (sequence, KV head) its keys' and values' codes, at int_kv_off[seq]
+    AlignedVector<int32_t> int_kv;
+    std::vector<int64_t> int_kv_off;
 };
 
-// One attention call's arguments (see `attention` in kernels.h), for the AMX tasks.
+// One attention call's arguments (see `attention` in kernels.h), for the AMX and integer tasks.
 struct AttentionCall {
     const float* q;
     int64_t q_row_stride;
@@ -106,7 +109,7 @@ void attention_team(const float* q, int64_t q_row_stride, const int64_t* q_rows,
                     const int64_t* q_len, const int64_t* slots, const int64_t* slot_off, const int64_t* kv_len,
                     bool causal, const void* k_cache, const void* v_cache, int cache_fmt, int64_t Hq, int64_t Hkv,
                     int64_t D, float scale, float* out, float* lse, TeamScratch& ts, const RopeStore* rope,
-                    int amx = 0);
+                    int mode = 0);
 // gate_up [*, 2I] -> out = silu(gate) * up [M, I] in one pass: each work item computes a gate row
 // and its up row and applies the activation (decode-sized M; x is this thread's own copy).
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out);
@@ -142,4 +145,15 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint16_t* packed, i
 void int8_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
                       float* y, int64_t ldy, TeamScratch& ts, bool q8 = false);
 }  // namespace amx
+namespace avx512 {
+// Integer attention (kAttnInt16, where attend_rows_in_integers(D); attention_avx512.cpp). The team
+// rounds the keys and values of every sequence with a task of more than 3 rows of one KV head, once
+// (ts.int_kv), before the tasks run; such a task then reads its (sequence, KV head)'s codes,
+// sequence_codes(...), in attend_rows_int (attend_rows' task over those codes).
+void prepare_codes(const AttentionCall& a, TeamScratch& ts);
+const int32_t* sequence_codes(const TeamScratch& ts, const AttentionTask& task, const int64_t* kv_len, int64_t D);
+void attend_rows_int(const int32_t* codes, int64_t k0, int64_t end, int64_t D, const float* q, int64_t R, int64_t G,
+                     int64_t first_visible, float* s, float* o, float* mx, float* l);
+}  // namespace avx512
+
 }  // namespace plait
