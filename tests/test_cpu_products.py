@@ -206,6 +206,70 @@ def test_packed_int16_panels_give_the_same_products(fmt):
         kernels.linear(torch.randn(9, k), data, fmt, n, dot="int16", panels="int16", packed=packed[:-64])
 
 
+def _int14_model(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The int14 products' rounding in float64: w's rows and x's blocks of 32 rounded to 14-bit codes
+    (float32 value times 8191 / max |.|, to nearest even), exact code products, the scales after."""
+    def codes(v):
+        top = v.abs().amax(-1, keepdim=True)
+        inv = torch.where(top > 0, torch.tensor(8191.0) / top, torch.zeros_like(top))
+        return torch.round(v * inv).double(), top.double() / 8191
+    wc, ws = codes(w)  # [N, K], [N, 1]
+    xc, xs = codes(x.reshape(x.shape[0], -1, 32))  # [M, nb, 32], [M, nb, 1]
+    sums = torch.einsum("mbk,nbk->mnb", xc, wc.reshape(w.shape[0], -1, 32))  # exact integers
+    return (sums * xs.squeeze(-1)[:, None, :]).sum(-1) * ws.T + bias.double()
+
+
+@needs_int16_panels
+@pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_1F,
+                                 WeightFormat.Q8_0F], ids=lambda f: f.name)
+# 9 = 6 + 3 rows, 100 = 16 x 6 + 4; K of 18 blocks (two slices) and 34 (three); 400 rows of K = 1,088: two chunks
+@pytest.mark.parametrize("rows,k", [(9, 576), (13, 576), (100, 576), (40, 1088), (400, 1088)])
+def test_int14_products_compute_their_rounding(fmt, rows, k):
+    """Products on a weight rounded once to 14-bit codes per row (int14_pack: 2 bytes a weight, whole
+    panels of 32 columns), x to 14 bits per block of 32: the float64 model of that rounding within
+    float32 rounding, with a bias and a partial panel (50 columns); no further from the exact product
+    than the rounding allows; a row's result does not depend on its batch; through a CpuLinear
+    products of more than 8 rows take the packing and decode-sized ones the stored rows."""
+    n = 50
+    torch.manual_seed(rows)
+    if fmt in FLOAT_CONSTANTS:
+        data, ref = float_constant_weight(fmt, n, k, rows)
+    else:
+        data, ref = gguf_weight(torch.randn(n, k), fmt)
+    packed = kernels.int14_pack(data, fmt, n)
+    assert packed.numel() == 2 * (32 * k * 2 + 32 * 4)  # two panels: codes as int16, then the columns' scales
+    x, bias = torch.randn(rows, k) * torch.linspace(0.1, 3, k), torch.randn(n)
+    out = kernels.int14_linear(x, packed, n, bias)
+    assert rel_err(out, _int14_model(x, ref, bias)) < 2e-6
+    exact = x.double() @ ref.double().T + bias.double()
+    assert 1e-5 < rel_err(out, exact) < 1e-3  # rounded, within the 14-bit steps
+    alone = kernels.int14_linear(x[-1:].expand(9, k).contiguous(), packed, n, bias)
+    assert torch.equal(alone[0], out[-1])
+    layer = CpuLinear(StoredWeight(data, fmt, n, k), bias)
+    layer.stored.decode_dot = layer.stored.panel_dot = "int16"
+    small = layer(x[:8])
+    assert layer.pack_int14() and layer.int14 is not None
+    assert torch.equal(layer(x), out) and torch.equal(layer(x[:8]), small)
+
+
+@needs_int16_panels
+@pytest.mark.parametrize("rows", [3, 9, 100, 400])
+def test_int14_gated_product_is_the_product_then_silu_mul(rows):
+    """The MLP's gate/up product on the int14 packing with its activation (what the decoder stack runs
+    for steps of more than 8 rows): the product then silu_mul, to the bit; the wrong sizes refused."""
+    torch.manual_seed(6)
+    inter, k = 96, 1088
+    data, _ = gguf_weight(torch.randn(2 * inter, k), WeightFormat.Q4_1)
+    packed = kernels.int14_pack(data, WeightFormat.Q4_1, 2 * inter)
+    x = torch.randn(rows, k)
+    fused = kernels.int14_gated_linear(x, packed, inter)
+    assert torch.equal(fused, kernels.silu_mul(kernels.int14_linear(x, packed, 2 * inter)))
+    with pytest.raises(ValueError, match="gate/up"):
+        kernels.int14_gated_linear(x, packed, inter - 32)
+    with pytest.raises(ValueError, match="block formats"):
+        kernels.int14_pack(torch.zeros(8, k * 2, dtype=torch.uint8), WeightFormat.BF16, 8)
+
+
 @needs_kernels
 def test_int16_panels_fall_back_to_float_panels_without_vnni(isa):
     """Where the int16 panels cannot run (AVX-512 off, or no VNNI), the flag is ignored: the float32
@@ -415,14 +479,15 @@ def test_prefill_products_setting_resolves_from_the_cpu_and_dtype():
     from plait.runtime.cpu.products import resolve_prefill_products
 
     amx, int16 = kernels.amx_available(), kernels.int16_panels_available()
-    assert resolve_prefill_products(ModelConfig()) == ("amx" if amx else "int16" if int16 else "float")
+    assert resolve_prefill_products(ModelConfig()) == ("amx" if amx else "int14" if int16 else "float")
     assert resolve_prefill_products(ModelConfig(dtype="float32")) == "float"
     assert resolve_prefill_products(ModelConfig(cpu_prefill_products="float")) == "float"
-    if int16:
-        assert resolve_prefill_products(ModelConfig(cpu_prefill_products="int16")) == "int16"
-    else:
-        with pytest.raises(ValueError, match="VNNI"):
-            resolve_prefill_products(ModelConfig(cpu_prefill_products="int16"))
+    for name in ("int14", "int16"):
+        if int16:
+            assert resolve_prefill_products(ModelConfig(cpu_prefill_products=name)) == name
+        else:
+            with pytest.raises(ValueError, match="VNNI"):
+                resolve_prefill_products(ModelConfig(cpu_prefill_products=name))
     for name in ("amx", "amx-bf16"):
         if amx:
             assert resolve_prefill_products(ModelConfig(cpu_prefill_products=name)) == name

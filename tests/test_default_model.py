@@ -78,17 +78,18 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
         assert execution["cpu_graph"] == "on" and "Q4_1" in execution["weights"]
         assert execution["decode_products"] == "int16" and "int16-rounded" in execution["products"]
         # prefill (the five prompts are one step of more than 8 rows) on AMX where the CPU has it, else
-        # in int16 on AVX-512 VNNI, else on float32 panels (AVX-512 or AVX2)
+        # on the weights rounded to int14 on AVX-512 VNNI, else on float32 panels (AVX-512 or AVX2)
         flags = set(open("/proc/cpuinfo").read().split())
         has_avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
         int16 = has_avx512 and "avx512_vnni" in flags
         assert execution["prefill_products"] == (
-            "amx" if kernels.amx_available() else "int16" if int16 else "float")
+            "amx" if kernels.amx_available() else "int14" if int16 else "float")
         # the prefill's attention on the AMX tiles with AMX products, else on integer codes with VNNI
         assert execution["prefill_attention"] == (
             "amx" if kernels.amx_available() else "int16" if int16 else "float")
         if not kernels.amx_available():
-            assert execution["panel_products"] == ("avx512" if has_avx512 else "avx2") and steps["panel_kernel"] > 0
+            assert execution["panel_products"] == ("avx512" if has_avx512 else "avx2")
+            assert steps["int14_kernel" if int16 else "panel_kernel"] > 0
         # the 8-bit LM head laid out for the int16 panels where they run (its own copy of the table)
         if int16 and not kernels.amx_available():
             assert execution["logits_head_int16_panels_mib"] > 20
@@ -164,7 +165,8 @@ def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
 def test_greedy_tokens_match_transformers_after_a_long_prompt(hf_model):
     """A prompt of a few hundred tokens, prefilled in one step on AMX tiles where the CPU has them (else
     in int16 on AVX-512 VNNI, else float32 panels), then 32 greedy tokens with a float32 KV cache: those
-    of transformers, with the prefill's attention in float32 and, where it runs, on integer codes. With
+    of transformers; and where VNNI runs, with the default CPU's arithmetic too (the weights rounded to
+    int14 and attention on integer codes). With
     the default settings (float16 KV cache), AMX prefill gives the same tokens as float32 panels. (This prompt's answer with a float16 cache differs from transformers' at its fourth
     token whichever the products: a near tie that the cache decides, and the int16 products decide it
     the other way, so it is not compared for them.)"""
@@ -175,8 +177,8 @@ def test_greedy_tokens_match_transformers_after_a_long_prompt(hf_model):
     prompt = text + "In summary, the city"
     params = {"max_new_tokens": 32, "temperature": 0}
     prefill = "amx" if kernels.amx_available() else "int16" if kernels.int16_panels_available() else "float"
-    # (products, attention): integer attention beside the int16 products (AMX products take AMX attention)
-    paths = [(prefill, "float")] + ([("int16", "int16")] if kernels.int16_attention_available(64) else [])
+    # (products, attention): AMX products take AMX attention
+    paths = [(prefill, "float")] + ([("int14", "int16")] if kernels.int16_attention_available(64) else [])
     for products, arith in paths:
         with Engine(device="cpu", dtype="float32", cpu_prefill_products=products, cpu_prefill_attention=arith,
                     max_total_tokens=8192) as exact:

@@ -55,6 +55,12 @@ def round_blocks(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (torch.round(blocks * (levels / top)) * (top / levels)).reshape(x.shape)
 
 
+def round_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """w rounded to `bits`-bit integers per row (one scale per output feature), scaled back."""
+    codes, scale = integer_rows(w, bits)
+    return codes * scale
+
+
 def two_bf16_parts(x: torch.Tensor) -> torch.Tensor:
     """x as the sum of its two bfloat16 parts (16 significant bits)."""
     hi = x.bfloat16().float()
@@ -124,6 +130,10 @@ def main() -> None:
     parser.add_argument("--model-path", default=None, help="a GGUF file (default: the default model)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 14, 12, 10, 8])
+    parser.add_argument("--weight-bits", type=int, nargs="*", default=[],
+                        help="also: the decoder's weights rounded to b bits per row (one scale per output "
+                             "feature; the LM head exact) with x at 28 - b bits per 32 (so that 32 products of "
+                             "the two codes fit an int32 sum)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attention", action="store_true",
                         help="attention variants (float16 KV, integer attention) instead of the products'")
@@ -155,6 +165,9 @@ def main() -> None:
     variants: list[tuple[str, Callable, Callable | None]] = [
         (f"x int{b} per 32", (lambda b: lambda x: round_blocks(x, b))(b), None) for b in args.bits]
     variants += [("x 16 bits, w bf16", two_bf16_parts, bf16), ("x bf16, w bf16", bf16, bf16)]
+    head = model.get_output_embeddings()
+    variants += [(f"x int{28 - b} per 32, w int{b} per row", (lambda b: lambda x: round_blocks(x, 28 - b))(b),
+                  (lambda b: lambda w: round_rows(w, b))(b)) for b in args.weight_bits]
     if args.attention:
         variants = [(label, None, None) for label in ("kv float16", "attention q,k int13; p,v int14",
                                                       "attention q,k int12; p,v int12")]
@@ -168,7 +181,8 @@ def main() -> None:
     print(f"{'variant':>20} {'equal':>7}  first differences (token index)")
     for label, x_round, w_round in variants:
         for module in linears:
-            module.weight.data = exact_weights[id(module)] if w_round is None else w_round(exact_weights[id(module)])
+            exact = w_round is None or (module is head and label.endswith("per row"))
+            module.weight.data = exact_weights[id(module)] if exact else w_round(exact_weights[id(module)])
         round_input[0] = x_round
         if args.attention:
             model.set_attn_implementation("plait-rounding-{}-{}".format(*bits[label]))

@@ -57,12 +57,15 @@ class ModelConfig:
         "tile unit (Intel Xeon since Sapphire Rapids) in three bfloat16 passes over the two bfloat16 parts of the "
         "activations and of the weights (16 significant bits, near the float32 product; the weights packed once "
         "at load, 4 bytes a weight); amx-bf16: on AMX in one pass over bfloat16-rounded activations and "
-        "weights (about twice as fast, bfloat16 precision, 2 bytes a weight); int16: GGUF block weights (Q4_0, "
-        "Q4_1, Q8_0) times the activations rounded to int16 per 32 values, as the int16 decode products, in "
-        "integers on AVX-512 VNNI (twice the multiplies of float32 per instruction); float: the stored weights "
-        "decoded into float32 panels, float32 products. auto: amx where the CPU and OS have it, --dtype is auto "
-        "and the packed weights take at most half the memory available; else int16 where the CPU has AVX-512 "
-        "VNNI and --dtype is auto; else float")
+        "weights (about twice as fast, bfloat16 precision, 2 bytes a weight); int14: GGUF block weights (Q4_0, "
+        "Q4_1, Q8_0) rounded once at load to 14-bit integers per row (2 bytes a weight beside the stored ones) "
+        "times the activations rounded to 14 bits per 32 values, in integers on AVX-512 VNNI (one scaling per "
+        "block where int16 takes three); int16: the block weights' exact codes times the activations rounded to "
+        "int16 per 32 values, as the int16 decode products, in integers on AVX-512 VNNI (twice the multiplies of "
+        "float32 per instruction); float: the stored weights decoded into float32 panels, float32 products. "
+        "auto: amx where the CPU and OS have it, --dtype is auto and the packed weights take at most half the "
+        "memory available; else int14 where the CPU has AVX-512 VNNI and --dtype is auto (int16 where the int14 "
+        "weights would take more than half the memory available); else float")
     cpu_prefill_attention: str = option(
         "auto", "CPU kernels: how the attention of prefill and extend steps (many query rows per request) "
         "multiplies. int16: queries and keys rounded to 13-bit integers per row, softmax weights (times the "

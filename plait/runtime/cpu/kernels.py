@@ -194,6 +194,63 @@ def int16_panel_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int)
     return packed
 
 
+INT14_PACKS = (WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q8_0, WeightFormat.Q4_1F, WeightFormat.Q8_0F)
+
+
+def int14_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> torch.Tensor:
+    """A block weight [N, row_bytes] (INT14_PACKS) rounded once to 14-bit codes per row (one scale per
+    output feature: max |w| / 8191, to nearest even) and laid out in the int16 panels' order (uint8: per
+    32 output columns the codes of each pair of inputs side by side as int16, then the columns' scales
+    in float32; 2 bytes a weight), for `int14_linear`. Needs int16_panels_available()."""
+    _check(weight, "weight", torch.uint8)
+    if fmt not in INT14_PACKS:
+        raise ValueError(f"int14 panels are packed from block formats, not {fmt.name}")
+    if not int16_panels_available():
+        raise RuntimeError("int14 panels need the kernels and a CPU with AVX-512 VNNI")
+    k = weight.shape[1] // fmt.block_bytes * 32
+    if weight.shape != (out_features, fmt.row_bytes(k)):
+        raise ValueError(f"weight {tuple(weight.shape)} does not hold [{out_features}, {k}] in {fmt.name}")
+    packed = torch.empty(_ext.int14_panel_bytes(out_features, k), dtype=torch.uint8)
+    _ext.int14_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
+    return packed
+
+
+def int14_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 times an `int14_pack`ed weight [N, K] transposed (+ bias): [M, N] float32, with x
+    rounded to 14-bit codes per block of 32 and exact integer products of the codes on AVX-512 VNNI."""
+    _check(x, "x", torch.float32)
+    _check(packed, "packed", torch.uint8)
+    if not int16_panels_available():
+        raise RuntimeError("int14 panels need the kernels and a CPU with AVX-512 VNNI")
+    m, k = x.shape
+    if k % 32 or packed.numel() != _ext.int14_panel_bytes(out_features, k):
+        raise ValueError(f"packed panels of {packed.numel()} bytes are not those of [{out_features}, {k}]")
+    if bias is not None:
+        _check(bias, "bias", torch.float32)
+    out = _product_out(out, m, out_features)
+    _ext.int14_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
+                      out.data_ptr(), out_features, _threads())
+    return out
+
+
+def int14_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) [M, I] for a gate/up weight [2I, K] (gate rows first) `int14_pack`ed
+    whole, I a multiple of 32: what the decoder stack's MLP runs on that packing, without writing the
+    [M, 2I] product; the bits of `int14_linear` then `silu_mul`."""
+    _check(x, "x", torch.float32)
+    _check(packed, "packed", torch.uint8)
+    if not int16_panels_available():
+        raise RuntimeError("int14 panels need the kernels and a CPU with AVX-512 VNNI")
+    m, k = x.shape
+    if intermediate % 32 or k % 32 or packed.numel() != _ext.int14_panel_bytes(2 * intermediate, k):
+        raise ValueError(f"packed panels of {packed.numel()} bytes are not those of a [2 x {intermediate}, {k}] "
+                         "gate/up weight (I a multiple of 32)")
+    out = torch.empty((m, intermediate), dtype=torch.float32)
+    _ext.int14_gated_linear(x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(), _threads())
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, dot: str = "float",
            panels: str = "float", packed: torch.Tensor | None = None) -> torch.Tensor:

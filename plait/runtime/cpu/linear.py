@@ -23,6 +23,9 @@ from plait.runtime.cpu.kernels import WeightFormat
 AMX_MIN_ROWS = 9
 # Products of this many rows take a layer's AMX int8 packing when it has one (`pack_amx_int8`).
 AMX_INT8_ROWS = (4, 64)
+# Products of more than this many rows take a layer's int14 packing when it has one (`pack_int14`); up
+# to it the decode kernels read the stored weight. Mirrors kSmallStepRows in csrc/stack_avx2.cpp.
+DECODE_ROWS = 8
 
 
 @dataclass
@@ -119,6 +122,17 @@ class CpuLinear(nn.Module):
         # An 8-bit weight laid out in the int16 panels' order (`pack_int16_panels`): products of more than
         # 8 rows on the int16 panels read it instead of transposing the stored rows' blocks each call.
         self.int16_panels: torch.Tensor | None = None
+        # The weight rounded to 14 bits per row in the panels' order (`pack_int14`): products of more
+        # than `DECODE_ROWS` rows run on it.
+        self.int14: torch.Tensor | None = None
+
+    def pack_int14(self) -> bool:
+        """Round a block weight to 14-bit codes per row and lay it out for the int14 products
+        (kernels.int14_pack: 2 bytes a weight), beside the stored one; False for other formats."""
+        if self.stored.fmt not in kernels.INT14_PACKS:
+            return False
+        self.int14 = kernels.int14_pack(self.stored.data, self.stored.fmt, self.out_features)
+        return True
 
     def pack_amx_int8(self) -> bool:
         """Repack a Q4_1 or Q8_0 weight for the AMX int8 products (kernels.amx_int8_pack: 0.75 or 1.25
@@ -148,6 +162,9 @@ class CpuLinear(nn.Module):
             flat = flat.contiguous()
         if self.amx_int8 is not None and AMX_INT8_ROWS[0] <= flat.shape[0] <= AMX_INT8_ROWS[1]:
             return kernels.amx_int8_linear(flat, self.amx_int8, self.out_features, self.bias).view(
+                *x.shape[:-1], self.out_features)
+        if self.int14 is not None and flat.shape[0] > DECODE_ROWS:
+            return kernels.int14_linear(flat, self.int14, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
         if self.amx is not None and flat.shape[0] >= AMX_MIN_ROWS:
             return kernels.amx_linear(flat, self.amx, self.out_features, self.bias).view(*x.shape[:-1], self.out_features)

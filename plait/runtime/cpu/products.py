@@ -26,7 +26,7 @@ DECODE_PRODUCTS = {
     "int8": "up to 8 rows (decode): block weights times int8-rounded activations in integers; ",
     "float": "up to 8 rows (decode): stored blocks decoded in registers, float32 products; ",
 }
-PREFILL_PRODUCTS = ("amx", "amx-bf16", "int16", "float")
+PREFILL_PRODUCTS = ("amx", "amx-bf16", "int14", "int16", "float")
 PREFILL_ATTENTION = ("int16", "float")
 
 
@@ -45,8 +45,8 @@ def resolve_decode_products(config: ModelConfig) -> str:
 def resolve_prefill_products(config: ModelConfig) -> str:
     """How the CPU kernels multiply products of more than 8 rows: "auto" is "amx" where the CPU and OS
     run AMX and the dtype is chosen automatically too (a dtype the user asked for keeps float32
-    products), else "int16" where the CPU has AVX-512 VNNI, else "float"; "amx", "amx-bf16" or
-    "int16" when asked (an error where they cannot run)."""
+    products), else "int14" where the CPU has AVX-512 VNNI, else "float"; "amx", "amx-bf16", "int14"
+    or "int16" when asked (an error where they cannot run)."""
     name = config.cpu_prefill_products
     if name != "auto" and name not in PREFILL_PRODUCTS:
         raise ValueError(f"unknown cpu_prefill_products {name!r}; choose from auto, {', '.join(PREFILL_PRODUCTS)}")
@@ -55,14 +55,14 @@ def resolve_prefill_products(config: ModelConfig) -> str:
             return "float"
         if kernels.amx_available():
             return "amx"
-        return "int16" if kernels.int16_panels_available() else "float"
+        return "int14" if kernels.int16_panels_available() else "float"
     if name == "float":
         return "float"
-    if name == "int16":
+    if name in ("int14", "int16"):
         if not kernels.int16_panels_available():
-            raise ValueError("--cpu-prefill-products int16: this CPU has no AVX-512 VNNI (or PLAIT_DISABLE_CPU_AVX512 "
-                             "is set)")
-        return "int16"
+            raise ValueError(f"--cpu-prefill-products {name}: this CPU has no AVX-512 VNNI (or "
+                             "PLAIT_DISABLE_CPU_AVX512 is set)")
+        return name
     if not kernels.amx_available():
         raise ValueError(f"--cpu-prefill-products {name}: this CPU or OS does not run AMX bfloat16 tiles "
                          "(or PLAIT_DISABLE_CPU_AMX is set)")
@@ -108,7 +108,22 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
                         "half the memory available (%.1f GiB); --cpu-prefill-products amx to force them",
                         packed_bytes / 2**30, available_bytes / 2**30)
             prefill = "float"
-    if prefill == "int16":
+    if prefill == "int14":
+        # the decoder's block weights rounded to 14 bits per row beside the stored ones: 2 bytes a weight
+        # (the LM head keeps its exact codes: its int16 panels below)
+        layers = [m for m in blocks if m is not getattr(model, "logits_head", None)]
+        int14_bytes = sum(2 * m.out_features * m.in_features for m in layers)
+        if available_bytes is not None and int14_bytes > available_bytes // 2 and config.cpu_prefill_products == "auto":
+            logger.info("CPU kernels: int14 products off: their weights (%.1f GiB) would take more than half the "
+                        "memory available (%.1f GiB); --cpu-prefill-products int14 to force them",
+                        int14_bytes / 2**30, available_bytes / 2**30)
+            prefill = "int16"
+        elif not any([m.pack_int14() for m in layers]):
+            prefill = "int16"
+        else:
+            logger.info("CPU kernels: products of more than 8 rows on the block weights rounded to 14 bits per "
+                        "row (%.0f MiB), x to 14 bits per 32 values", int14_bytes / 2**20)
+    if prefill in ("int14", "int16"):
         # x rounded to int16 per block, integer products on AVX-512 VNNI: the block weights (float
         # formats keep the float32 panels)
         for module in blocks:
@@ -120,7 +135,7 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
     # second copy of the table, as many bytes).
     head = getattr(model, "logits_head", None)
     head_panels_mib = None
-    if prefill == "int16" and isinstance(head, CpuLinear) and head.stored.panel_dot == "int16" and head.pack_int16_panels():
+    if prefill in ("int14", "int16") and isinstance(head, CpuLinear) and head.stored.panel_dot == "int16" and head.pack_int16_panels():
         head_panels_mib = round(head.int16_panels.numel() / 2**20, 1)
         logger.info("CPU kernels: the LM head laid out for the int16 panels (%.0f MiB)", head_panels_mib)
     if prefill in ("amx", "amx-bf16"):
@@ -155,6 +170,8 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
         "products": (DECODE_PRODUCTS[dot] if blocks else "up to 8 rows (decode): stored weights decoded in registers; ")
         + {"amx": "more rows (prefill): AMX tiles, bfloat16 hi/lo parts of x and w, three passes",
            "amx-bf16": "more rows (prefill): AMX tiles, x and w rounded to bfloat16",
+           "int14": "more rows (prefill): weights rounded to 14 bits per row, x to 14 bits per 32 values, integer "
+                    "products (AVX-512 VNNI)",
            "int16": "more rows (prefill): x rounded to int16 per 32 values, integer products (AVX-512 VNNI)",
            "float": f"more rows (prefill): decoded into float32 panels ({panel_isa})"}[prefill],
     }

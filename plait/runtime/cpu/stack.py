@@ -69,6 +69,8 @@ class CpuDecoderStack:
                 "down_amx": mlp.down_proj.amx,
                 "qkv_i8": attn.qkv_proj.amx_int8, "o_i8": attn.o_proj.amx_int8, "gate_up_i8": mlp.gate_up_proj.amx_int8,
                 "down_i8": mlp.down_proj.amx_int8,
+                "qkv_i14": attn.qkv_proj.int14, "o_i14": attn.o_proj.int14, "gate_up_i14": mlp.gate_up_proj.int14,
+                "down_i14": mlp.down_proj.int14,
             }
             for name, value in row.items():
                 if isinstance(value, int):
@@ -82,8 +84,9 @@ class CpuDecoderStack:
         # kGemvMaxRows in csrc/linear_avx2.cpp), reported in /get_server_info.
         amx = attn.qkv_proj.amx is not None
         self.amx_exact = int(amx and kernels.amx_exact(attn.qkv_proj.amx, attn.qkv_proj.out_features, attn.qkv_proj.in_features))
-        self.steps = {"decode_kernel": 0, "amx_kernel" if amx else "panel_kernel": 0}
-        self._large_step = "amx_kernel" if amx else "panel_kernel"
+        self._large_step = ("amx_kernel" if amx else "int14_kernel" if attn.qkv_proj.int14 is not None
+                            else "panel_kernel")
+        self.steps = {"decode_kernel": 0, self._large_step: 0}
         # decode-sized steps on the layers' AMX int8 packing (rows AMX_INT8_ROWS), where they have one
         self.int8_rows = AMX_INT8_ROWS if attn.qkv_proj.amx_int8 is not None else (0, -1)
         if attn.qkv_proj.amx_int8 is not None:

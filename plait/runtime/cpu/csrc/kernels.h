@@ -101,6 +101,13 @@ void silu_mul(const float* x, int64_t M, int64_t I, float* out, int nthreads);
 void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint8_t* packed, int fmt, int64_t N,
                    const float* bias, float* y, int64_t ldy, int nthreads);
 
+// y = x w^T (+ bias) on a weight's int14 packing (avx512::int14_panel_pack; see int14_linear_team).
+void int14_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
+                  int64_t ldy, int nthreads);
+// out [M, I] = silu(x gate^T) * (x up^T) on a gate/up weight's int14 packing (I % 32 == 0).
+void int14_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                        int nthreads);
+
 // out [M, I] = silu(x gate^T) * (x up^T) for a weight [2I, K] of gate rows then up rows: what a decoder
 // stack's MLP computes (the fused forms where they run, else the product then silu_mul).
 void gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out, int nthreads);
@@ -174,6 +181,18 @@ void int16_packed_linear_team(const float* x, int64_t M, int64_t K, const uint8_
 // [M, 2I] product (same scratch).
 void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out,
                             int16_t* scratch);
+// Products of many rows on a block weight rounded once to 14-bit codes per row (one scale per output
+// column) and laid out in the panels' order (int14_panel_pack of a format int14_packs(fmt) takes;
+// int14_panel_bytes(N, K) bytes), x rounded to 14 bits per block of 32: one FMA a block where the int16
+// panels take three (linear_avx512.cpp). Scratch as int16_panel_scratch(M, K). The gated form needs
+// I % 32 == 0 (the up rows' panels start at panel I / 32 of the whole gate/up weight's packing).
+bool int14_packs(int fmt);
+size_t int14_panel_bytes(int64_t N, int64_t K);
+void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out);
+void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                       float* y, int64_t ldy, int16_t* scratch);
+void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                             int16_t* scratch);
 // A decode attention task (attention_avx2.cpp's blocks_direct): R <= 3 query rows for each of nh KV heads
 // from `head`, keys [k0, end) listed in slots (the sequence's), read in place, a segment at a time;
 // q [nh][R][D] (scaled), running o [nh][R][D], mx and l [nh][R]; seg_scores [nh][R][256].

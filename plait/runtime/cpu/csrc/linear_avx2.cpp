@@ -576,6 +576,22 @@ void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, const
     avx512::int16_packed_linear_team(x, M, K, packed, fmt, N, bias, y, ldy, ts.x16.data());
 }
 
+void int14_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
+                  int64_t ldy, int nthreads) {
+    TeamScratch ts;
+    ts.x16.resize(avx512::int16_panel_scratch(M, K));
+#pragma omp parallel num_threads(nthreads)
+    avx512::int14_linear_team(x, M, K, packed, N, bias, y, ldy, ts.x16.data());
+}
+
+void int14_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                        int nthreads) {
+    TeamScratch ts;
+    ts.x16.resize(avx512::int16_panel_scratch(M, K));
+#pragma omp parallel num_threads(nthreads)
+    avx512::int14_gated_linear_team(x, M, K, packed, I, out, ts.x16.data());
+}
+
 void embedding(const int64_t* ids, int64_t n, const uint8_t* w, int fmt, int64_t K, float* out, int nthreads) {
     switch (fmt) {
         case kF32: embedding_fmt<kF32>(ids, n, w, K, out, nthreads); break;

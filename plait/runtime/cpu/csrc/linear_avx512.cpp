@@ -177,17 +177,19 @@ constexpr int64_t kIntMaxBlocks = 16;  // blocks per slice of the panel: 32 KiB 
 // A 4-byte load that may alias the int16 codes (two codes side by side).
 typedef int32_t pair32 __attribute__((may_alias, aligned(4)));
 
-// Row r of x: codes [K] (natural order), and per block its scale and float sum.
-inline void quantize_row(const float* x, int64_t K, int16_t* codes, float* scales, float* sums) {
+// Row r of x: codes [K] (natural order) at `levels` (32767: int16; 8191: the int14 weights' x), and per
+// block its scale and float sum.
+inline void quantize_row(const float* x, int64_t K, int16_t* codes, float* scales, float* sums,
+                         float levels = 32767.0f) {
     for (int64_t b = 0; b < K / kBlock; ++b) {
         const __m512 v0 = _mm512_loadu_ps(x + b * kBlock), v1 = _mm512_loadu_ps(x + b * kBlock + 16);
         const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const __m512 inv = _mm512_set1_ps(max_abs > 0.0f ? 32767.0f / max_abs : 0.0f);
+        const __m512 inv = _mm512_set1_ps(max_abs > 0.0f ? levels / max_abs : 0.0f);
         const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round to nearest even
         const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock), _mm512_cvtsepi32_epi16(c0));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock + 16), _mm512_cvtsepi32_epi16(c1));
-        scales[b] = max_abs / 32767.0f;
+        scales[b] = max_abs / levels;
         sums[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
     }
 }
@@ -353,6 +355,97 @@ inline void int16_rows(int mr, const int16_t* xc, const float* xs, const float* 
      ...);
 }
 
+// ---- Products of more rows on int14 weights laid out once ----
+//
+// The int16 panels above pay for the weights' block constants on every product: per row, 16 columns
+// and block, 16 VPDPWSSD and then d times x's scale multiplied and two FMAs (the scale, and m times x's
+// block sum), on the pipes the products use. With the weight rows rounded once at load to 14-bit codes
+// with one scale per row (output column), laid out in the panel's order (int14_panel_pack: 2 bytes a
+// weight), a block's sums need one FMA (x's block scale), and the column scales come once at the end.
+// x is then rounded to 14 bits per block, so that 32 products of two 14-bit codes fit an int32 sum
+// (32 x 8,191^2 < 2^31). python -m plait.bench.rounding --weight-bits 14 measures this rounding on the
+// default model's greedy outputs.
+
+constexpr float kInt14Levels = 8191.0f;
+constexpr int kInt14MR = 6;  // rows a block: 24 sums in registers, with the two panel loads and a broadcast
+
+// A packed panel: codes [K / 2][32] int32 (pairs of int16), then the 32 columns' scales.
+inline size_t int14_panel_stride(int64_t K) { return size_t(K * kNR) * sizeof(int16_t) + kNR * sizeof(float); }
+
+// y[i][0 .. ncols) = sums_in[i] + x[i] . panel columns over blocks b0 .. b1 for MR rows of x, unscaled
+// by the columns' scales until the last slice (`last`), which also adds the bias.
+template <int MR>
+inline void int14_block(const int16_t* xc, const float* xs, int64_t K, int64_t nb, int64_t b0, int64_t b1,
+                        const int32_t* pc, const float* col_scales, const float* bias, const float* sums_in,
+                        int64_t ld_in, float* y, int64_t ldy, int ncols, bool last) {
+    __mmask16 m0, m1;
+    tail_masks(ncols, m0, m1);
+    __m512 c0[MR], c1[MR];
+    start_sums<MR>(b0 == 0, sums_in, ld_in, m0, m1, c0, c1);
+    const int64_t half_k = K / 2;
+    for (int64_t b = b0; b < b1; ++b) {
+        __m512i s0[MR], s1[MR];
+        for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
+        const pair32* xp = reinterpret_cast<const pair32*>(xc + b * kBlock);
+        const int32_t* bp = pc + b * 16 * kNR;
+        for (int p = 0; p < 16; ++p) {
+            const __m512i w0 = _mm512_load_si512(bp + p * kNR), w1 = _mm512_load_si512(bp + p * kNR + 16);
+            for (int i = 0; i < MR; ++i) {
+                const __m512i a = _mm512_set1_epi32(xp[i * half_k + p]);
+                s0[i] = dpwssd(s0[i], a, w0);
+                s1[i] = dpwssd(s1[i], a, w1);
+            }
+        }
+        for (int i = 0; i < MR; ++i) {
+            const __m512 sc = _mm512_set1_ps(xs[i * nb + b]);
+            c0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[i]), sc, c0[i]);
+            c1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[i]), sc, c1[i]);
+        }
+    }
+    if (last) {
+        const __m512 cs0 = _mm512_loadu_ps(col_scales), cs1 = _mm512_loadu_ps(col_scales + 16);
+        for (int i = 0; i < MR; ++i) {
+            c0[i] = _mm512_mul_ps(c0[i], cs0);
+            c1[i] = _mm512_mul_ps(c1[i], cs1);
+        }
+    }
+    store_sums<MR>(last ? bias : nullptr, y, ldy, m0, m1, c0, c1);
+}
+
+template <int... MRs>
+inline void int14_rows(int mr, const int16_t* xc, const float* xs, int64_t K, int64_t nb, int64_t b0, int64_t b1,
+                       const int32_t* pc, const float* col_scales, const float* bias, const float* sums_in,
+                       int64_t ld_in, float* y, int64_t ldy, int ncols, bool last, std::integer_sequence<int, MRs...>) {
+    ((mr == MRs + 1 ? (int14_block<MRs + 1>(xc, xs, K, nb, b0, b1, pc, col_scales, bias, sums_in, ld_in, y, ldy,
+                                            ncols, last), 0)
+                    : 0),
+     ...);
+}
+
+// Weight rows n0 .. n0 + 32 (those below N) rounded to 14-bit codes, one scale a row, into a packed
+// panel (columns past N zero).
+template <int FMT>
+void pack_int14_panel(const uint8_t* w, size_t stride, int64_t n0, int64_t N, int64_t K, float* row, uint8_t* out) {
+    int32_t* pairs = reinterpret_cast<int32_t*>(out);
+    float* col_scales = reinterpret_cast<float*>(out + K * kNR * sizeof(int16_t));
+    for (int j = 0; j < kNR; ++j) {
+        float top = 0.0f;
+        if (n0 + j < N) {
+            dequant_row<FMT>(w + (n0 + j) * stride, K, row);
+            for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+        } else {
+            std::fill(row, row + K, 0.0f);
+        }
+        const float inv = top > 0.0f ? kInt14Levels / top : 0.0f;  // x's rounding: codes round(w * levels / max)
+        col_scales[j] = top / kInt14Levels;
+        for (int64_t p = 0; p < K / 2; ++p) {
+            const int32_t lo = int32_t(std::nearbyint(row[2 * p] * inv));  // to nearest even
+            const int32_t hi = int32_t(std::nearbyint(row[2 * p + 1] * inv));
+            pairs[p * kNR + j] = int32_t((uint32_t(hi) << 16) | (uint32_t(lo) & 0xFFFFu));
+        }
+    }
+}
+
 // x's rows rounded to int16 per block (codes [M][K]; per row and block its scale and float sum), then
 // the products of panels of 32 weight rows with x's rows, a panel and a chunk of rows per work item.
 // The rows come in chunks whose codes (at most kChunkCodeBytes) stay in a core's L2 while every panel
@@ -378,12 +471,13 @@ struct Int16Panels {
     int32_t* panel;  // this thread's panel (codes) and its blocks' d and m
     float *pd, *pm;
 
-    Int16Panels(const float* x, int64_t M_, int64_t K_, int16_t* scratch) : M(M_), K(K_), nb(K_ / kBlock) {
+    Int16Panels(const float* x, int64_t M_, int64_t K_, int16_t* scratch, float levels = 32767.0f)
+        : M(M_), K(K_), nb(K_ / kBlock) {
         int16_t* const c = scratch;
         float* const sc = reinterpret_cast<float*>(scratch + M * K);
         float* const su = sc + M * nb;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, c + r * K, sc + r * nb, su + r * nb);
+        for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, c + r * K, sc + r * nb, su + r * nb, levels);
         codes = c;
         scales = sc;
         sums = su;
@@ -449,6 +543,28 @@ struct Int16Panels {
                                                     b1, codes_p, d_p, m_p, bias, between, kNR,
                                                     last ? y + (m0 - r0) * ldy : between, last ? ldy : kNR, cols,
                                                     std::make_integer_sequence<int, kIntMR>{});
+            }
+        }
+    }
+
+    // The same products over a panel of int14 weights laid out once (int14_panel_pack; x quantized at
+    // kInt14Levels), read in place.
+    void products_int14(const uint8_t* packed_panel, int cols, int64_t r0, int64_t r1, const float* bias, float* y,
+                        int64_t ldy, float* kept) {
+        const char* const ahead = reinterpret_cast<const char*>(packed_panel) + kPrefetchPanels * int14_panel_stride(K);
+        for (size_t off = 0; off < int14_panel_stride(K); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
+        const int32_t* codes_p = reinterpret_cast<const int32_t*>(packed_panel);
+        const float* col_scales = reinterpret_cast<const float*>(packed_panel + K * kNR * sizeof(int16_t));
+        for (int64_t b0 = 0; b0 < nb; b0 += per_slice) {
+            const int64_t b1 = std::min(nb, b0 + per_slice);
+            const bool last = b1 == nb;
+            for (int64_t m0 = r0, mr = 0; m0 < r1; m0 += mr) {
+                const int64_t left = r1 - m0;
+                mr = left > kInt14MR && left < kInt14MR + 4 ? (left + 1) / 2 : std::min<int64_t>(kInt14MR, left);
+                float* const between = kept != nullptr ? kept + (m0 - r0) * kNR : nullptr;
+                int14_rows(int(mr), codes + m0 * K, scales + m0 * nb, K, nb, b0, b1, codes_p, col_scales, bias, between,
+                           kNR, last ? y + (m0 - r0) * ldy : between, last ? ldy : kNR, cols, last,
+                           std::make_integer_sequence<int, kInt14MR>{});
             }
         }
     }
@@ -529,7 +645,92 @@ void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t*
     }
 }
 
+template <int FMT>
+void pack_int14(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
+    const size_t stride = row_bytes(FMT, K), ps = int14_panel_stride(K);
+#pragma omp parallel
+    {
+        Buffer row_buffer;
+        float* const row = row_buffer.get(size_t(K));
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t p = 0; p < (N + kNR - 1) / kNR; ++p) pack_int14_panel<FMT>(w, stride, p * kNR, N, K, row, out + p * ps);
+    }
+}
+
+void int14_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
+                int64_t ldy, int16_t* scratch) {
+    Int16Panels panels(x, M, K, scratch, kInt14Levels);
+    static thread_local Buffer kept_buffer;
+    float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
+    const int64_t num_panels = (N + kNR - 1) / kNR;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < panels.chunks * num_panels; ++item) {
+        int64_t r0, r1, p;
+        panels.item_at(item, num_panels, r0, r1, p);
+        const int64_t n0 = p * kNR;
+        panels.products_int14(packed + p * int14_panel_stride(K), int(std::min<int64_t>(kNR, N - n0)), r0, r1,
+                              bias ? bias + n0 : nullptr, y + r0 * ldy + n0, ldy, kept);
+    }
+}
+
+// The gated form (int16_gated_panel_team's) over a gate/up weight packed whole: with I a multiple of 32,
+// the up rows' panels start at panel I / 32.
+void int14_gated_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                      int16_t* scratch) {
+    Int16Panels panels(x, M, K, scratch, kInt14Levels);
+    static thread_local Buffer gate_buffer, up_buffer;
+    float* const gate = gate_buffer.get(size_t(panels.chunk_rows * kNR));
+    float* const up = up_buffer.get(size_t(panels.chunk_rows * kNR));
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    const int64_t num_panels = I / kNR;
+    const size_t ps = int14_panel_stride(K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < panels.chunks * num_panels; ++item) {
+        int64_t r0, r1, p;
+        panels.item_at(item, num_panels, r0, r1, p);
+        panels.products_int14(packed + p * ps, kNR, r0, r1, nullptr, gate, kNR, gate);
+        panels.products_int14(packed + (num_panels + p) * ps, kNR, r0, r1, nullptr, up, kNR, up);
+        for (int64_t m = r0; m < r1; ++m) {
+            const float* g = gate + (m - r0) * kNR;
+            const float* u = up + (m - r0) * kNR;
+            float* o = out + m * I + p * kNR;
+            for (int j = 0; j < kNR; j += 8) {
+                const __m256 gv = _mm256_loadu_ps(g + j);
+                const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, neg));
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+            }
+        }
+    }
+}
+
 }  // namespace
+
+size_t int14_panel_bytes(int64_t N, int64_t K) { return size_t((N + kNR - 1) / kNR) * int14_panel_stride(K); }
+
+bool int14_packs(int fmt) {
+    const int base = fmt & ~kProductFlags;
+    return base == kQ8_0 || base == kQ4_0 || base == kQ4_1 || base == kQ8_0F || base == kQ4_1F;
+}
+
+void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out) {
+    switch (fmt & ~kProductFlags) {
+        case kQ8_0: pack_int14<kQ8_0>(w, N, K, out); break;
+        case kQ4_0: pack_int14<kQ4_0>(w, N, K, out); break;
+        case kQ4_1: pack_int14<kQ4_1>(w, N, K, out); break;
+        case kQ8_0F: pack_int14<kQ8_0F>(w, N, K, out); break;
+        case kQ4_1F: pack_int14<kQ4_1F>(w, N, K, out); break;
+    }
+}
+
+void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                       float* y, int64_t ldy, int16_t* scratch) {
+    int14_team(x, M, K, packed, N, bias, y, ldy, scratch);
+}
+
+void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                             int16_t* scratch) {
+    int14_gated_team(x, M, K, packed, I, out, scratch);
+}
 
 void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
                        float* y, int64_t ldy) {

@@ -35,7 +35,10 @@ namespace plait {
     /* the projections' weights packed for AMX (0: none; linear_amx.cpp) */                          \
     X(kQkvAmx) X(kOAmx) X(kGateUpAmx) X(kDownAmx)                                                    \
     /* ... and for AMX's int8 tiles (0: none; linear_amx_int8.cpp) */                                \
-    X(kQkvI8) X(kOI8) X(kGateUpI8) X(kDownI8)
+    X(kQkvI8) X(kOI8) X(kGateUpI8) X(kDownI8)                                                        \
+    /* ... and rounded to 14 bits per row in the int16 panels' order, for steps of more than 8 rows */ \
+    /* (0: none; int14_panel_pack in linear_avx512.cpp) */                                           \
+    X(kQkvI14) X(kOI14) X(kGateUpI14) X(kDownI14)
 
 #define PLAIT_ENUM_ENTRY(name) name,
 enum StackField : int { PLAIT_STACK_FIELDS(PLAIT_ENUM_ENTRY) kNumStackFields };

@@ -153,9 +153,19 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             // y = in W^T (+ bias) for the weight in field `wf`, on its AMX packing where it has one
             // (on its AMX int8 packing for decode-sized steps, where it has one)
             auto int8_product = [&](int i8f) { return w[i8f] != 0 && T >= a[kInt8MinRows] && T <= a[kInt8MaxRows]; };
-            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, const float* bias,
+            // steps of more than the decode kernels' rows on the int14 packing, where the layer has one
+            auto int14_product = [&](int i14f) { return w[i14f] != 0 && T > kSmallStepRows; };
+            auto int14_scratch = [&](int64_t K) {
+#pragma omp single
+                ts.x16.resize(avx512::int16_panel_scratch(T, K));
+                return ts.x16.data();
+            };
+            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, int i14f, const float* bias,
                                int64_t N, float* y) {
-                if (int8_product(i8f))
+                if (int14_product(i14f))
+                    avx512::int14_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i14f])),
+                                              N, bias, y, N, int14_scratch(K));
+                else if (int8_product(i8f))
                     amx::int8_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i8f])), N,
                                           bias, y, N, ts);
                 else if (w[af] && T >= kAmxMinRows)
@@ -175,7 +185,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 rmsnorm_team(x, l == 0 ? nullptr : residual[0], fptr(kInNorm), T, H, eps, normed);
             }
             clock.mark(kPhaseNorm);
-            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, kQkvI8, fptr(kQkvBias), qkv_width, qkv);
+            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, kQkvI8, kQkvI14, fptr(kQkvBias), qkv_width, qkv);
             clock.mark(kPhaseQkv);
             float* q = qkv;
             float* k = qkv + Hq * D;
@@ -213,13 +223,14 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
             clock.mark(kPhaseAttention);
-            product(attn, Hq * D, kOW, kOFmt, kOAmx, kOI8, nullptr, H, x);
+            product(attn, Hq * D, kOW, kOFmt, kOAmx, kOI8, kOI14, nullptr, H, x);
             clock.mark(kPhaseO);
             // MLP block
             if (small) {
                 small_norm(fptr(kPostNorm), false);
                 if (int8_product(kGateUpI8)) {
-                    product(own_normed.data(), H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, nullptr, 2 * I, gate_up);
+                    product(own_normed.data(), H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, nullptr, 2 * I,
+                            gate_up);
                     clock.mark(kPhaseGateUp);
                     silu_mul_team(gate_up, T, I, act);
                     clock.mark(kPhaseSiluMul);
@@ -231,16 +242,22 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
                 clock.mark(kPhaseNorm);
                 const bool tiles = int8_product(kGateUpI8) || (w[kGateUpAmx] && T >= kAmxMinRows);
-                if (!tiles && gated_panels_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act, ts)) {
+                if (int14_product(kGateUpI14) && I % 32 == 0) {  // the activation is in it
+                    avx512::int14_gated_linear_team(normed, T, H,
+                                                    reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[kGateUpI14])),
+                                                    I, act, int14_scratch(H));
+                    clock.mark(kPhaseGateUp);
+                } else if (!tiles && !int14_product(kGateUpI14) &&
+                           gated_panels_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act, ts)) {
                     clock.mark(kPhaseGateUp);  // the activation is in it
                 } else {
-                    product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, nullptr, 2 * I, gate_up);
+                    product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, nullptr, 2 * I, gate_up);
                     clock.mark(kPhaseGateUp);
                     silu_mul_team(gate_up, T, I, act);
                     clock.mark(kPhaseSiluMul);
                 }
             }
-            product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, nullptr, H, x);
+            product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, nullptr, H, x);
             clock.mark(kPhaseDown);
         }
         // small steps: the running sum ends in residual[current]; hand it back in `residual`
