@@ -175,20 +175,26 @@ ATTENTION_ARITH = {"float": 0, "amx": 1, "amx-bf16": 2, "int16": 3}
 INT16_PANEL_PACKS = (WeightFormat.Q8_0, WeightFormat.Q8_0F)
 
 
+def _panel_weight_k(weight: torch.Tensor, fmt: WeightFormat, out_features: int, kind: str) -> int:
+    """K of a stored block weight [N, row_bytes] to be packed into panels, checked; the panels need VNNI."""
+    _check(weight, "weight", torch.uint8)
+    if not int16_panels_available():
+        raise RuntimeError(f"{kind} panels need the kernels and a CPU with AVX-512 VNNI")
+    k = weight.shape[1] // fmt.block_bytes * 32
+    if weight.shape != (out_features, fmt.row_bytes(k)):
+        raise ValueError(f"weight {tuple(weight.shape)} does not hold [{out_features}, {k}] in {fmt.name}")
+    return k
+
+
 def int16_panel_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> torch.Tensor:
     """An 8-bit block weight [N, row_bytes] (Q8_0, Q8_0F) laid out once in the int16 panels' order (uint8:
     per 32 output columns the codes of each pair of inputs side by side, then the blocks' d in float32;
     as many bytes as the stored rows, for whole panels), for `linear(..., packed=)`: products of more
     than 8 rows then widen each panel with one instruction per 16 pairs instead of transposing the
     stored rows' blocks every call. Needs int16_panels_available()."""
-    _check(weight, "weight", torch.uint8)
     if fmt not in INT16_PANEL_PACKS:
         raise ValueError(f"int16 panels are packed from 8-bit block formats, not {fmt.name}")
-    if not int16_panels_available():
-        raise RuntimeError("int16 panels need the kernels and a CPU with AVX-512 VNNI")
-    k = weight.shape[1] // fmt.block_bytes * 32
-    if weight.shape != (out_features, fmt.row_bytes(k)):
-        raise ValueError(f"weight {tuple(weight.shape)} does not hold [{out_features}, {k}] in {fmt.name}")
+    k = _panel_weight_k(weight, fmt, out_features, "int16")
     packed = torch.empty(_ext.int16_panel_bytes(out_features, k), dtype=torch.uint8)
     _ext.int16_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
     return packed
@@ -202,14 +208,9 @@ def int14_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> to
     output feature: max |w| / 8191, to nearest even) and laid out in the int16 panels' order (uint8: per
     32 output columns the codes of each pair of inputs side by side as int16, then the columns' scales
     in float32; 2 bytes a weight), for `int14_linear`. Needs int16_panels_available()."""
-    _check(weight, "weight", torch.uint8)
     if fmt not in INT14_PACKS:
         raise ValueError(f"int14 panels are packed from block formats, not {fmt.name}")
-    if not int16_panels_available():
-        raise RuntimeError("int14 panels need the kernels and a CPU with AVX-512 VNNI")
-    k = weight.shape[1] // fmt.block_bytes * 32
-    if weight.shape != (out_features, fmt.row_bytes(k)):
-        raise ValueError(f"weight {tuple(weight.shape)} does not hold [{out_features}, {k}] in {fmt.name}")
+    k = _panel_weight_k(weight, fmt, out_features, "int14")
     packed = torch.empty(_ext.int14_panel_bytes(out_features, k), dtype=torch.uint8)
     _ext.int14_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
     return packed

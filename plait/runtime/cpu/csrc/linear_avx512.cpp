@@ -301,6 +301,24 @@ void fill_int16_panel(const uint8_t* w, size_t stride, int64_t n0, int rows, int
     }
 }
 
+// The exact code sums of block b for MR rows of x (codes row stride 2 half_k) and a panel's 32 columns
+// (pairs of codes [K / 2][32]): s0 for columns 0-15, s1 for 16-31.
+template <int MR>
+PLAIT_INLINE void block_code_sums(const int16_t* xc, int64_t half_k, int64_t b, const int32_t* pc, __m512i (&s0)[MR],
+                                  __m512i (&s1)[MR]) {
+    for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
+    const pair32* xp = reinterpret_cast<const pair32*>(xc + b * kBlock);
+    const int32_t* bp = pc + b * 16 * kNR;
+    for (int p = 0; p < 16; ++p) {
+        const __m512i w0 = _mm512_load_si512(bp + p * kNR), w1 = _mm512_load_si512(bp + p * kNR + 16);
+        for (int i = 0; i < MR; ++i) {
+            const __m512i a = _mm512_set1_epi32(xp[i * half_k + p]);
+            s0[i] = dpwssd(s0[i], a, w0);
+            s1[i] = dpwssd(s1[i], a, w1);
+        }
+    }
+}
+
 // y[i][0 .. ncols) = sums_in[i] + x[i] . panel columns over blocks b0 .. b1 for MR rows of x (codes row
 // stride K, scales and sums row stride nb): the first slice starts from zero (sums_in unread), the
 // last adds the bias.
@@ -315,17 +333,7 @@ inline void int16_block(const int16_t* xc, const float* xs, const float* xsum, i
     const int64_t half_k = K / 2;
     for (int64_t b = b0; b < b1; ++b) {
         __m512i s0[MR], s1[MR];
-        for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
-        const pair32* xp = reinterpret_cast<const pair32*>(xc + b * kBlock);
-        const int32_t* bp = pc + b * 16 * kNR;
-        for (int p = 0; p < 16; ++p) {
-            const __m512i w0 = _mm512_load_si512(bp + p * kNR), w1 = _mm512_load_si512(bp + p * kNR + 16);
-            for (int i = 0; i < MR; ++i) {
-                const __m512i a = _mm512_set1_epi32(xp[i * half_k + p]);
-                s0[i] = dpwssd(s0[i], a, w0);
-                s1[i] = dpwssd(s1[i], a, w1);
-            }
-        }
+        block_code_sums<MR>(xc, half_k, b, pc, s0, s1);
         const __m512 d0 = _mm512_load_ps(pd + b * kNR), d1 = _mm512_load_ps(pd + b * kNR + 16);
         for (int i = 0; i < MR; ++i) {
             const __m512 sc = _mm512_set1_ps(xs[i * nb + b]);
@@ -385,17 +393,7 @@ inline void int14_block(const int16_t* xc, const float* xs, int64_t K, int64_t n
     const int64_t half_k = K / 2;
     for (int64_t b = b0; b < b1; ++b) {
         __m512i s0[MR], s1[MR];
-        for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
-        const pair32* xp = reinterpret_cast<const pair32*>(xc + b * kBlock);
-        const int32_t* bp = pc + b * 16 * kNR;
-        for (int p = 0; p < 16; ++p) {
-            const __m512i w0 = _mm512_load_si512(bp + p * kNR), w1 = _mm512_load_si512(bp + p * kNR + 16);
-            for (int i = 0; i < MR; ++i) {
-                const __m512i a = _mm512_set1_epi32(xp[i * half_k + p]);
-                s0[i] = dpwssd(s0[i], a, w0);
-                s1[i] = dpwssd(s1[i], a, w1);
-            }
-        }
+        block_code_sums<MR>(xc, half_k, b, pc, s0, s1);
         for (int i = 0; i < MR; ++i) {
             const __m512 sc = _mm512_set1_ps(xs[i * nb + b]);
             c0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[i]), sc, c0[i]);
