@@ -655,8 +655,27 @@ void pack_int14(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
     }
 }
 
-void int14_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
-                int64_t ldy, int16_t* scratch) {
+}  // namespace
+
+size_t int14_panel_bytes(int64_t N, int64_t K) { return size_t((N + kNR - 1) / kNR) * int14_panel_stride(K); }
+
+bool int14_packs(int fmt) {
+    const int base = fmt & ~kProductFlags;
+    return base == kQ8_0 || base == kQ4_0 || base == kQ4_1 || base == kQ8_0F || base == kQ4_1F;
+}
+
+void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out) {
+    switch (fmt & ~kProductFlags) {
+        case kQ8_0: pack_int14<kQ8_0>(w, N, K, out); break;
+        case kQ4_0: pack_int14<kQ4_0>(w, N, K, out); break;
+        case kQ4_1: pack_int14<kQ4_1>(w, N, K, out); break;
+        case kQ8_0F: pack_int14<kQ8_0F>(w, N, K, out); break;
+        case kQ4_1F: pack_int14<kQ4_1F>(w, N, K, out); break;
+    }
+}
+
+void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                       float* y, int64_t ldy, int16_t* scratch) {
     Int16Panels panels(x, M, K, scratch, kInt14Levels);
     static thread_local Buffer kept_buffer;
     float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
@@ -673,8 +692,8 @@ void int14_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int
 
 // The gated form (int16_gated_panel_team's) over a gate/up weight packed whole: with I a multiple of 32,
 // the up rows' panels start at panel I / 32.
-void int14_gated_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
-                      int16_t* scratch) {
+void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                             int16_t* scratch) {
     Int16Panels panels(x, M, K, scratch, kInt14Levels);
     static thread_local Buffer gate_buffer, up_buffer;
     float* const gate = gate_buffer.get(size_t(panels.chunk_rows * kNR));
@@ -699,35 +718,6 @@ void int14_gated_team(const float* x, int64_t M, int64_t K, const uint8_t* packe
             }
         }
     }
-}
-
-}  // namespace
-
-size_t int14_panel_bytes(int64_t N, int64_t K) { return size_t((N + kNR - 1) / kNR) * int14_panel_stride(K); }
-
-bool int14_packs(int fmt) {
-    const int base = fmt & ~kProductFlags;
-    return base == kQ8_0 || base == kQ4_0 || base == kQ4_1 || base == kQ8_0F || base == kQ4_1F;
-}
-
-void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out) {
-    switch (fmt & ~kProductFlags) {
-        case kQ8_0: pack_int14<kQ8_0>(w, N, K, out); break;
-        case kQ4_0: pack_int14<kQ4_0>(w, N, K, out); break;
-        case kQ4_1: pack_int14<kQ4_1>(w, N, K, out); break;
-        case kQ8_0F: pack_int14<kQ8_0F>(w, N, K, out); break;
-        case kQ4_1F: pack_int14<kQ4_1F>(w, N, K, out); break;
-    }
-}
-
-void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
-                       float* y, int64_t ldy, int16_t* scratch) {
-    int14_team(x, M, K, packed, N, bias, y, ldy, scratch);
-}
-
-void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
-                             int16_t* scratch) {
-    int14_gated_team(x, M, K, packed, I, out, scratch);
 }
 
 void panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t N, const float* bias,
