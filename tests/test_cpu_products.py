@@ -187,23 +187,87 @@ def test_packed_int16_panels_give_the_same_products(fmt):
     packed = kernels.int16_panel_pack(data, fmt, n)
     assert packed.numel() == 3 * (32 * k + 32 * (k // 32) * 4)  # three panels: 32 columns' codes, then d
     bias = torch.randn(n)
-    for rows in (1, 8, 9, 40, 400):
+    for rows in (1, 2, 8, 9, 40, 400):
         x = torch.randn(rows, k)
         rows_product = kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16")
-        assert torch.equal(kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16", packed=packed),
-                           rows_product), rows
+        from_panels = kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16", packed=packed)
+        if 2 <= rows <= 8:  # the decode products' rounding with the columns in the lanes: other float sums
+            assert rel_err(from_panels, rows_product) < 1e-6 and not torch.equal(from_panels, rows_product), rows
+        else:
+            assert torch.equal(from_panels, rows_product), rows
     layer = CpuLinear(StoredWeight(data, fmt, n, k))
     layer.stored.decode_dot = layer.stored.panel_dot = "int16"
     x = torch.randn(12, k)
     before = layer(x)
     assert layer.pack_int16_panels() and layer.int16_panels is not None
     assert torch.equal(layer(x), before)
+    x = torch.randn(5, k)  # a decode batch through the layer: the panels, with the decode products' rounding
+    assert torch.equal(layer(x), kernels.linear(x, data, fmt, n, dot="int16", panels="int16", packed=packed))
     q4, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q4_1)
     with pytest.raises(ValueError, match="8-bit"):
         kernels.int16_panel_pack(q4, WeightFormat.Q4_1, n)
     assert not CpuLinear(StoredWeight(q4, WeightFormat.Q4_1, n, k)).pack_int16_panels()
     with pytest.raises(ValueError, match="packed panels"):
         kernels.linear(torch.randn(9, k), data, fmt, n, dot="int16", panels="int16", packed=packed[:-64])
+
+
+@needs_int16_panels
+@pytest.mark.parametrize("fmt", [WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_1F], ids=lambda f: f.name)
+# every row count of a group of 8, and 11 = 8 + 3 (two groups); K of 10 and 18 blocks
+@pytest.mark.parametrize("rows,k", [(1, 320), (3, 576), (8, 576), (11, 320)])
+def test_q4_panel_products_compute_the_int16_decode_rounding(fmt, rows, k):
+    """Decode-sized products on a 4-bit weight laid out once in panels of 16 columns (q4_panel_pack:
+    0.75 bytes a weight): the int16 decode products over the stored rows within float32 rounding, with
+    a bias and a partial panel (50 columns); rounded (not the exact product) but within the int16 steps;
+    a row's result does not depend on its batch; through a CpuLinear products of up to 8 rows take the
+    panels and larger ones do not; 8-bit weights and the wrong sizes are refused."""
+    n = 50
+    torch.manual_seed(rows)
+    if fmt in FLOAT_CONSTANTS:
+        data, ref = float_constant_weight(fmt, n, k, rows)
+    else:
+        data, ref = gguf_weight(torch.randn(n, k), fmt)
+    packed = kernels.q4_panel_pack(data, fmt, n)
+    assert packed.numel() == 4 * (k // 32) * (4 * 64 + 2 * 16 * 4)  # four panels: codes, then d and m a block
+    x, bias = torch.randn(rows, k) * torch.linspace(0.1, 3, k), torch.randn(n)
+    out = kernels.q4_panel_linear(x, packed, n, bias)
+    # the rounding of the int16 decode products and panels over the stored rows (x to int16 codes per block
+    # of 32 in the code sums, its float block sums times the offsets): the same up to the order of float sums
+    assert rel_err(out, kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16")) < 1e-6
+    _, low, high = INTEGER_DOTS["int16"]
+    assert low < rel_err(out, x.double() @ ref.double().T + bias.double()) < high
+    alone = kernels.q4_panel_linear(x[-1:].contiguous(), packed, n, bias)
+    assert torch.equal(alone[0], out[-1])
+    layer = CpuLinear(StoredWeight(data, fmt, n, k), bias)
+    layer.stored.decode_dot = layer.stored.panel_dot = "int16"
+    large = torch.randn(9, k)
+    before = layer(large)
+    assert layer.pack_q4_panels() and layer.q4_panels is not None
+    assert torch.equal(layer(x[:8]), kernels.q4_panel_linear(x[:8].contiguous(), packed, n, bias))
+    assert torch.equal(layer(large), before)
+    q8, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q8_0)
+    with pytest.raises(ValueError, match="4-bit"):
+        kernels.q4_panel_pack(q8, WeightFormat.Q8_0, n)
+    assert not CpuLinear(StoredWeight(q8, WeightFormat.Q8_0, n, k)).pack_q4_panels()
+    with pytest.raises(ValueError, match="packed panels"):
+        kernels.q4_panel_linear(x, packed[:-64], n)
+
+
+@needs_int16_panels
+@pytest.mark.parametrize("rows", [1, 5, 8, 11])
+def test_q4_panel_gated_product_is_the_product_then_silu_mul(rows):
+    """The MLP's gate/up product on the 4-bit panels with its activation (what the decoder stack runs for
+    steps of up to 8 rows): the product then silu_mul, to the bit; an intermediate size the panels do not
+    split evenly is refused."""
+    torch.manual_seed(8)
+    inter, k = 96, 576
+    data, _ = gguf_weight(torch.randn(2 * inter, k), WeightFormat.Q4_1)
+    packed = kernels.q4_panel_pack(data, WeightFormat.Q4_1, 2 * inter)
+    x = torch.randn(rows, k)
+    fused = kernels.q4_panel_gated_linear(x, packed, inter)
+    assert torch.equal(fused, kernels.silu_mul(kernels.q4_panel_linear(x, packed, 2 * inter)))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.q4_panel_gated_linear(x, packed, inter - 8)
 
 
 def _int14_model(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

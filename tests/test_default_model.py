@@ -95,6 +95,12 @@ def test_greedy_tokens_match_transformers_with_default_settings(hf_model):
             assert execution["logits_head_int16_panels_mib"] > 20
         else:
             assert execution["logits_head_int16_panels_mib"] is None
+        # decode-sized steps on the 4-bit weights' panels where VNNI runs (the decode kernels otherwise)
+        if int16:
+            assert execution["decode_products_q4_panels_mib"] > 50 and steps["q4_panel_kernel"] > 0
+            assert "decode_kernel" not in steps
+        else:
+            assert execution["decode_products_q4_panels_mib"] is None and steps["decode_kernel"] > 0
         assert default.runner.kv_dtype == torch.float16
 
 
@@ -162,11 +168,35 @@ def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
             assert id_a == id_b and abs(lp_a - lp_b) < 0.05
 
 
+def test_the_stack_equals_the_layer_by_layer_kernels_on_the_default_model():
+    """The whole-stack step against the same kernels called layer by layer, on the GGUF's 4-bit weights
+    with the default CPU's products (decode-sized ones on the 4-bit panels where VNNI runs) and a float32
+    cache: the same greedy tokens, and top logprobs equal to float32 rounding at every step."""
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    params = {"max_new_tokens": 12, "temperature": 0}
+    runs = []
+    for graph in (True, False):
+        with Engine(device="cpu", dtype="float32", cpu_decode_products="int16", disable_cpu_graph=not graph,
+                    max_total_tokens=2048) as e:
+            assert (e.runner.cpu_stack is not None) == graph
+            q4 = e.runner.execution["decode_products_q4_panels_mib"]
+            assert (q4 is not None) == kernels.q4_panels_available()
+            runs.append(e.generate(PROMPTS, params, return_logprob=True, top_logprobs_num=3))
+    for stack, eager in zip(*runs):
+        assert stack["output_ids"] == eager["output_ids"]
+        for top_s, top_e in zip(stack["meta_info"]["output_top_logprobs"], eager["meta_info"]["output_top_logprobs"]):
+            assert [t[1] for t in top_s] == [t[1] for t in top_e]
+            assert max(abs(a[0] - b[0]) for a, b in zip(top_s, top_e)) < 1e-4
+
+
 def test_greedy_tokens_match_transformers_after_a_long_prompt(hf_model):
     """A prompt of a few hundred tokens, prefilled in one step on AMX tiles where the CPU has them (else
     in int16 on AVX-512 VNNI, else float32 panels), then 32 greedy tokens with a float32 KV cache: those
     of transformers; and where VNNI runs, with the default CPU's arithmetic too (the weights rounded to
-    int14 and attention on integer codes). With
+    int14 and attention on integer codes, the decode products on int16-rounded activations). With
     the default settings (float16 KV cache), AMX prefill gives the same tokens as float32 panels. (This prompt's answer with a float16 cache differs from transformers' at its fourth
     token whichever the products: a near tie that the cache decides, and the int16 products decide it
     the other way, so it is not compared for them.)"""
@@ -180,9 +210,13 @@ def test_greedy_tokens_match_transformers_after_a_long_prompt(hf_model):
     # (products, attention): AMX products take AMX attention
     paths = [(prefill, "float")] + ([("int14", "int16")] if kernels.int16_attention_available(64) else [])
     for products, arith in paths:
+        # with the default CPU's arithmetic, the decode steps' int16 products too (on the 4-bit panels)
+        decode = "int16" if products == "int14" else "auto"
         with Engine(device="cpu", dtype="float32", cpu_prefill_products=products, cpu_prefill_attention=arith,
-                    max_total_tokens=8192) as exact:
+                    cpu_decode_products=decode, max_total_tokens=8192) as exact:
             assert exact.runner.execution["prefill_products"] == products
+            if decode == "int16":
+                assert exact.runner.execution["decode_products_q4_panels_mib"] > 50
             assert exact.runner.execution["prefill_attention"] == ("amx" if products == "amx" else arith)
             ids = exact.tokenizer.encode(prompt)
             assert len(ids) > 300

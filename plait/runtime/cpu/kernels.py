@@ -252,6 +252,65 @@ def int14_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int)
     return out
 
 
+Q4_PANEL_PACKS = (WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_1F)
+
+
+def q4_panels_available() -> bool:
+    """Whether decode-sized products of 4-bit weights run on their panels (`q4_panel_linear`): where the
+    int16 panels run (AVX-512 VNNI); `PLAIT_DISABLE_CPU_Q4_PANELS=1` turns them off alone (the decode
+    kernels then read the stored rows, with the same rounding)."""
+    return int16_panels_available() and os.environ.get("PLAIT_DISABLE_CPU_Q4_PANELS", "") in ("", "0")
+
+
+def q4_panel_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> torch.Tensor:
+    """A 4-bit block weight [N, row_bytes] (Q4_PANEL_PACKS) laid out once in panels of 16 output columns
+    (uint8: per panel and block of 32 inputs, the 16 columns' codes as 4 x 16 words of 8 nibbles, each
+    word 4 pairs of inputs, then the columns' d and m in float32; 0.75 bytes a weight, as the stored
+    rows with float constants), for `q4_panel_linear`. Needs int16_panels_available()."""
+    if fmt not in Q4_PANEL_PACKS:
+        raise ValueError(f"4-bit panels are packed from 4-bit block formats, not {fmt.name}")
+    k = _panel_weight_k(weight, fmt, out_features, "4-bit")
+    packed = torch.empty(_ext.q4_panel_bytes(out_features, k), dtype=torch.uint8)
+    _ext.q4_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
+    return packed
+
+
+def _q4_panel_args(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> tuple[int, int]:
+    _check(x, "x", torch.float32)
+    _check(packed, "packed", torch.uint8)
+    if not int16_panels_available():
+        raise RuntimeError("4-bit panels need the kernels and a CPU with AVX-512 VNNI")
+    m, k = x.shape
+    if k % 32 or packed.numel() != _ext.q4_panel_bytes(out_features, k):
+        raise ValueError(f"packed panels of {packed.numel()} bytes are not those of [{out_features}, {k}]")
+    return m, k
+
+
+def q4_panel_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 times a `q4_panel_pack`ed weight [N, K] transposed (+ bias): [M, N] float32, with
+    x rounded as the int16 decode products round it (int16 codes per block of 32) and exact integer
+    block sums on AVX-512 VNNI: the decode products' arithmetic, for decode-sized M."""
+    m, k = _q4_panel_args(x, packed, out_features)
+    if bias is not None:
+        _check(bias, "bias", torch.float32)
+    out = _product_out(out, m, out_features)
+    _ext.q4_panel_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
+                         out.data_ptr(), out_features, _threads())
+    return out
+
+
+def q4_panel_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) [M, I] for a gate/up weight [2I, K] (gate rows first) `q4_panel_pack`ed
+    whole, I a multiple of 16: the bits of `q4_panel_linear` then `silu_mul`."""
+    if intermediate % 16:
+        raise ValueError(f"the gated 4-bit panels need the intermediate size a multiple of 16, not {intermediate}")
+    m, k = _q4_panel_args(x, packed, 2 * intermediate)
+    out = torch.empty((m, intermediate), dtype=torch.float32)
+    _ext.q4_panel_gated_linear(x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(), _threads())
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, fmt: WeightFormat, out_features: int,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *, dot: str = "float",
            panels: str = "float", packed: torch.Tensor | None = None) -> torch.Tensor:

@@ -125,6 +125,9 @@ class CpuLinear(nn.Module):
         # The weight rounded to 14 bits per row in the panels' order (`pack_int14`): products of more
         # than `DECODE_ROWS` rows run on it.
         self.int14: torch.Tensor | None = None
+        # A 4-bit weight's codes laid out in panels of 16 output columns (`pack_q4_panels`): products of up
+        # to `DECODE_ROWS` rows run on it instead of the decode kernels over the stored rows.
+        self.q4_panels: torch.Tensor | None = None
 
     def pack_int14(self) -> bool:
         """Round a block weight to 14-bit codes per row and lay it out for the int14 products
@@ -132,6 +135,14 @@ class CpuLinear(nn.Module):
         if self.stored.fmt not in kernels.INT14_PACKS:
             return False
         self.int14 = kernels.int14_pack(self.stored.data, self.stored.fmt, self.out_features)
+        return True
+
+    def pack_q4_panels(self) -> bool:
+        """Lay a 4-bit block weight out in panels of 16 output columns (kernels.q4_panel_pack: 0.75 bytes
+        a weight), beside the stored one, for the decode-sized products; False for other formats."""
+        if self.stored.fmt not in kernels.Q4_PANEL_PACKS:
+            return False
+        self.q4_panels = kernels.q4_panel_pack(self.stored.data, self.stored.fmt, self.out_features)
         return True
 
     def pack_amx_int8(self) -> bool:
@@ -162,6 +173,9 @@ class CpuLinear(nn.Module):
             flat = flat.contiguous()
         if self.amx_int8 is not None and AMX_INT8_ROWS[0] <= flat.shape[0] <= AMX_INT8_ROWS[1]:
             return kernels.amx_int8_linear(flat, self.amx_int8, self.out_features, self.bias).view(
+                *x.shape[:-1], self.out_features)
+        if self.q4_panels is not None and flat.shape[0] <= DECODE_ROWS:
+            return kernels.q4_panel_linear(flat, self.q4_panels, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
         if self.int14 is not None and flat.shape[0] > DECODE_ROWS:
             return kernels.int14_linear(flat, self.int14, self.out_features, self.bias).view(

@@ -71,6 +71,8 @@ class CpuDecoderStack:
                 "down_i8": mlp.down_proj.amx_int8,
                 "qkv_i14": attn.qkv_proj.int14, "o_i14": attn.o_proj.int14, "gate_up_i14": mlp.gate_up_proj.int14,
                 "down_i14": mlp.down_proj.int14,
+                "qkv_q4": attn.qkv_proj.q4_panels, "o_q4": attn.o_proj.q4_panels,
+                "gate_up_q4": mlp.gate_up_proj.q4_panels, "down_q4": mlp.down_proj.q4_panels,
             }
             for name, value in row.items():
                 if isinstance(value, int):
@@ -86,7 +88,8 @@ class CpuDecoderStack:
         self.amx_exact = int(amx and kernels.amx_exact(attn.qkv_proj.amx, attn.qkv_proj.out_features, attn.qkv_proj.in_features))
         self._large_step = ("amx_kernel" if amx else "int14_kernel" if attn.qkv_proj.int14 is not None
                             else "panel_kernel")
-        self.steps = {"decode_kernel": 0, self._large_step: 0}
+        self._small_step = "q4_panel_kernel" if attn.qkv_proj.q4_panels is not None else "decode_kernel"
+        self.steps = {self._small_step: 0, self._large_step: 0}
         # decode-sized steps on the layers' AMX int8 packing (rows AMX_INT8_ROWS), where they have one
         self.int8_rows = AMX_INT8_ROWS if attn.qkv_proj.amx_int8 is not None else (0, -1)
         if attn.qkv_proj.amx_int8 is not None:
@@ -124,7 +127,7 @@ class CpuDecoderStack:
         if self.int8_rows[0] <= num_tokens <= self.int8_rows[1]:
             self.steps["amx_int8_kernel"] += 1
         else:
-            self.steps["decode_kernel" if num_tokens <= DECODE_KERNEL_MAX_ROWS else self._large_step] += 1
+            self.steps[self._small_step if num_tokens <= DECODE_KERNEL_MAX_ROWS else self._large_step] += 1
         x = self.embed(batch.input_ids)  # [T, H]
         residual = torch.empty_like(x)
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim

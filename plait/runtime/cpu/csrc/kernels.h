@@ -108,6 +108,13 @@ void int14_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, i
 void int14_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
                         int nthreads);
 
+// y = x w^T (+ bias) on a 4-bit weight's panels (avx512::q4_panel_pack; see q4_panel_linear_team).
+void q4_panel_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
+                     int64_t ldy, int nthreads);
+// out [M, I] = silu(x gate^T) * (x up^T) on a gate/up weight's 4-bit panels (I % 16 == 0).
+void q4_panel_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                           int nthreads);
+
 // out [M, I] = silu(x gate^T) * (x up^T) for a weight [2I, K] of gate rows then up rows: what a decoder
 // stack's MLP computes (the fused forms where they run, else the product then silu_mul).
 void gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out, int nthreads);
@@ -193,6 +200,20 @@ void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* pack
                        float* y, int64_t ldy, int16_t* scratch);
 void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
                              int16_t* scratch);
+// Decode-sized products on a 4-bit weight (q4_panel_packs(fmt)) laid out once in panels of 16 output
+// columns (q4_panel_pack; q4_panel_bytes(N, K) bytes, as many as the stored rows with float constants):
+// x rounded as the decode kernels round it, exact integer block sums with the columns in the lanes. Any
+// M (8 rows at a time); the gated form needs I % 16 == 0 (the up rows' panels start at panel I / 16).
+bool q4_panel_packs(int fmt);
+size_t q4_panel_bytes(int64_t N, int64_t K);
+void q4_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out);
+void q4_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                          float* y, int64_t ldy);
+void q4_panel_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out);
+// The same decode-sized products (any M, 8 rows at a time) on an 8-bit weight's int16 panels
+// (int16_panel_pack): the LM head of a decode batch.
+void q8_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                          float* y, int64_t ldy);
 // A decode attention task (attention_avx2.cpp's blocks_direct): R <= 3 query rows for each of nh KV heads
 // from `head`, keys [k0, end) listed in slots (the sequence's), read in place, a segment at a time;
 // q [nh][R][D] (scaled), running o [nh][R][D], mx and l [nh][R]; seg_scores [nh][R][256].

@@ -514,7 +514,7 @@ void linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt
 }
 
 void gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int64_t I, float* out) {
-    if (M <= kGemvMaxRows && avx512::decode_enabled() && avx512::decode_takes(fmt)) {
+    if (M >= 2 && M <= kGemvMaxRows && avx512::decode_enabled() && avx512::decode_takes(fmt)) {
         avx512::decode_gated_linear_team(x, M, K, w, fmt, I, out);
         return;
     }
@@ -565,6 +565,13 @@ void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int fmt, int
 
 void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint8_t* packed, int fmt, int64_t N,
                    const float* bias, float* y, int64_t ldy, int nthreads) {
+    if (M >= 2 && M <= kGemvMaxRows && avx512::decode_enabled() && avx512::decode_takes(fmt) && avx512::int16_panel_packs(fmt)) {
+        // the int16 decode products' rounding, with the panels' columns in the lanes (a single row reads
+        // the rows faster: 1.16 against 1.36 ms for a 49,152 x 576 Q8_0 head on a 2-core Zen 4)
+#pragma omp parallel num_threads(nthreads)
+        avx512::q8_panel_linear_team(x, M, K, packed, N, bias, y, ldy);
+        return;
+    }
     if (M <= kGemvMaxRows || !avx512::decode_enabled() || !avx512::int16_panels_take(fmt) ||
         !avx512::int16_panel_packs(fmt)) {
         linear(x, M, K, w, fmt, N, bias, y, ldy, nthreads);
@@ -590,6 +597,18 @@ void int14_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* pac
     ts.x16.resize(avx512::int16_panel_scratch(M, K));
 #pragma omp parallel num_threads(nthreads)
     avx512::int14_gated_linear_team(x, M, K, packed, I, out, ts.x16.data());
+}
+
+void q4_panel_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
+                     int64_t ldy, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    avx512::q4_panel_linear_team(x, M, K, packed, N, bias, y, ldy);
+}
+
+void q4_panel_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
+                           int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    avx512::q4_panel_gated_linear_team(x, M, K, packed, I, out);
 }
 
 void embedding(const int64_t* ids, int64_t n, const uint8_t* w, int fmt, int64_t K, float* out, int nthreads) {

@@ -32,6 +32,7 @@ namespace {
 using avx2::dequant_row;
 using avx512_helpers::tail_masks;
 using avx512_helpers::dpwssd;
+using avx512_helpers::dpwssd_broadcast;
 using avx512_helpers::transpose16;
 
 constexpr int kNR = 32;  // output columns (weight rows) per panel: two 16-float vectors
@@ -997,6 +998,280 @@ void decode_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_
         case kQ4_1: decode_gated_team<kQ4_1>(x, M, K, w, I, out); break;
         case kQ8_0F: decode_gated_team<kQ8_0F>(x, M, K, w, I, out); break;
         case kQ4_1F: decode_gated_team<kQ4_1F>(x, M, K, w, I, out); break;
+    }
+}
+
+
+// ---- Decode-sized products on 4-bit weights laid out once in panels ----
+//
+// The decode kernels above take one weight row at a time across its inputs (lanes = inputs), so every
+// row of x pays, per two blocks, a scale multiply, a conversion, an FMA and a lane sum at the end: for
+// 8 rows about three float operations per two VPDPWSSD, four times the products' own time on a 2-core
+// Zen 4 (gate/up, 8 rows: 0.21 ms with the weights in cache, ~0.06 of VPDPWSSD). Here the lanes are
+// output columns, as in the panels: the 4-bit codes of 16 columns are laid out once at load
+// (q4_panel_pack, as many bytes as the stored rows with float constants) so that one 512-bit load and
+// a shift and a mask give a pair of inputs for all 16 columns, shared by every row of x; each row's
+// pair of x codes is a broadcast operand of its VPDPWSSD. The block's scaling (d times x's block scale,
+// and m times x's block sum) is then a few vector operations per 16 VPDPWSSD for each row.
+//
+// x is rounded exactly as the decode kernels round it (int16 codes per block of 32, quantize_row), and
+// the integer block sums are exact, so the products differ from theirs only in the order of float sums.
+namespace {
+
+constexpr int kQ4Cols = 16;                                                  // columns per panel
+constexpr int64_t kQ4BlockBytes = 4 * 64 + 2 * kQ4Cols * int64_t(sizeof(float));  // codes, d, m
+
+#ifndef PLAIT_Q4_AHEAD
+#define PLAIT_Q4_AHEAD 1
+#endif
+constexpr int64_t kQ4Ahead = PLAIT_Q4_AHEAD;
+inline size_t q4_panel_stride(int64_t K);
+
+// Per row and block: r0 .. r0 + MR of x's codes (row stride K), their block scales and sums (stride nb).
+template <int MR>
+PLAIT_INLINE void q4_panel_sums(const int16_t* xc, const float* xs, const float* xsum, int64_t K, int64_t nb,
+                                const uint8_t* panel, int64_t ahead, __m512 (&c)[MR]) {
+    const __m512i mask = _mm512_set1_epi32(0x000F000F);
+    for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
+    const int64_t half_k = K / 2;
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = panel + b * kQ4BlockBytes;
+        if (ahead)
+            for (int line = 0; line < kQ4BlockBytes / 64; ++line)
+                _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + 64 * line, _MM_HINT_T0);
+        const int32_t* xp = reinterpret_cast<const pair32*>(xc) + b * (kBlock / 2);
+        __m512i s[MR];
+        for (int i = 0; i < MR; ++i) s[i] = _mm512_setzero_si512();
+        for (int g = 0; g < 4; ++g) {
+            const __m512i v = _mm512_load_si512(blk + 64 * g);
+            for (int sh = 0; sh < 4; ++sh) {
+                const __m512i wv = _mm512_and_si512(sh == 0 ? v : _mm512_srli_epi32(v, 4 * sh), mask);
+                const int p = 4 * g + sh;  // the pair of inputs 2p, 2p + 1 of the block
+                for (int i = 0; i < MR; ++i) s[i] = dpwssd_broadcast(s[i], wv, xp + i * half_k + p);
+            }
+        }
+        const __m512 d = _mm512_load_ps(reinterpret_cast<const float*>(blk + 256));
+        const __m512 m = _mm512_load_ps(reinterpret_cast<const float*>(blk + 256 + 64));
+        for (int i = 0; i < MR; ++i) {
+            c[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_mul_ps(d, _mm512_set1_ps(xs[i * nb + b])), c[i]);
+            c[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[i * nb + b]), c[i]);
+        }
+    }
+}
+
+template <int MR>
+PLAIT_INLINE void q4_panel_store(const __m512 (&c)[MR], const float* bias, float* y, int64_t ldy, __mmask16 live) {
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(live, bias) : _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + i * ldy, live, _mm512_add_ps(c[i], bv));
+}
+
+// x's rows as the panels take them, in a buffer of the calling thread: every thread rounds the few rows
+// itself (as the decode kernels do), so that no barrier separates the rounding from the products.
+struct Q4Rows {
+    const int16_t* codes;
+    const float *scales, *sums;
+};
+
+inline Q4Rows q4_rows(const float* x, int64_t M, int64_t K) {
+    static thread_local Buffer codes_buffer, const_buffer;
+    const int64_t nb = K / kBlock;
+    int16_t* codes = reinterpret_cast<int16_t*>(codes_buffer.get(size_t(M * K + 1) / 2));
+    float* scales = const_buffer.get(size_t(2 * M * nb));
+    for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, codes + r * K, scales + r * nb, scales + (M + r) * nb);
+    return {codes, scales, scales + M * nb};
+}
+
+template <int MR>
+void q4_panel_columns(const Q4Rows& xq, int64_t r0, int64_t K, const uint8_t* panel, const float* bias, float* y,
+                      int64_t ldy, __mmask16 live) {
+    const int64_t nb = K / kBlock;
+    __m512 c[MR];
+    const int64_t ahead = r0 == 0 ? kQ4Ahead * int64_t(q4_panel_stride(K)) : 0;  // the next panels into L1
+    q4_panel_sums<MR>(xq.codes + r0 * K, xq.scales + r0 * nb, xq.sums + r0 * nb, K, nb, panel, ahead, c);
+    q4_panel_store<MR>(c, bias, y, ldy, live);
+}
+
+// Rows r0 .. r0 + rows (rows <= 8) of x times one panel: 16 columns of y's rows 0 .. rows.
+inline void q4_panel_rows(const Q4Rows& xq, int64_t r0, int64_t rows, int64_t K, const uint8_t* panel,
+                          const float* bias, float* y, int64_t ldy, __mmask16 live) {
+    switch (rows) {
+        case 1: q4_panel_columns<1>(xq, r0, K, panel, bias, y, ldy, live); break;
+        case 2: q4_panel_columns<2>(xq, r0, K, panel, bias, y, ldy, live); break;
+        case 3: q4_panel_columns<3>(xq, r0, K, panel, bias, y, ldy, live); break;
+        case 4: q4_panel_columns<4>(xq, r0, K, panel, bias, y, ldy, live); break;
+        case 5: q4_panel_columns<5>(xq, r0, K, panel, bias, y, ldy, live); break;
+        case 6: q4_panel_columns<6>(xq, r0, K, panel, bias, y, ldy, live); break;
+        case 7: q4_panel_columns<7>(xq, r0, K, panel, bias, y, ldy, live); break;
+        default: q4_panel_columns<8>(xq, r0, K, panel, bias, y, ldy, live); break;
+    }
+}
+
+inline size_t q4_panel_stride(int64_t K) { return size_t(K / kBlock * kQ4BlockBytes); }
+
+#ifndef PLAIT_Q8_AHEAD
+#define PLAIT_Q8_AHEAD 2
+#endif
+constexpr int64_t kQ8Ahead = PLAIT_Q8_AHEAD;
+
+// The same products on an 8-bit weight's int16 panels as int16_panel_pack lays them out (per 32 columns
+// and pair of inputs 32 x 2 codes, then the blocks' d): half `half` of a panel's columns, whose pair of
+// inputs widens to a VPDPWSSD operand in one instruction.
+template <int MR>
+PLAIT_INLINE void q8_panel_sums(const int16_t* xc, const float* xs, int64_t K, int64_t nb, const uint8_t* panel,
+                                int half, int64_t ahead, __m512 (&c)[MR]) {
+    for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
+    const int64_t half_k = K / 2;
+    const uint8_t* codes = panel + 32 * half;
+    const float* d_p = reinterpret_cast<const float*>(panel + K * kNR) + 16 * half;
+    for (int64_t b = 0; b < nb; ++b) {
+        const int32_t* xp = reinterpret_cast<const pair32*>(xc) + b * (kBlock / 2);
+        __m512i s[MR];
+        for (int i = 0; i < MR; ++i) s[i] = _mm512_setzero_si512();
+        for (int p = 0; p < kBlock / 2; ++p) {
+            if (ahead) _mm_prefetch(reinterpret_cast<const char*>(panel) + (b * (kBlock / 2) + p) * 2 * kNR + ahead, _MM_HINT_T0);
+            const __m512i wv = _mm512_cvtepi8_epi16(
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + (b * (kBlock / 2) + p) * 2 * kNR)));
+            for (int i = 0; i < MR; ++i) s[i] = dpwssd_broadcast(s[i], wv, xp + i * half_k + p);
+        }
+        const __m512 d = _mm512_load_ps(d_p + b * kNR);
+        for (int i = 0; i < MR; ++i)
+            c[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_mul_ps(d, _mm512_set1_ps(xs[i * nb + b])), c[i]);
+    }
+}
+
+template <int MR>
+void q8_panel_columns(const Q4Rows& xq, int64_t r0, int64_t K, const uint8_t* panel, int half, const float* bias,
+                      float* y, int64_t ldy, __mmask16 live) {
+    const int64_t nb = K / kBlock;
+    __m512 c[MR];
+    // the first pass over the panel reads the panel kQ8Ahead on into L1 (its blocks' d ride along: they are
+    // a sixteenth of the codes' lines)
+    const int64_t ahead = half == 0 && r0 == 0 ? kQ8Ahead * int64_t(panel_stride(K)) : 0;
+    q8_panel_sums<MR>(xq.codes + r0 * K, xq.scales + r0 * nb, K, nb, panel, half, ahead, c);
+    q4_panel_store<MR>(c, bias, y, ldy, live);
+}
+
+inline void q8_panel_rows(const Q4Rows& xq, int64_t r0, int64_t rows, int64_t K, const uint8_t* panel, int half,
+                          const float* bias, float* y, int64_t ldy, __mmask16 live) {
+    switch (rows) {
+        case 1: q8_panel_columns<1>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        case 2: q8_panel_columns<2>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        case 3: q8_panel_columns<3>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        case 4: q8_panel_columns<4>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        case 5: q8_panel_columns<5>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        case 6: q8_panel_columns<6>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        case 7: q8_panel_columns<7>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+        default: q8_panel_columns<8>(xq, r0, K, panel, half, bias, y, ldy, live); break;
+    }
+}
+
+inline int64_t q4_chunk(int64_t panels) {
+    return std::max<int64_t>(1, std::min<int64_t>(16, panels / (4 * omp_get_num_threads())));
+}
+
+template <int FMT>
+void pack_q4_panels(const uint8_t* w, int64_t N, int64_t K, uint8_t* out) {
+    const size_t stride = row_bytes(FMT, K), ps = q4_panel_stride(K);
+    const int64_t nb = K / kBlock;
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int64_t p = 0; p < (N + kQ4Cols - 1) / kQ4Cols; ++p) {
+        for (int64_t b = 0; b < nb; ++b) {
+            uint8_t* blk = out + p * ps + b * kQ4BlockBytes;
+            uint32_t* words = reinterpret_cast<uint32_t*>(blk);
+            float* d = reinterpret_cast<float*>(blk + 256);
+            float* m = d + kQ4Cols;
+            for (int j = 0; j < kQ4Cols; ++j) {
+                const int64_t n = p * kQ4Cols + j;
+                if (n >= N) {
+                    for (int g = 0; g < 4; ++g) words[g * kQ4Cols + j] = 0;
+                    d[j] = m[j] = 0.0f;
+                    continue;
+                }
+                const uint8_t* q = avx2::block_head<FMT>(w + n * stride, b, d[j], m[j]);
+                auto code = [&](int k) { return uint32_t(k < 16 ? q[k] & 0x0F : q[k - 16] >> 4); };
+                for (int g = 0; g < 4; ++g) {
+                    uint32_t word = 0;
+                    for (int sh = 0; sh < 4; ++sh) {
+                        const int k = 2 * (4 * g + sh);
+                        word |= code(k) << (4 * sh) | code(k + 1) << (16 + 4 * sh);
+                    }
+                    words[g * kQ4Cols + j] = word;
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+bool q4_panel_packs(int fmt) {
+    const int base = fmt & ~kProductFlags;
+    return base == kQ4_0 || base == kQ4_1 || base == kQ4_1F;
+}
+
+size_t q4_panel_bytes(int64_t N, int64_t K) { return size_t((N + kQ4Cols - 1) / kQ4Cols) * q4_panel_stride(K); }
+
+void q4_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out) {
+    switch (fmt & ~kProductFlags) {
+        case kQ4_0: pack_q4_panels<kQ4_0>(w, N, K, out); break;
+        case kQ4_1: pack_q4_panels<kQ4_1>(w, N, K, out); break;
+        case kQ4_1F: pack_q4_panels<kQ4_1F>(w, N, K, out); break;
+    }
+}
+
+void q4_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                          float* y, int64_t ldy) {
+    const Q4Rows xq = q4_rows(x, M, K);
+    const int64_t panels = (N + kQ4Cols - 1) / kQ4Cols;
+    const size_t ps = q4_panel_stride(K);
+#pragma omp for schedule(dynamic, q4_chunk(panels))
+    for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n0 = p * kQ4Cols;
+        const __mmask16 live = N - n0 >= kQ4Cols ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+        for (int64_t r0 = 0; r0 < M; r0 += kDecodeRows)
+            q4_panel_rows(xq, r0, std::min<int64_t>(kDecodeRows, M - r0), K, packed + p * ps,
+                          bias ? bias + n0 : nullptr, y + r0 * ldy + n0, ldy, live);
+    }
+}
+
+void q8_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
+                          float* y, int64_t ldy) {
+    const Q4Rows xq = q4_rows(x, M, K);
+    const int64_t panels = (N + kNR - 1) / kNR;
+    const size_t ps = panel_stride(K);
+#pragma omp for schedule(dynamic, q4_chunk(panels))
+    for (int64_t p = 0; p < panels; ++p)
+        for (int half = 0; half < 2; ++half) {
+            const int64_t n0 = p * kNR + 16 * half;
+            if (n0 >= N) break;
+            const __mmask16 live = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+            for (int64_t r0 = 0; r0 < M; r0 += kDecodeRows)
+                q8_panel_rows(xq, r0, std::min<int64_t>(kDecodeRows, M - r0), K, packed + p * ps, half,
+                              bias ? bias + n0 : nullptr, y + r0 * ldy + n0, ldy, live);
+        }
+}
+
+void q4_panel_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out) {
+    const Q4Rows xq = q4_rows(x, M, K);
+    const int64_t panels = I / kQ4Cols;
+    const size_t ps = q4_panel_stride(K);
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+#pragma omp for schedule(dynamic, q4_chunk(panels))
+    for (int64_t p = 0; p < panels; ++p) {
+        alignas(64) float gate[kDecodeRows * kQ4Cols], up[kDecodeRows * kQ4Cols];
+        for (int64_t r0 = 0; r0 < M; r0 += kDecodeRows) {
+            const int64_t rows = std::min<int64_t>(kDecodeRows, M - r0);
+            q4_panel_rows(xq, r0, rows, K, packed + p * ps, nullptr, gate, kQ4Cols, 0xFFFF);
+            q4_panel_rows(xq, r0, rows, K, packed + (panels + p) * ps, nullptr, up, kQ4Cols, 0xFFFF);
+            for (int64_t r = 0; r < rows; ++r)
+                for (int h = 0; h < 2; ++h) {
+                    const __m256 gv = _mm256_load_ps(gate + r * kQ4Cols + 8 * h);
+                    const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, neg));
+                    _mm256_storeu_ps(out + (r0 + r) * I + p * kQ4Cols + 8 * h,
+                                     _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                                   _mm256_load_ps(up + r * kQ4Cols + 8 * h)));
+                }
+        }
     }
 }
 

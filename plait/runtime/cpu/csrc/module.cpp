@@ -165,6 +165,60 @@ PyObject* py_int14_gated_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
     Py_END_ALLOW_THREADS return done();
 }
 
+// q4_panel_bytes(N, K): the bytes q4_panel_pack writes for a weight [N, K]
+PyObject* py_q4_panel_bytes(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("q4_panel_bytes", n, 2)) return nullptr;
+    auto N = i64(a[0]), K = i64(a[1]);
+    if (PyErr_Occurred()) return nullptr;
+    return PyLong_FromSize_t(plait::avx512::q4_panel_bytes(N, K));
+}
+
+// q4_panel_pack(w, fmt, N, K, out); only where vnni() is True and q4_panel_packs(fmt)
+PyObject* py_q4_panel_pack(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("q4_panel_pack", n, 5)) return nullptr;
+    auto w = ptr<const uint8_t>(a[0]);
+    int fmt = int(i64(a[1]));
+    auto N = i64(a[2]), K = i64(a[3]);
+    auto out = ptr<uint8_t>(a[4]);
+    if (PyErr_Occurred()) return nullptr;
+    if (!plait::avx512::q4_panel_packs(fmt)) {
+        PyErr_SetString(PyExc_ValueError, "4-bit panels are packed from 4-bit block formats");
+        return nullptr;
+    }
+    Py_BEGIN_ALLOW_THREADS plait::avx512::q4_panel_pack(w, fmt, N, K, out);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// q4_panel_linear(x, M, K, packed, N, bias, y, ldy, nthreads); only where vnni() is True
+PyObject* py_q4_panel_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("q4_panel_linear", n, 9)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto packed = ptr<const uint8_t>(a[3]);
+    auto N = i64(a[4]);
+    auto bias = ptr<const float>(a[5]);
+    auto y = ptr<float>(a[6]);
+    auto ldy = i64(a[7]);
+    int nthreads = int(i64(a[8]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::q4_panel_linear(x, M, K, packed, N, bias, y, ldy, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
+// q4_panel_gated_linear(x, M, K, packed, I, out, nthreads); only where vnni() is True, I % 16 == 0
+PyObject* py_q4_panel_gated_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    if (!check_args("q4_panel_gated_linear", n, 7)) return nullptr;
+    auto x = ptr<const float>(a[0]);
+    auto M = i64(a[1]), K = i64(a[2]);
+    auto packed = ptr<const uint8_t>(a[3]);
+    auto I = i64(a[4]);
+    auto out = ptr<float>(a[5]);
+    int nthreads = int(i64(a[6]));
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS plait::avx2::q4_panel_gated_linear(x, M, K, packed, I, out, nthreads);
+    Py_END_ALLOW_THREADS return done();
+}
+
 // linear_packed(x, M, K, w, packed, fmt, N, bias, y, ldy, nthreads)
 PyObject* py_linear_packed(PyObject*, PyObject* const* a, Py_ssize_t n) {
     if (!check_args("linear_packed", n, 11)) return nullptr;
@@ -442,6 +496,14 @@ PyMethodDef methods[] = {
     {"int14_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_int14_linear)), METH_FASTCALL,
      nullptr},
     {"int14_gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_int14_gated_linear)),
+     METH_FASTCALL, nullptr},
+    {"q4_panel_bytes", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_q4_panel_bytes)), METH_FASTCALL,
+     nullptr},
+    {"q4_panel_pack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_q4_panel_pack)), METH_FASTCALL,
+     nullptr},
+    {"q4_panel_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_q4_panel_linear)), METH_FASTCALL,
+     nullptr},
+    {"q4_panel_gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_q4_panel_gated_linear)),
      METH_FASTCALL, nullptr},
     {"gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_gated_linear)), METH_FASTCALL,
      nullptr},

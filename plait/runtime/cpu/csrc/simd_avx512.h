@@ -16,6 +16,13 @@ static inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
     return acc;
 }
 
+// acc + the pairwise int16 products of a and the pair of int16 at p broadcast to every lane (VPDPWSSD
+// with an embedded broadcast: the load is part of the instruction).
+static inline __m512i dpwssd_broadcast(__m512i acc, __m512i a, const int32_t* p) {
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*p));
+    return acc;
+}
+
 // Transposes 16 vectors of 16 floats in place (r[i][j] -> r[j][i]).
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];

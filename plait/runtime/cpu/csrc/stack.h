@@ -38,7 +38,10 @@ namespace plait {
     X(kQkvI8) X(kOI8) X(kGateUpI8) X(kDownI8)                                                        \
     /* ... and rounded to 14 bits per row in the int16 panels' order, for steps of more than 8 rows */ \
     /* (0: none; int14_panel_pack in linear_avx512.cpp) */                                           \
-    X(kQkvI14) X(kOI14) X(kGateUpI14) X(kDownI14)
+    X(kQkvI14) X(kOI14) X(kGateUpI14) X(kDownI14)                                                   \
+    /* ... and their 4-bit codes in panels of 16 columns, for steps of up to 8 rows */               \
+    /* (0: none; q4_panel_pack in linear_avx512.cpp) */                                              \
+    X(kQkvQ4) X(kOQ4) X(kGateUpQ4) X(kDownQ4)
 
 #define PLAIT_ENUM_ENTRY(name) name,
 enum StackField : int { PLAIT_STACK_FIELDS(PLAIT_ENUM_ENTRY) kNumStackFields };

@@ -160,14 +160,18 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 ts.x16.resize(avx512::int16_panel_scratch(T, K));
                 return ts.x16.data();
             };
-            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, int i14f, const float* bias,
-                               int64_t N, float* y) {
+            // steps of up to the decode kernels' rows on the 4-bit panels, where the layer has them
+            auto q4_product = [&](int q4f) { return w[q4f] != 0 && T <= kSmallStepRows; };
+            auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, int i14f, int q4f,
+                               const float* bias, int64_t N, float* y) {
                 if (int14_product(i14f))
                     avx512::int14_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i14f])),
                                               N, bias, y, N, int14_scratch(K));
                 else if (int8_product(i8f))
                     amx::int8_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i8f])), N,
                                           bias, y, N, ts);
+                else if (q4_product(q4f))
+                    avx512::q4_panel_linear_team(in, T, K, wptr(q4f), N, bias, y, N);
                 else if (w[af] && T >= kAmxMinRows)
                     amx::linear_team(in, T, K, reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[af])), N,
                                      bias, y, N, ts, a[kAmxExact] != 0);
@@ -185,7 +189,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 rmsnorm_team(x, l == 0 ? nullptr : residual[0], fptr(kInNorm), T, H, eps, normed);
             }
             clock.mark(kPhaseNorm);
-            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, kQkvI8, kQkvI14, fptr(kQkvBias), qkv_width, qkv);
+            product(qkv_in, H, kQkvW, kQkvFmt, kQkvAmx, kQkvI8, kQkvI14, kQkvQ4, fptr(kQkvBias), qkv_width, qkv);
             clock.mark(kPhaseQkv);
             float* q = qkv;
             float* k = qkv + Hq * D;
@@ -223,17 +227,20 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
             clock.mark(kPhaseAttention);
-            product(attn, Hq * D, kOW, kOFmt, kOAmx, kOI8, kOI14, nullptr, H, x);
+            product(attn, Hq * D, kOW, kOFmt, kOAmx, kOI8, kOI14, kOQ4, nullptr, H, x);
             clock.mark(kPhaseO);
             // MLP block
             if (small) {
                 small_norm(fptr(kPostNorm), false);
                 if (int8_product(kGateUpI8)) {
-                    product(own_normed.data(), H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, nullptr, 2 * I,
-                            gate_up);
+                    product(own_normed.data(), H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, kGateUpQ4,
+                            nullptr, 2 * I, gate_up);
                     clock.mark(kPhaseGateUp);
                     silu_mul_team(gate_up, T, I, act);
                     clock.mark(kPhaseSiluMul);
+                } else if (q4_product(kGateUpQ4) && I % 16 == 0) {
+                    avx512::q4_panel_gated_linear_team(own_normed.data(), T, H, wptr(kGateUpQ4), I, act);
+                    clock.mark(kPhaseGateUp);
                 } else {
                     gated_linear_team(own_normed.data(), T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act);
                     clock.mark(kPhaseGateUp);
@@ -251,13 +258,14 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                            gated_panels_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act, ts)) {
                     clock.mark(kPhaseGateUp);  // the activation is in it
                 } else {
-                    product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, nullptr, 2 * I, gate_up);
+                    product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, kGateUpQ4, nullptr, 2 * I,
+                            gate_up);
                     clock.mark(kPhaseGateUp);
                     silu_mul_team(gate_up, T, I, act);
                     clock.mark(kPhaseSiluMul);
                 }
             }
-            product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, nullptr, H, x);
+            product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, kDownQ4, nullptr, H, x);
             clock.mark(kPhaseDown);
         }
         // small steps: the running sum ends in residual[current]; hand it back in `residual`
