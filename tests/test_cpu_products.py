@@ -11,7 +11,7 @@ import torch
 
 from plait.runtime.cpu import kernels
 from plait.runtime.cpu.kernels import WeightFormat
-from plait.runtime.cpu.linear import CpuLinear, StoredWeight
+from plait.runtime.cpu.linear import Q4_PANEL_MAX_ROWS, CpuLinear, StoredWeight
 from tests.cpu_weights import FLOAT_CONSTANTS, float_constant_weight, gguf_weight, needs_kernels, rel_err
 
 @needs_kernels
@@ -187,13 +187,13 @@ def test_packed_int16_panels_give_the_same_products(fmt):
     packed = kernels.int16_panel_pack(data, fmt, n)
     assert packed.numel() == 3 * (32 * k + 32 * (k // 32) * 4)  # three panels: 32 columns' codes, then d
     bias = torch.randn(n)
-    for rows in (1, 2, 8, 9, 40, 400):
+    for rows in (1, 2, 8, 9, 40, Q4_PANEL_MAX_ROWS, Q4_PANEL_MAX_ROWS + 1, 400):
         x = torch.randn(rows, k)
         rows_product = kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16")
         from_panels = kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16", packed=packed)
-        if 2 <= rows <= 8:  # the decode products' rounding with the columns in the lanes: other float sums
+        if 2 <= rows <= 8:  # the decode kernel's rounding with the columns in the lanes: other float sums
             assert rel_err(from_panels, rows_product) < 1e-6 and not torch.equal(from_panels, rows_product), rows
-        else:
+        else:  # (9 to Q4_PANEL_MAX_ROWS rows on that path too: the int16 panels' sums in their order)
             assert torch.equal(from_panels, rows_product), rows
     layer = CpuLinear(StoredWeight(data, fmt, n, k))
     layer.stored.decode_dot = layer.stored.panel_dot = "int16"
@@ -219,8 +219,8 @@ def test_q4_panel_products_compute_the_int16_decode_rounding(fmt, rows, k):
     """Decode-sized products on a 4-bit weight laid out once in panels of 16 columns (q4_panel_pack:
     0.75 bytes a weight): the int16 decode products over the stored rows within float32 rounding, with
     a bias and a partial panel (50 columns); rounded (not the exact product) but within the int16 steps;
-    a row's result does not depend on its batch; through a CpuLinear products of up to 8 rows take the
-    panels and larger ones do not; 8-bit weights and the wrong sizes are refused."""
+    a row's result does not depend on its batch; through a CpuLinear products of up to Q4_PANEL_MAX_ROWS
+    rows take the panels and larger ones do not; 8-bit weights and the wrong sizes are refused."""
     n = 50
     torch.manual_seed(rows)
     if fmt in FLOAT_CONSTANTS:
@@ -240,10 +240,11 @@ def test_q4_panel_products_compute_the_int16_decode_rounding(fmt, rows, k):
     assert torch.equal(alone[0], out[-1])
     layer = CpuLinear(StoredWeight(data, fmt, n, k), bias)
     layer.stored.decode_dot = layer.stored.panel_dot = "int16"
-    large = torch.randn(9, k)
+    medium, large = torch.randn(Q4_PANEL_MAX_ROWS, k), torch.randn(Q4_PANEL_MAX_ROWS + 1, k)
     before = layer(large)
     assert layer.pack_q4_panels() and layer.q4_panels is not None
-    assert torch.equal(layer(x[:8]), kernels.q4_panel_linear(x[:8].contiguous(), packed, n, bias))
+    for rows_in in (x[:8].contiguous(), medium):
+        assert torch.equal(layer(rows_in), kernels.q4_panel_linear(rows_in, packed, n, bias))
     assert torch.equal(layer(large), before)
     q8, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q8_0)
     with pytest.raises(ValueError, match="4-bit"):

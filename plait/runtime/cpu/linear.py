@@ -26,6 +26,10 @@ AMX_INT8_ROWS = (4, 64)
 # Products of more than this many rows take a layer's int14 packing when it has one (`pack_int14`); up
 # to it the decode kernels read the stored weight. Mirrors kSmallStepRows in csrc/stack_avx2.cpp.
 DECODE_ROWS = 8
+# Products of up to this many rows take a layer's 4-bit panels when it has them (`pack_q4_panels`) and
+# no AMX weight (up to DECODE_ROWS with one): from memory they beat the int14 weights' 2 bytes a weight
+# up to 48-64 rows. Mirrors kQ4MaxRows in csrc/stack_avx2.cpp.
+Q4_PANEL_MAX_ROWS = 48
 
 
 @dataclass
@@ -126,7 +130,8 @@ class CpuLinear(nn.Module):
         # than `DECODE_ROWS` rows run on it.
         self.int14: torch.Tensor | None = None
         # A 4-bit weight's codes laid out in panels of 16 output columns (`pack_q4_panels`): products of up
-        # to `DECODE_ROWS` rows run on it instead of the decode kernels over the stored rows.
+        # to `Q4_PANEL_MAX_ROWS` rows run on it (`DECODE_ROWS` with an AMX weight), instead of the decode
+        # kernels over the stored rows and the int14 packing.
         self.q4_panels: torch.Tensor | None = None
 
     def pack_int14(self) -> bool:
@@ -174,7 +179,7 @@ class CpuLinear(nn.Module):
         if self.amx_int8 is not None and AMX_INT8_ROWS[0] <= flat.shape[0] <= AMX_INT8_ROWS[1]:
             return kernels.amx_int8_linear(flat, self.amx_int8, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
-        if self.q4_panels is not None and flat.shape[0] <= DECODE_ROWS:
+        if self.q4_panels is not None and flat.shape[0] <= (DECODE_ROWS if self.amx is not None else Q4_PANEL_MAX_ROWS):
             return kernels.q4_panel_linear(flat, self.q4_panels, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
         if self.int14 is not None and flat.shape[0] > DECODE_ROWS:

@@ -18,7 +18,7 @@ from torch import nn
 
 from plait.runtime.cpu import kernels
 from plait.runtime.cpu.layers import CpuRMSNorm, CpuRotaryEmbedding
-from plait.runtime.cpu.linear import AMX_INT8_ROWS, CpuEmbedding, CpuLinear
+from plait.runtime.cpu.linear import AMX_INT8_ROWS, Q4_PANEL_MAX_ROWS, CpuEmbedding, CpuLinear
 
 _FIELDS = {name: i for i, name in enumerate(kernels.stack_fields())} if kernels.available() else {}
 _LAYER_FIELDS = {name: i for i, name in enumerate(kernels.layer_fields())} if kernels.available() else {}
@@ -88,7 +88,9 @@ class CpuDecoderStack:
         self.amx_exact = int(amx and kernels.amx_exact(attn.qkv_proj.amx, attn.qkv_proj.out_features, attn.qkv_proj.in_features))
         self._large_step = ("amx_kernel" if amx else "int14_kernel" if attn.qkv_proj.int14 is not None
                             else "panel_kernel")
-        self._small_step = "q4_panel_kernel" if attn.qkv_proj.q4_panels is not None else "decode_kernel"
+        q4 = attn.qkv_proj.q4_panels is not None
+        self._small_step = "q4_panel_kernel" if q4 else "decode_kernel"
+        self._small_rows = Q4_PANEL_MAX_ROWS if q4 and not amx else DECODE_KERNEL_MAX_ROWS
         self.steps = {self._small_step: 0, self._large_step: 0}
         # decode-sized steps on the layers' AMX int8 packing (rows AMX_INT8_ROWS), where they have one
         self.int8_rows = AMX_INT8_ROWS if attn.qkv_proj.amx_int8 is not None else (0, -1)
@@ -127,7 +129,7 @@ class CpuDecoderStack:
         if self.int8_rows[0] <= num_tokens <= self.int8_rows[1]:
             self.steps["amx_int8_kernel"] += 1
         else:
-            self.steps[self._small_step if num_tokens <= DECODE_KERNEL_MAX_ROWS else self._large_step] += 1
+            self.steps[self._small_step if num_tokens <= self._small_rows else self._large_step] += 1
         x = self.embed(batch.input_ids)  # [T, H]
         residual = torch.empty_like(x)
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim

@@ -204,6 +204,9 @@ void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t
 // columns (q4_panel_pack; q4_panel_bytes(N, K) bytes, as many as the stored rows with float constants):
 // x rounded as the decode kernels round it, exact integer block sums with the columns in the lanes. Any
 // M (8 rows at a time); the gated form needs I % 16 == 0 (the up rows' panels start at panel I / 16).
+// Up to this many rows these panels beat the int14 and int16 panels' products with the weights from memory
+// (48-64 rows on a 2-core Zen 4); the decoder stack and linear_packed take them up to here.
+constexpr int64_t kColumnPanelMaxRows = 48;
 bool q4_panel_packs(int fmt);
 size_t q4_panel_bytes(int64_t N, int64_t K);
 void q4_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out);

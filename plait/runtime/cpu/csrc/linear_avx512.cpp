@@ -1165,8 +1165,14 @@ inline void q8_panel_rows(const Q4Rows& xq, int64_t r0, int64_t rows, int64_t K,
     }
 }
 
-inline int64_t q4_chunk(int64_t panels) {
-    return std::max<int64_t>(1, std::min<int64_t>(16, panels / (4 * omp_get_num_threads())));
+#ifndef PLAIT_Q4_SPLIT
+#define PLAIT_Q4_SPLIT 4
+#endif
+// Panels a work item: at least PLAIT_Q4_SPLIT items a thread, fewer panels an item the more rows each
+// panel takes (its time grows with the rows), at most 16.
+inline int64_t q4_chunk(int64_t panels, int64_t M) {
+    const int64_t split = PLAIT_Q4_SPLIT * omp_get_num_threads() * ((M + kDecodeRows - 1) / kDecodeRows);
+    return std::max<int64_t>(1, std::min<int64_t>(16, panels / split));
 }
 
 template <int FMT>
@@ -1224,7 +1230,7 @@ void q4_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* p
     const Q4Rows xq = q4_rows(x, M, K);
     const int64_t panels = (N + kQ4Cols - 1) / kQ4Cols;
     const size_t ps = q4_panel_stride(K);
-#pragma omp for schedule(dynamic, q4_chunk(panels))
+#pragma omp for schedule(dynamic, q4_chunk(panels, M))
     for (int64_t p = 0; p < panels; ++p) {
         const int64_t n0 = p * kQ4Cols;
         const __mmask16 live = N - n0 >= kQ4Cols ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
@@ -1239,7 +1245,7 @@ void q8_panel_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* p
     const Q4Rows xq = q4_rows(x, M, K);
     const int64_t panels = (N + kNR - 1) / kNR;
     const size_t ps = panel_stride(K);
-#pragma omp for schedule(dynamic, q4_chunk(panels))
+#pragma omp for schedule(dynamic, q4_chunk(panels, M))
     for (int64_t p = 0; p < panels; ++p)
         for (int half = 0; half < 2; ++half) {
             const int64_t n0 = p * kNR + 16 * half;
@@ -1256,7 +1262,7 @@ void q4_panel_gated_linear_team(const float* x, int64_t M, int64_t K, const uint
     const int64_t panels = I / kQ4Cols;
     const size_t ps = q4_panel_stride(K);
     const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
-#pragma omp for schedule(dynamic, q4_chunk(panels))
+#pragma omp for schedule(dynamic, q4_chunk(panels, M))
     for (int64_t p = 0; p < panels; ++p) {
         alignas(64) float gate[kDecodeRows * kQ4Cols], up[kDecodeRows * kQ4Cols];
         for (int64_t r0 = 0; r0 < M; r0 += kDecodeRows) {

@@ -27,6 +27,10 @@ namespace {
 
 constexpr int64_t kSmallStepRows = 8;  // up to this many token rows a step takes the fused, fewer-barrier path
 constexpr int64_t kAmxMinRows = 9;     // from this many rows products take a layer's AMX weight (AMX_MIN_ROWS)
+// Up to this many rows products take a layer's 4-bit panels where it has them and no AMX weight (up to
+// kSmallStepRows with one): from memory they beat the int14 weights' 2 bytes up to 48-64 rows
+// (Q4_PANEL_MAX_ROWS in linear.py).
+constexpr int64_t kQ4MaxRows = avx512::kColumnPanelMaxRows;
 
 template <typename T>
 T* field_ptr(const int64_t* a, int f) {
@@ -160,18 +164,21 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 ts.x16.resize(avx512::int16_panel_scratch(T, K));
                 return ts.x16.data();
             };
-            // steps of up to the decode kernels' rows on the 4-bit panels, where the layer has them
-            auto q4_product = [&](int q4f) { return w[q4f] != 0 && T <= kSmallStepRows; };
+            // steps of up to kQ4MaxRows on the 4-bit panels, where the layer has them (up to the decode
+            // kernels' rows where it has AMX weights too)
+            auto q4_product = [&](int q4f, int af) {
+                return w[q4f] != 0 && T <= (w[af] != 0 ? kSmallStepRows : kQ4MaxRows);
+            };
             auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, int i14f, int q4f,
                                const float* bias, int64_t N, float* y) {
-                if (int14_product(i14f))
-                    avx512::int14_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i14f])),
-                                              N, bias, y, N, int14_scratch(K));
-                else if (int8_product(i8f))
+                if (int8_product(i8f))
                     amx::int8_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i8f])), N,
                                           bias, y, N, ts);
-                else if (q4_product(q4f))
+                else if (q4_product(q4f, af))
                     avx512::q4_panel_linear_team(in, T, K, wptr(q4f), N, bias, y, N);
+                else if (int14_product(i14f))
+                    avx512::int14_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i14f])),
+                                              N, bias, y, N, int14_scratch(K));
                 else if (w[af] && T >= kAmxMinRows)
                     amx::linear_team(in, T, K, reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[af])), N,
                                      bias, y, N, ts, a[kAmxExact] != 0);
@@ -238,7 +245,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                     clock.mark(kPhaseGateUp);
                     silu_mul_team(gate_up, T, I, act);
                     clock.mark(kPhaseSiluMul);
-                } else if (q4_product(kGateUpQ4) && I % 16 == 0) {
+                } else if (q4_product(kGateUpQ4, kGateUpAmx) && I % 16 == 0) {
                     avx512::q4_panel_gated_linear_team(own_normed.data(), T, H, wptr(kGateUpQ4), I, act);
                     clock.mark(kPhaseGateUp);
                 } else {
@@ -249,12 +256,16 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                 rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
                 clock.mark(kPhaseNorm);
                 const bool tiles = int8_product(kGateUpI8) || (w[kGateUpAmx] && T >= kAmxMinRows);
-                if (int14_product(kGateUpI14) && I % 32 == 0) {  // the activation is in it
+                const bool q4 = !int8_product(kGateUpI8) && q4_product(kGateUpQ4, kGateUpAmx);
+                if (q4 && I % 16 == 0) {  // the activation is in it
+                    avx512::q4_panel_gated_linear_team(normed, T, H, wptr(kGateUpQ4), I, act);
+                    clock.mark(kPhaseGateUp);
+                } else if (!q4 && int14_product(kGateUpI14) && I % 32 == 0) {  // the activation is in it
                     avx512::int14_gated_linear_team(normed, T, H,
                                                     reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[kGateUpI14])),
                                                     I, act, int14_scratch(H));
                     clock.mark(kPhaseGateUp);
-                } else if (!tiles && !int14_product(kGateUpI14) &&
+                } else if (!tiles && !q4 && !int14_product(kGateUpI14) &&
                            gated_panels_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act, ts)) {
                     clock.mark(kPhaseGateUp);  // the activation is in it
                 } else {
