@@ -17,7 +17,7 @@ from torch import nn
 
 from plait.runtime.config import ModelConfig
 from plait.runtime.cpu import kernels
-from plait.runtime.cpu.linear import AMX_INT8_ROWS, CpuLinear
+from plait.runtime.cpu.linear import AMX_INT8_ROWS, DECODE_ROWS, Q4_PANEL_MAX_ROWS, CpuLinear
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
                         sum(m.amx_int8.numel() for m in repacked) / 2**20)
     # Decode-sized products of 4-bit weights with the output columns in the lanes (q4_panel_pack: the
     # codes laid out once in panels of 16 columns, as many bytes as the stored rows): the int16 decode
-    # products' rounding and exact block sums, about half their time for 8 rows on a 2-core Zen 4.
+    # products' rounding and exact block sums, about half their time for 8 rows on a 2-core Zen 4, and
+    # faster than the int14 weights up to Q4_PANEL_MAX_ROWS rows (CpuLinear and the stack pick by rows).
     q4_panels_mib = None
     if blocks and dot == "int16" and kernels.q4_panels_available():
         fours = [m for m in blocks if m.stored.fmt in kernels.Q4_PANEL_PACKS]
@@ -170,8 +171,9 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
             for module in fours:
                 module.pack_q4_panels()
             q4_panels_mib = round(sum(m.q4_panels.numel() for m in fours) / 2**20, 1)
-            logger.info("CPU kernels: products of up to 8 rows of the 4-bit weights on panels of 16 columns "
-                        "(%d weights laid out: %.0f MiB)", len(fours), q4_panels_mib)
+            logger.info("CPU kernels: products of up to %d rows of the 4-bit weights on panels of 16 columns "
+                        "(%d weights laid out: %.0f MiB)", DECODE_ROWS if prefill in ("amx", "amx-bf16") else Q4_PANEL_MAX_ROWS,
+                        len(fours), q4_panels_mib)
     attention = resolve_prefill_attention(config, prefill, model.arch.head_dim)
     if attention == "int16":
         logger.info("CPU kernels: prefill attention on integer codes (13-bit q and k, 14-bit weights and values; "
