@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from plait.runtime.cpu import kernels
+from plait.runtime.cpu import kernels, panels
 from plait.runtime.cpu.kernels import WeightFormat
 from plait.runtime.cpu.linear import Q4_PANEL_MAX_ROWS, CpuLinear, StoredWeight
 from tests.cpu_weights import FLOAT_CONSTANTS, float_constant_weight, gguf_weight, needs_kernels, rel_err
@@ -161,10 +161,10 @@ def test_gated_product_is_the_product_then_silu_mul(fmt, rows, k, inter, isa):
     if fmt in FLOAT_CONSTANTS:
         _, data = kernels.float_constants(FLOAT_CONSTANTS[fmt], data)
     x = torch.randn(rows, k)
-    for dot, panels in (("int16", "int16"), ("float", "float")):
-        fused = kernels.gated_linear(x, data, fmt, inter, dot=dot, panels=panels)
-        two_step = kernels.silu_mul(kernels.linear(x, data, fmt, 2 * inter, dot=dot, panels=panels))
-        assert torch.equal(fused, two_step), (dot, panels)
+    for dot, panel_dot in (("int16", "int16"), ("float", "float")):
+        fused = kernels.gated_linear(x, data, fmt, inter, dot=dot, panels=panel_dot)
+        two_step = kernels.silu_mul(kernels.linear(x, data, fmt, 2 * inter, dot=dot, panels=panel_dot))
+        assert torch.equal(fused, two_step), (dot, panel_dot)
     gate = kernels.linear(x, data, fmt, 2 * inter, dot="int16", panels="int16")
     expected = torch.nn.functional.silu(gate[:, :inter]) * gate[:, inter:]
     assert rel_err(kernels.gated_linear(x, data, fmt, inter, dot="int16", panels="int16"), expected) < 1e-6
@@ -184,7 +184,7 @@ def test_packed_int16_panels_give_the_same_products(fmt):
     else:
         torch.manual_seed(7)
         data, _ = gguf_weight(torch.randn(n, k), fmt)
-    packed = kernels.int16_panel_pack(data, fmt, n)
+    packed = panels.int16_panel_pack(data, fmt, n)
     assert packed.numel() == 3 * (32 * k + 32 * (k // 32) * 4)  # three panels: 32 columns' codes, then d
     bias = torch.randn(n)
     for rows in (1, 2, 8, 9, 40, Q4_PANEL_MAX_ROWS, Q4_PANEL_MAX_ROWS + 1, 400):
@@ -205,7 +205,7 @@ def test_packed_int16_panels_give_the_same_products(fmt):
     assert torch.equal(layer(x), kernels.linear(x, data, fmt, n, dot="int16", panels="int16", packed=packed))
     q4, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q4_1)
     with pytest.raises(ValueError, match="8-bit"):
-        kernels.int16_panel_pack(q4, WeightFormat.Q4_1, n)
+        panels.int16_panel_pack(q4, WeightFormat.Q4_1, n)
     assert not CpuLinear(StoredWeight(q4, WeightFormat.Q4_1, n, k)).pack_int16_panels()
     with pytest.raises(ValueError, match="packed panels"):
         kernels.linear(torch.randn(9, k), data, fmt, n, dot="int16", panels="int16", packed=packed[:-64])
@@ -227,16 +227,16 @@ def test_q4_panel_products_compute_the_int16_decode_rounding(fmt, rows, k):
         data, ref = float_constant_weight(fmt, n, k, rows)
     else:
         data, ref = gguf_weight(torch.randn(n, k), fmt)
-    packed = kernels.q4_panel_pack(data, fmt, n)
+    packed = panels.q4_panel_pack(data, fmt, n)
     assert packed.numel() == 4 * (k // 32) * (4 * 64 + 2 * 16 * 4)  # four panels: codes, then d and m a block
     x, bias = torch.randn(rows, k) * torch.linspace(0.1, 3, k), torch.randn(n)
-    out = kernels.q4_panel_linear(x, packed, n, bias)
+    out = panels.q4_panel_linear(x, packed, n, bias)
     # the rounding of the int16 decode products and panels over the stored rows (x to int16 codes per block
     # of 32 in the code sums, its float block sums times the offsets): the same up to the order of float sums
     assert rel_err(out, kernels.linear(x, data, fmt, n, bias=bias, dot="int16", panels="int16")) < 1e-6
     _, low, high = INTEGER_DOTS["int16"]
     assert low < rel_err(out, x.double() @ ref.double().T + bias.double()) < high
-    alone = kernels.q4_panel_linear(x[-1:].contiguous(), packed, n, bias)
+    alone = panels.q4_panel_linear(x[-1:].contiguous(), packed, n, bias)
     assert torch.equal(alone[0], out[-1])
     layer = CpuLinear(StoredWeight(data, fmt, n, k), bias)
     layer.stored.decode_dot = layer.stored.panel_dot = "int16"
@@ -244,14 +244,14 @@ def test_q4_panel_products_compute_the_int16_decode_rounding(fmt, rows, k):
     before = layer(large)
     assert layer.pack_q4_panels() and layer.q4_panels is not None
     for rows_in in (x[:8].contiguous(), medium):
-        assert torch.equal(layer(rows_in), kernels.q4_panel_linear(rows_in, packed, n, bias))
+        assert torch.equal(layer(rows_in), panels.q4_panel_linear(rows_in, packed, n, bias))
     assert torch.equal(layer(large), before)
     q8, _ = gguf_weight(torch.randn(n, k), WeightFormat.Q8_0)
     with pytest.raises(ValueError, match="4-bit"):
-        kernels.q4_panel_pack(q8, WeightFormat.Q8_0, n)
+        panels.q4_panel_pack(q8, WeightFormat.Q8_0, n)
     assert not CpuLinear(StoredWeight(q8, WeightFormat.Q8_0, n, k)).pack_q4_panels()
     with pytest.raises(ValueError, match="packed panels"):
-        kernels.q4_panel_linear(x, packed[:-64], n)
+        panels.q4_panel_linear(x, packed[:-64], n)
 
 
 @needs_int16_panels
@@ -263,12 +263,12 @@ def test_q4_panel_gated_product_is_the_product_then_silu_mul(rows):
     torch.manual_seed(8)
     inter, k = 96, 576
     data, _ = gguf_weight(torch.randn(2 * inter, k), WeightFormat.Q4_1)
-    packed = kernels.q4_panel_pack(data, WeightFormat.Q4_1, 2 * inter)
+    packed = panels.q4_panel_pack(data, WeightFormat.Q4_1, 2 * inter)
     x = torch.randn(rows, k)
-    fused = kernels.q4_panel_gated_linear(x, packed, inter)
-    assert torch.equal(fused, kernels.silu_mul(kernels.q4_panel_linear(x, packed, 2 * inter)))
+    fused = panels.q4_panel_gated_linear(x, packed, inter)
+    assert torch.equal(fused, kernels.silu_mul(panels.q4_panel_linear(x, packed, 2 * inter)))
     with pytest.raises(ValueError, match="multiple of 16"):
-        kernels.q4_panel_gated_linear(x, packed, inter - 8)
+        panels.q4_panel_gated_linear(x, packed, inter - 8)
 
 
 def _int14_model(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -301,14 +301,14 @@ def test_int14_products_compute_their_rounding(fmt, rows, k):
         data, ref = float_constant_weight(fmt, n, k, rows)
     else:
         data, ref = gguf_weight(torch.randn(n, k), fmt)
-    packed = kernels.int14_pack(data, fmt, n)
+    packed = panels.int14_pack(data, fmt, n)
     assert packed.numel() == 2 * (32 * k * 2 + 32 * 4)  # two panels: codes as int16, then the columns' scales
     x, bias = torch.randn(rows, k) * torch.linspace(0.1, 3, k), torch.randn(n)
-    out = kernels.int14_linear(x, packed, n, bias)
+    out = panels.int14_linear(x, packed, n, bias)
     assert rel_err(out, _int14_model(x, ref, bias)) < 2e-6
     exact = x.double() @ ref.double().T + bias.double()
     assert 1e-5 < rel_err(out, exact) < 1e-3  # rounded, within the 14-bit steps
-    alone = kernels.int14_linear(x[-1:].expand(9, k).contiguous(), packed, n, bias)
+    alone = panels.int14_linear(x[-1:].expand(9, k).contiguous(), packed, n, bias)
     assert torch.equal(alone[0], out[-1])
     layer = CpuLinear(StoredWeight(data, fmt, n, k), bias)
     layer.stored.decode_dot = layer.stored.panel_dot = "int16"
@@ -325,14 +325,14 @@ def test_int14_gated_product_is_the_product_then_silu_mul(rows):
     torch.manual_seed(6)
     inter, k = 96, 1088
     data, _ = gguf_weight(torch.randn(2 * inter, k), WeightFormat.Q4_1)
-    packed = kernels.int14_pack(data, WeightFormat.Q4_1, 2 * inter)
+    packed = panels.int14_pack(data, WeightFormat.Q4_1, 2 * inter)
     x = torch.randn(rows, k)
-    fused = kernels.int14_gated_linear(x, packed, inter)
-    assert torch.equal(fused, kernels.silu_mul(kernels.int14_linear(x, packed, 2 * inter)))
+    fused = panels.int14_gated_linear(x, packed, inter)
+    assert torch.equal(fused, kernels.silu_mul(panels.int14_linear(x, packed, 2 * inter)))
     with pytest.raises(ValueError, match="gate/up"):
-        kernels.int14_gated_linear(x, packed, inter - 32)
+        panels.int14_gated_linear(x, packed, inter - 32)
     with pytest.raises(ValueError, match="block formats"):
-        kernels.int14_pack(torch.zeros(8, k * 2, dtype=torch.uint8), WeightFormat.BF16, 8)
+        panels.int14_pack(torch.zeros(8, k * 2, dtype=torch.uint8), WeightFormat.BF16, 8)
 
 
 @needs_kernels

@@ -172,7 +172,7 @@ def test_the_stack_equals_the_layer_by_layer_kernels_on_the_default_model():
     """The whole-stack step against the same kernels called layer by layer, on the GGUF's 4-bit weights
     with the default CPU's products (decode-sized ones on the 4-bit panels where VNNI runs) and a float32
     cache: the same greedy tokens, and top logprobs equal to float32 rounding at every step."""
-    from plait.runtime.cpu import kernels
+    from plait.runtime.cpu import kernels, panels
 
     if not kernels.available():
         pytest.skip("CPU kernels not built here")
@@ -183,7 +183,7 @@ def test_the_stack_equals_the_layer_by_layer_kernels_on_the_default_model():
                     max_total_tokens=2048) as e:
             assert (e.runner.cpu_stack is not None) == graph
             q4 = e.runner.execution["decode_products_q4_panels_mib"]
-            assert (q4 is not None) == kernels.q4_panels_available()
+            assert (q4 is not None) == panels.q4_panels_available()
             runs.append(e.generate(PROMPTS, params, return_logprob=True, top_logprobs_num=3))
     for stack, eager in zip(*runs):
         assert stack["output_ids"] == eager["output_ids"]

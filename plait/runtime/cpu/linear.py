@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plait.runtime.cpu import kernels
+from plait.runtime.cpu import kernels, panels
 from plait.runtime.cpu.kernels import WeightFormat
 
 
@@ -136,18 +136,18 @@ class CpuLinear(nn.Module):
 
     def pack_int14(self) -> bool:
         """Round a block weight to 14-bit codes per row and lay it out for the int14 products
-        (kernels.int14_pack: 2 bytes a weight), beside the stored one; False for other formats."""
-        if self.stored.fmt not in kernels.INT14_PACKS:
+        (panels.int14_pack: 2 bytes a weight), beside the stored one; False for other formats."""
+        if self.stored.fmt not in panels.INT14_PACKS:
             return False
-        self.int14 = kernels.int14_pack(self.stored.data, self.stored.fmt, self.out_features)
+        self.int14 = panels.int14_pack(self.stored.data, self.stored.fmt, self.out_features)
         return True
 
     def pack_q4_panels(self) -> bool:
-        """Lay a 4-bit block weight out in panels of 16 output columns (kernels.q4_panel_pack: 0.75 bytes
+        """Lay a 4-bit block weight out in panels of 16 output columns (panels.q4_panel_pack: 0.75 bytes
         a weight), beside the stored one, for the decode-sized products; False for other formats."""
-        if self.stored.fmt not in kernels.Q4_PANEL_PACKS:
+        if self.stored.fmt not in panels.Q4_PANEL_PACKS:
             return False
-        self.q4_panels = kernels.q4_panel_pack(self.stored.data, self.stored.fmt, self.out_features)
+        self.q4_panels = panels.q4_panel_pack(self.stored.data, self.stored.fmt, self.out_features)
         return True
 
     def pack_amx_int8(self) -> bool:
@@ -159,11 +159,11 @@ class CpuLinear(nn.Module):
         return True
 
     def pack_int16_panels(self) -> bool:
-        """Lay a Q8_0 / Q8_0F weight out in the int16 panels' order (kernels.int16_panel_pack: as many
+        """Lay a Q8_0 / Q8_0F weight out in the int16 panels' order (panels.int16_panel_pack: as many
         bytes as the stored rows), beside the stored one; False for other formats."""
-        if self.stored.fmt not in kernels.INT16_PANEL_PACKS:
+        if self.stored.fmt not in panels.INT16_PANEL_PACKS:
             return False
-        self.int16_panels = kernels.int16_panel_pack(self.stored.data, self.stored.fmt, self.out_features)
+        self.int16_panels = panels.int16_panel_pack(self.stored.data, self.stored.fmt, self.out_features)
         return True
 
     def pack_amx(self, exact: bool = True) -> None:
@@ -180,10 +180,10 @@ class CpuLinear(nn.Module):
             return kernels.amx_int8_linear(flat, self.amx_int8, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
         if self.q4_panels is not None and flat.shape[0] <= (DECODE_ROWS if self.amx is not None else Q4_PANEL_MAX_ROWS):
-            return kernels.q4_panel_linear(flat, self.q4_panels, self.out_features, self.bias).view(
+            return panels.q4_panel_linear(flat, self.q4_panels, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
         if self.int14 is not None and flat.shape[0] > DECODE_ROWS:
-            return kernels.int14_linear(flat, self.int14, self.out_features, self.bias).view(
+            return panels.int14_linear(flat, self.int14, self.out_features, self.bias).view(
                 *x.shape[:-1], self.out_features)
         if self.amx is not None and flat.shape[0] >= AMX_MIN_ROWS:
             return kernels.amx_linear(flat, self.amx, self.out_features, self.bias).view(*x.shape[:-1], self.out_features)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from plait.runtime.config import ModelConfig
-from plait.runtime.cpu import kernels
+from plait.runtime.cpu import kernels, panels
 from plait.runtime.cpu.linear import AMX_INT8_ROWS, DECODE_ROWS, Q4_PANEL_MAX_ROWS, CpuLinear
 
 logger = logging.getLogger(__name__)
@@ -161,8 +161,8 @@ def configure_products(model: nn.Module, config: ModelConfig, available_bytes: i
     # products' rounding and exact block sums, about half their time for 8 rows on a 2-core Zen 4, and
     # faster than the int14 weights up to Q4_PANEL_MAX_ROWS rows (CpuLinear and the stack pick by rows).
     q4_panels_mib = None
-    if blocks and dot == "int16" and kernels.q4_panels_available():
-        fours = [m for m in blocks if m.stored.fmt in kernels.Q4_PANEL_PACKS]
+    if blocks and dot == "int16" and panels.q4_panels_available():
+        fours = [m for m in blocks if m.stored.fmt in panels.Q4_PANEL_PACKS]
         q4_bytes = sum(m.stored.nbytes for m in fours)
         if fours and available_bytes is not None and q4_bytes > available_bytes // 2:
             logger.info("CPU kernels: 4-bit panels off: their copy (%.1f GiB) would take more than half the memory "
