@@ -922,9 +922,10 @@ inline void dot_rows_any(const uint8_t* row, const PairRows& xq, int64_t M, int6
     }
 }
 
+// (into L2: prefetch_row of linear_avx2.cpp)
 inline void prefetch_row(const uint8_t* row, size_t bytes) {
     const char* p = reinterpret_cast<const char*>(row);
-    for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
 }
 
 inline int64_t chunk_rows(int64_t N) {
@@ -1021,8 +1022,10 @@ namespace {
 constexpr int kQ4Cols = 16;                                                  // columns per panel
 constexpr int64_t kQ4BlockBytes = 4 * 64 + 2 * kQ4Cols * int64_t(sizeof(float));  // codes, d, m
 
-// Panels read ahead into L1 by the first pass over a panel (measured: one on gave 0.87-0.92 of the time
-// at 4 and 8 rows from memory, two the same, four 0.95).
+// Panels read ahead by the first pass over a panel (measured: one on gave 0.87-0.92 of the time at 4 and 8
+// rows from memory, two the same, four 0.95), into L2 rather than L1: a decode step at batch 1, 0.86-0.88
+// of the time with L1 hints for these, the decode rows' and the 8-bit panels' (2-core Zen 4; batches of
+// 8 and 32 the same; three panels on, 1.14).
 constexpr int64_t kQ4Ahead = 1;
 inline size_t q4_panel_stride(int64_t K);
 
@@ -1037,7 +1040,7 @@ PLAIT_INLINE void q4_panel_sums(const int16_t* xc, const float* xs, const float*
         const uint8_t* blk = panel + b * kQ4BlockBytes;
         if (ahead)
             for (int line = 0; line < kQ4BlockBytes / 64; ++line)
-                _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + 64 * line, _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + 64 * line, _MM_HINT_T1);
         const int32_t* xp = reinterpret_cast<const pair32*>(xc) + b * (kBlock / 2);
         __m512i s[MR];
         for (int i = 0; i < MR; ++i) s[i] = _mm512_setzero_si512();
@@ -1094,7 +1097,7 @@ PLAIT_INLINE void with_rows(int64_t rows, F&& f) {
 inline void q4_panel_rows(const Q4Rows& xq, int64_t r0, int64_t rows, int64_t K, const uint8_t* panel,
                           const float* bias, float* y, int64_t ldy, __mmask16 live) {
     const int64_t nb = K / kBlock;
-    const int64_t ahead = r0 == 0 ? kQ4Ahead * int64_t(q4_panel_stride(K)) : 0;  // the next panels into L1
+    const int64_t ahead = r0 == 0 ? kQ4Ahead * int64_t(q4_panel_stride(K)) : 0;  // the next panels into L2
     with_rows(rows, [&](auto mr) {
         __m512 c[mr];
         q4_panel_sums<mr>(xq.codes + r0 * K, xq.scales + r0 * nb, xq.sums + r0 * nb, K, nb, panel, ahead, c);
@@ -1122,7 +1125,7 @@ PLAIT_INLINE void q8_panel_sums(const int16_t* xc, const float* xs, int64_t K, i
         __m512i s[MR];
         for (int i = 0; i < MR; ++i) s[i] = _mm512_setzero_si512();
         for (int p = 0; p < kBlock / 2; ++p) {
-            if (ahead) _mm_prefetch(reinterpret_cast<const char*>(panel) + (b * (kBlock / 2) + p) * 2 * kNR + ahead, _MM_HINT_T0);
+            if (ahead) _mm_prefetch(reinterpret_cast<const char*>(panel) + (b * (kBlock / 2) + p) * 2 * kNR + ahead, _MM_HINT_T1);
             const __m512i wv = _mm512_cvtepi8_epi16(
                 _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + (b * (kBlock / 2) + p) * 2 * kNR)));
             for (int i = 0; i < MR; ++i) s[i] = dpwssd_broadcast(s[i], wv, xp + i * half_k + p);
@@ -1137,7 +1140,7 @@ PLAIT_INLINE void q8_panel_sums(const int16_t* xc, const float* xs, int64_t K, i
 inline void q8_panel_rows(const Q4Rows& xq, int64_t r0, int64_t rows, int64_t K, const uint8_t* panel, int half,
                           const float* bias, float* y, int64_t ldy, __mmask16 live) {
     const int64_t nb = K / kBlock;
-    // the first pass over the panel reads the panel kQ8Ahead on into L1 (its blocks' d ride along: they are
+    // the first pass over the panel reads the panel kQ8Ahead on into L2 (its blocks' d ride along: they are
     // a sixteenth of the codes' lines)
     const int64_t ahead = half == 0 && r0 == 0 ? kQ8Ahead * int64_t(panel_stride(K)) : 0;
     with_rows(rows, [&](auto mr) {
