@@ -178,20 +178,56 @@ constexpr int64_t kIntMaxBlocks = 16;  // blocks per slice of the panel: 32 KiB 
 // A 4-byte load that may alias the int16 codes (two codes side by side).
 typedef int32_t pair32 __attribute__((may_alias, aligned(4)));
 
+// The largest lane of each of 16 vectors, lane i for m[i]: pairs of vectors folded into one (halves,
+// then quarters, then pairs of lanes, as sum8 folds sums), 45 instructions where reducing each alone
+// takes 6 and a move to a scalar register.
+PLAIT_INLINE __m512 max16(const __m512 m[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)  // lanes 0-7 of a[i]: m[2i]'s halves' maxima; 8-15: m[2i + 1]'s
+        a[i] = _mm512_max_ps(_mm512_shuffle_f32x4(m[2 * i], m[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(m[2 * i], m[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // quarter q of b[i]: four partial maxima of m[4i + q]
+        b[i] = _mm512_max_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)  // quarter q of c[i]: two of m[8i + q], then two of m[8i + 4 + q]
+        c[i] = _mm512_max_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    // lane 4q + j: the maximum of m[4j + q]
+    const __m512 d = _mm512_max_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, d);
+}
+
 // Row r of x: codes [K] (natural order) at `levels` (32767: int16; 8191: the int14 weights' x), and per
-// block its scale and float sum.
+// block its scale and (where `sums` is not null) float sum. Sixteen blocks at a time: their maxima in
+// one vector, their scales and inverses by one vector division each (the same IEEE quotients as one
+// block at a time, so the same codes).
 inline void quantize_row(const float* x, int64_t K, int16_t* codes, float* scales, float* sums,
                          float levels = 32767.0f) {
-    for (int64_t b = 0; b < K / kBlock; ++b) {
-        const __m512 v0 = _mm512_loadu_ps(x + b * kBlock), v1 = _mm512_loadu_ps(x + b * kBlock + 16);
-        const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const __m512 inv = _mm512_set1_ps(max_abs > 0.0f ? levels / max_abs : 0.0f);
-        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round to nearest even
-        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock), _mm512_cvtsepi32_epi16(c0));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock + 16), _mm512_cvtsepi32_epi16(c1));
-        scales[b] = max_abs / levels;
-        sums[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    const int64_t nb = K / kBlock;
+    const __m512 lv = _mm512_set1_ps(levels);
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int n = int(std::min<int64_t>(16, nb - b0));
+        const float* xb = x + b0 * kBlock;
+        __m512 m[16];
+        for (int i = 0; i < 16; ++i)
+            m[i] = i < n ? _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb + i * kBlock)),
+                                         _mm512_abs_ps(_mm512_loadu_ps(xb + i * kBlock + 16)))
+                         : _mm512_setzero_ps();
+        const __m512 max_abs = max16(m);
+        const __mmask16 live = __mmask16((1u << n) - 1);
+        // max_abs > 0 ? levels / max_abs : 0
+        const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(max_abs, _mm512_setzero_ps(), _CMP_GT_OQ), lv, max_abs);
+        _mm512_mask_storeu_ps(scales + b0, live, _mm512_div_ps(max_abs, lv));
+        for (int i = 0; i < n; ++i) {
+            const __m512 v0 = _mm512_loadu_ps(xb + i * kBlock), v1 = _mm512_loadu_ps(xb + i * kBlock + 16);
+            const __m512 s = _mm512_permutexvar_ps(_mm512_set1_epi32(i), inv);
+            const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s));  // round to nearest even
+            const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
+            int16_t* out = codes + (b0 + i) * kBlock;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtsepi32_epi16(c0));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm512_cvtsepi32_epi16(c1));
+            if (sums) sums[b0 + i] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        }
     }
 }
 
@@ -470,13 +506,17 @@ struct Int16Panels {
     int32_t* panel;  // this thread's panel (codes) and its blocks' d and m
     float *pd, *pm;
 
-    Int16Panels(const float* x, int64_t M_, int64_t K_, int16_t* scratch, float levels = 32767.0f)
+    // `with_sums`: x's block sums too (the int16 panels of formats with an offset; the int14 products
+    // have none).
+    Int16Panels(const float* x, int64_t M_, int64_t K_, int16_t* scratch, float levels = 32767.0f,
+                bool with_sums = true)
         : M(M_), K(K_), nb(K_ / kBlock) {
         int16_t* const c = scratch;
         float* const sc = reinterpret_cast<float*>(scratch + M * K);
-        float* const su = sc + M * nb;
+        float* const su = with_sums ? sc + M * nb : nullptr;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K, c + r * K, sc + r * nb, su + r * nb, levels);
+        for (int64_t r = 0; r < M; ++r)
+            quantize_row(x + r * K, K, c + r * K, sc + r * nb, su ? su + r * nb : nullptr, levels);
         codes = c;
         scales = sc;
         sums = su;
@@ -677,7 +717,7 @@ void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* 
 
 void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
                        float* y, int64_t ldy, int16_t* scratch) {
-    Int16Panels panels(x, M, K, scratch, kInt14Levels);
+    Int16Panels panels(x, M, K, scratch, kInt14Levels, false);
     static thread_local Buffer kept_buffer;
     float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
     const int64_t num_panels = (N + kNR - 1) / kNR;
@@ -695,7 +735,7 @@ void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* pack
 // the up rows' panels start at panel I / 32.
 void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
                              int16_t* scratch) {
-    Int16Panels panels(x, M, K, scratch, kInt14Levels);
+    Int16Panels panels(x, M, K, scratch, kInt14Levels, false);
     static thread_local Buffer gate_buffer, up_buffer;
     float* const gate = gate_buffer.get(size_t(panels.chunk_rows * kNR));
     float* const up = up_buffer.get(size_t(panels.chunk_rows * kNR));
