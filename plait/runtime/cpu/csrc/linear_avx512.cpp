@@ -33,6 +33,7 @@ using avx2::dequant_row;
 using avx512_helpers::tail_masks;
 using avx512_helpers::dpwssd;
 using avx512_helpers::dpwssd_broadcast;
+using avx512_helpers::silu_mul;
 using avx512_helpers::transpose16;
 
 constexpr int kNR = 32;  // output columns (weight rows) per panel: two 16-float vectors
@@ -674,6 +675,7 @@ void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t*
             const float* u = up + (m - r0) * kNR;
             float* o = out + m * I + n0;
             int j = 0;
+            for (; j + 16 <= cols; j += 16) _mm512_storeu_ps(o + j, silu_mul(_mm512_loadu_ps(g + j), _mm512_loadu_ps(u + j)));
             for (; j + 8 <= cols; j += 8) {
                 const __m256 gv = _mm256_loadu_ps(g + j);
                 const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, neg));
@@ -739,7 +741,6 @@ void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t
     static thread_local Buffer gate_buffer, up_buffer;
     float* const gate = gate_buffer.get(size_t(panels.chunk_rows * kNR));
     float* const up = up_buffer.get(size_t(panels.chunk_rows * kNR));
-    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
     const int64_t num_panels = I / kNR;
     const size_t ps = int14_panel_stride(K);
 #pragma omp for schedule(dynamic, 1)
@@ -752,11 +753,7 @@ void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t
             const float* g = gate + (m - r0) * kNR;
             const float* u = up + (m - r0) * kNR;
             float* o = out + m * I + p * kNR;
-            for (int j = 0; j < kNR; j += 8) {
-                const __m256 gv = _mm256_loadu_ps(g + j);
-                const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, neg));
-                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
-            }
+            for (int j = 0; j < kNR; j += 16) _mm512_storeu_ps(o + j, silu_mul(_mm512_loadu_ps(g + j), _mm512_loadu_ps(u + j)));
         }
     }
 }
@@ -1286,7 +1283,6 @@ void q4_panel_gated_linear_team(const float* x, int64_t M, int64_t K, const uint
     const Q4Rows xq = q4_rows(x, M, K);
     const int64_t panels = I / kQ4Cols;
     const size_t ps = q4_panel_stride(K);
-    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
 #pragma omp for schedule(dynamic, q4_chunk(panels, M))
     for (int64_t p = 0; p < panels; ++p) {
         alignas(64) float gate[kDecodeRows * kQ4Cols], up[kDecodeRows * kQ4Cols];
@@ -1295,13 +1291,8 @@ void q4_panel_gated_linear_team(const float* x, int64_t M, int64_t K, const uint
             q4_panel_rows(xq, r0, rows, K, packed + p * ps, nullptr, gate, kQ4Cols, 0xFFFF);
             q4_panel_rows(xq, r0, rows, K, packed + (panels + p) * ps, nullptr, up, kQ4Cols, 0xFFFF);
             for (int64_t r = 0; r < rows; ++r)
-                for (int h = 0; h < 2; ++h) {
-                    const __m256 gv = _mm256_load_ps(gate + r * kQ4Cols + 8 * h);
-                    const __m256 e = avx2::exp_ps(_mm256_xor_ps(gv, neg));
-                    _mm256_storeu_ps(out + (r0 + r) * I + p * kQ4Cols + 8 * h,
-                                     _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
-                                                   _mm256_load_ps(up + r * kQ4Cols + 8 * h)));
-                }
+                _mm512_storeu_ps(out + (r0 + r) * I + p * kQ4Cols,
+                                 silu_mul(_mm512_load_ps(gate + r * kQ4Cols), _mm512_load_ps(up + r * kQ4Cols)));
         }
     }
 }
