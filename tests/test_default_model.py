@@ -143,7 +143,8 @@ def test_float32_dtype_keeps_float_products(engine):
 def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
     """--enable-cpu-int8-dot on the default model: the block weights take integer products (reported
     in the server info) and the prompt's next-token distribution stays that of the float32 path to
-    int8 rounding: the same top token, logprobs within a few hundredths."""
+    int8 rounding: the same top token, logprobs within a few hundredths (a prefill's last layer runs its
+    output product and MLP on each prompt's last row alone, a decode-sized product: int8-rounded too)."""
     from plait.runtime.cpu import kernels
     from plait.runtime.cpu.linear import CpuLinear
 
@@ -165,7 +166,7 @@ def test_int8_dot_products_stay_close_to_the_float32_logits(engine):
         assert a["output_ids"] == b["output_ids"]
         assert top_a != top_b  # rounded: not silently the float path
         for (lp_a, id_a, _), (lp_b, id_b, _) in zip(top_a[:1], top_b[:1]):
-            assert id_a == id_b and abs(lp_a - lp_b) < 0.05
+            assert id_a == id_b and abs(lp_a - lp_b) < 0.06
 
 
 def test_the_stack_equals_the_layer_by_layer_kernels_on_the_default_model():

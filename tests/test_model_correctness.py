@@ -160,6 +160,47 @@ def test_native_stack_equals_the_layer_by_layer_kernels(family, attention):
     assert (graph - eager).abs().max() <= 1e-5 * eager.abs().max()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_stack_runs_the_last_layer_on_the_returned_rows_only(family):
+    """A prefill without prompt logprobs reads one hidden row per request, so the native stack runs its
+    last layer's output product and MLP on those rows alone: they equal the unpruned step's to float32
+    rounding (and the logits transformers'), the other rows are left stale; asking for prompt logprobs
+    runs every row."""
+    from plait.runtime.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels not built here")
+    hf = tiny_hf_model(family)
+    runner = make_runner(hf, "cpu-graph")
+    stack, forward = runner.cpu_stack, runner.cpu_stack.forward
+    seen = []
+
+    def recording(batch, meta, out_rows=None, prune=True):
+        hidden = forward(batch, meta, out_rows if prune else None)
+        seen.append((None if out_rows is None else out_rows.tolist(), hidden.clone()))
+        return hidden
+
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (9, 40, 3)]
+    for prune in (True, False):
+        stack.forward = lambda batch, meta, out_rows=None: recording(batch, meta, out_rows, prune)
+        rows = [runner.req_to_token_pool.alloc() for _ in prompts]
+        out = extend(runner, rows, [0, 0, 0], prompts)
+        for i, p in enumerate(prompts):
+            assert_close(out.next_token_logits[i], hf_logits(hf, p)[-1])
+        for row in rows:
+            runner.req_to_token_pool.free(row)
+    (last, pruned), (asked, full) = seen
+    assert last == asked == [8, 48, 51]
+    assert (pruned[last] - full[last]).abs().max() <= 1e-5 * full[last].abs().max()
+    others = [r for r in range(52) if r not in last]
+    assert not torch.allclose(pruned[others], full[others])  # the pruned step left them stale
+    stack.forward = lambda batch, meta, out_rows=None: recording(batch, meta, out_rows, True)
+    row = runner.req_to_token_pool.alloc()
+    extend(runner, [row], [0], [prompts[1]], logits_start_lens=[0])
+    assert seen[-1][0] is None  # prompt logprobs read every row
+
+
 def test_unknown_architecture_is_a_clear_error():
     from plait.runtime.models.registry import UnsupportedArchitectureError, get_model_class
 

@@ -121,9 +121,11 @@ class CpuDecoderStack:
         return None
 
     @torch.inference_mode()
-    def forward(self, batch, meta) -> torch.Tensor:
+    def forward(self, batch, meta, out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden] of `batch`, given the CPU attention backend's
-        metadata `meta` for it."""
+        metadata `meta` for it. With `out_rows` (int64 row indices), only those rows are asked for:
+        a step of more than the decode rows then runs its last layer's output product and MLP on them
+        alone (every row's K and V are still stored), and the other rows come back stale."""
         arch = self.arch
         num_tokens = batch.num_tokens
         if self.int8_rows[0] <= num_tokens <= self.int8_rows[1]:
@@ -148,9 +150,12 @@ class CpuDecoderStack:
             "num_threads": torch.get_num_threads(), "amx_exact": self.amx_exact,
             "int8_min_rows": self.int8_rows[0], "int8_max_rows": self.int8_rows[1],
             "int_attention": self.int_attention,
+            "num_out_rows": 0 if out_rows is None else out_rows.numel(),
             "x": x, "residual": residual, "positions": positions, "rope_table": self.rope_table, "loc": loc,
             **bufs,
         }
+        if out_rows is not None:
+            values["out_rows"] = out_rows.to(torch.int64).contiguous()
         main = meta.main
         values.update({
             "main_q_rows": main.q_rows, "main_q_off": main.q_off, "main_q_len": main.q_len,

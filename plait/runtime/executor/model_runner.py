@@ -463,14 +463,17 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return LogitsOutput(self.graph_runner.replay(batch), [None] * batch.batch_size)
         batch.attn_backend.init_forward_metadata(batch)
-        if self.cpu_stack is not None:
-            hidden = self.cpu_stack.forward(batch, batch.attn_metadata)  # [num_tokens, hidden_size]
-        else:
-            hidden = self.model(batch)
         # Index tensors are built on the host and copied without blocking: a tensor made directly on
         # the device would wait for the queued work (no overlap scheduling).
-        last_index = (torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1).to(hidden.device, non_blocking=True)
-        if not batch.logits_start_lens or all(s is None for s in batch.logits_start_lens):
+        last_rows = torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1
+        only_last = not batch.logits_start_lens or all(s is None for s in batch.logits_start_lens)
+        if self.cpu_stack is not None:
+            # [num_tokens, hidden_size]; without prompt logprobs only each request's last row is read
+            hidden = self.cpu_stack.forward(batch, batch.attn_metadata, last_rows if only_last else None)
+        else:
+            hidden = self.model(batch)
+        last_index = last_rows.to(hidden.device, non_blocking=True)
+        if only_last:
             return LogitsOutput(self.model.compute_logits(hidden[last_index]), [None] * batch.batch_size)
         # Prompt logprobs: one logits pass over the union of the asked rows plus every last row.
         rows: list[torch.Tensor] = []

@@ -27,7 +27,11 @@ namespace plait {
     /* steps of this many rows take the layers' AMX int8 packing (kQkvI8...) where they have one */  \
     X(kInt8MinRows) X(kInt8MaxRows)                                                                 \
     /* 1: prefill and extend attention on integer codes where it can (kAttnInt16), 0: float32 */     \
-    X(kIntAttention)
+    X(kIntAttention)                                                                                \
+    /* the rows whose hidden states the step returns (kNumOutRows of them, int64; kNumOutRows = 0: */ \
+    /* all): steps of more than the decode rows without cascade run the last layer's output      */  \
+    /* product and MLP for these rows only; the other rows of x and residual are left stale    */  \
+    X(kOutRows) X(kNumOutRows)
 
 #define PLAIT_LAYER_FIELDS(X)                                                                        \
     X(kQkvW) X(kQkvFmt) X(kQkvBias) X(kOW) X(kOFmt) X(kGateUpW) X(kGateUpFmt) X(kDownW) X(kDownFmt)  \

@@ -129,6 +129,14 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
     bool decode = small && a[kMainCausal] == 0;
     for (int64_t s = 0; s < a[kMainNumSeqs] && decode; ++s) decode = main_q_len[s] == 1;
     std::vector<float> residual_b(small ? size_t(T * H) : 0);
+    // A step that returns only some rows' hidden states (the last row of each prompt of a prefill):
+    // the last layer stores every row's K and V and attends for every row, then runs its output
+    // product and MLP on those rows only, gathered into `pruned` (attn, x, residual, normed, gate_up,
+    // act) and scattered back into x and residual.
+    const int64_t num_out = a[kNumOutRows];
+    const int64_t* out_rows = field_ptr<const int64_t>(a, kOutRows);
+    const bool prune = !small && !cascade && num_out > 0 && num_out < T;
+    std::vector<float> pruned(prune ? size_t(num_out * (Hq * D + 3 * H + 3 * I)) : 0);
     float* residual[2] = {field_ptr<float>(a, kResidual), residual_b.data()};
     int current = 0;  // residual[current] holds the running sum (small steps)
     const bool profile = g_profile.load(std::memory_order_relaxed);
@@ -152,38 +160,40 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
         }
         for (int64_t l = 0; l < L; ++l) {
             const int64_t* w = layers + l * kNumLayerFields;
+            // the rows the products below take: all T, but only the returned rows in a pruned last layer
+            int64_t rows = T;
             auto wptr = [&](int f) { return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[f])); };
             auto fptr = [&](int f) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(w[f])); };
             // y = in W^T (+ bias) for the weight in field `wf`, on its AMX packing where it has one
             // (on its AMX int8 packing for decode-sized steps, where it has one)
-            auto int8_product = [&](int i8f) { return w[i8f] != 0 && T >= a[kInt8MinRows] && T <= a[kInt8MaxRows]; };
+            auto int8_product = [&](int i8f) { return w[i8f] != 0 && rows >= a[kInt8MinRows] && rows <= a[kInt8MaxRows]; };
             // steps of more than the decode kernels' rows on the int14 packing, where the layer has one
-            auto int14_product = [&](int i14f) { return w[i14f] != 0 && T > kSmallStepRows; };
+            auto int14_product = [&](int i14f) { return w[i14f] != 0 && rows > kSmallStepRows; };
             auto int14_scratch = [&](int64_t K) {
 #pragma omp single
-                ts.x16.resize(avx512::int16_panel_scratch(T, K));
+                ts.x16.resize(avx512::int16_panel_scratch(rows, K));
                 return ts.x16.data();
             };
             // steps of up to kQ4MaxRows on the 4-bit panels, where the layer has them (up to the decode
             // kernels' rows where it has AMX weights too)
             auto q4_product = [&](int q4f, int af) {
-                return w[q4f] != 0 && T <= (w[af] != 0 ? kSmallStepRows : kQ4MaxRows);
+                return w[q4f] != 0 && rows <= (w[af] != 0 ? kSmallStepRows : kQ4MaxRows);
             };
             auto product = [&](const float* in, int64_t K, int wf, int ff, int af, int i8f, int i14f, int q4f,
                                const float* bias, int64_t N, float* y) {
                 if (int8_product(i8f))
-                    amx::int8_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i8f])), N,
+                    amx::int8_linear_team(in, rows, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i8f])), N,
                                           bias, y, N, ts);
                 else if (q4_product(q4f, af))
-                    avx512::q4_panel_linear_team(in, T, K, wptr(q4f), N, bias, y, N);
+                    avx512::q4_panel_linear_team(in, rows, K, wptr(q4f), N, bias, y, N);
                 else if (int14_product(i14f))
-                    avx512::int14_linear_team(in, T, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i14f])),
+                    avx512::int14_linear_team(in, rows, K, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[i14f])),
                                               N, bias, y, N, int14_scratch(K));
-                else if (w[af] && T >= kAmxMinRows)
-                    amx::linear_team(in, T, K, reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[af])), N,
+                else if (w[af] && rows >= kAmxMinRows)
+                    amx::linear_team(in, rows, K, reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[af])), N,
                                      bias, y, N, ts, a[kAmxExact] != 0);
                 else
-                    linear_team(in, T, K, wptr(wf), int(w[ff]), N, bias, y, N, ts);
+                    linear_team(in, rows, K, wptr(wf), int(w[ff]), N, bias, y, N, ts);
             };
             void* k_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kKCache]));
             void* v_cache = reinterpret_cast<void*>(static_cast<uintptr_t>(w[kVCache]));
@@ -234,7 +244,24 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                                 field_ptr<const int64_t>(a, kCascadeRows), a[kNumCascadeRows], Hq, D);
             }
             clock.mark(kPhaseAttention);
-            product(attn, Hq * D, kOW, kOFmt, kOAmx, kOI8, kOI14, kOQ4, nullptr, H, x);
+            // the output product and the MLP: on every row, or on the returned rows gathered
+            float *o_in = attn, *xo = x, *res = residual[0], *nrm = normed, *gu = gate_up, *ac = act;
+            const bool pruned_layer = prune && l == L - 1;
+            if (pruned_layer) {
+                o_in = pruned.data();
+                xo = o_in + num_out * Hq * D;
+                res = xo + num_out * H;
+                nrm = res + num_out * H;
+                gu = nrm + num_out * H;
+                ac = gu + num_out * 2 * I;
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < num_out; ++i) {
+                    std::memcpy(o_in + i * Hq * D, attn + out_rows[i] * Hq * D, size_t(Hq * D) * sizeof(float));
+                    std::memcpy(res + i * H, residual[0] + out_rows[i] * H, size_t(H) * sizeof(float));
+                }
+                rows = num_out;
+            }
+            product(o_in, Hq * D, kOW, kOFmt, kOAmx, kOI8, kOI14, kOQ4, nullptr, H, xo);
             clock.mark(kPhaseO);
             // MLP block
             if (small) {
@@ -253,31 +280,38 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                     clock.mark(kPhaseGateUp);
                 }
             } else {
-                rmsnorm_team(x, residual[0], fptr(kPostNorm), T, H, eps, normed);
+                rmsnorm_team(xo, res, fptr(kPostNorm), rows, H, eps, nrm);
                 clock.mark(kPhaseNorm);
-                const bool tiles = int8_product(kGateUpI8) || (w[kGateUpAmx] && T >= kAmxMinRows);
+                const bool tiles = int8_product(kGateUpI8) || (w[kGateUpAmx] && rows >= kAmxMinRows);
                 const bool q4 = !int8_product(kGateUpI8) && q4_product(kGateUpQ4, kGateUpAmx);
                 if (q4 && I % 16 == 0) {  // the activation is in it
-                    avx512::q4_panel_gated_linear_team(normed, T, H, wptr(kGateUpQ4), I, act);
+                    avx512::q4_panel_gated_linear_team(nrm, rows, H, wptr(kGateUpQ4), I, ac);
                     clock.mark(kPhaseGateUp);
                 } else if (!q4 && int14_product(kGateUpI14) && I % 32 == 0) {  // the activation is in it
-                    avx512::int14_gated_linear_team(normed, T, H,
+                    avx512::int14_gated_linear_team(nrm, rows, H,
                                                     reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[kGateUpI14])),
-                                                    I, act, int14_scratch(H));
+                                                    I, ac, int14_scratch(H));
                     clock.mark(kPhaseGateUp);
                 } else if (!tiles && !q4 && !int14_product(kGateUpI14) &&
-                           gated_panels_team(normed, T, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, act, ts)) {
+                           gated_panels_team(nrm, rows, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, ac, ts)) {
                     clock.mark(kPhaseGateUp);  // the activation is in it
                 } else {
-                    product(normed, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, kGateUpQ4, nullptr, 2 * I,
-                            gate_up);
+                    product(nrm, H, kGateUpW, kGateUpFmt, kGateUpAmx, kGateUpI8, kGateUpI14, kGateUpQ4, nullptr, 2 * I,
+                            gu);
                     clock.mark(kPhaseGateUp);
-                    silu_mul_team(gate_up, T, I, act);
+                    silu_mul_team(gu, rows, I, ac);
                     clock.mark(kPhaseSiluMul);
                 }
             }
-            product(act, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, kDownQ4, nullptr, H, x);
+            product(ac, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, kDownQ4, nullptr, H, xo);
             clock.mark(kPhaseDown);
+            if (pruned_layer) {
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < num_out; ++i) {
+                    std::memcpy(x + out_rows[i] * H, xo + i * H, size_t(H) * sizeof(float));
+                    std::memcpy(residual[0] + out_rows[i] * H, res + i * H, size_t(H) * sizeof(float));
+                }
+            }
         }
         // small steps: the running sum ends in residual[current]; hand it back in `residual`
         if (small && current == 1 && writer) std::memcpy(residual[0], residual[1], size_t(T * H) * sizeof(float));
