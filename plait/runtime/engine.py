@@ -9,6 +9,8 @@ the engine working.
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Any, AsyncIterator, Iterator
 
 from plait.runtime.config import RuntimeConfig
@@ -39,6 +41,10 @@ class Engine:
         self.tokenizer = self.runner.tokenizer
         self.scheduler = self.transport.driver.scheduler
         self.front = FrontEnd(self.transport)
+        # An engine still open when the interpreter exits stops its scheduler thread first: left to the
+        # interpreter's teardown, a thread inside the native kernels could be cut off mid-step and the
+        # process abort ("terminate called without an active exception").
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
         self.front.start()
         self.front.ready_event.wait(STARTUP_TIMEOUT_S)
         self.front.check_available()
@@ -150,6 +156,12 @@ class Engine:
             self.transport.close(timeout=0)
         except Exception:
             pass
+
+
+def _shutdown_at_exit(ref: "weakref.ref[Engine]") -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
 
 
 def _input(**fields: Any) -> dict[str, Any]:
