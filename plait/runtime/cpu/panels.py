@@ -52,18 +52,46 @@ def _packed_product_args(x: torch.Tensor, packed: torch.Tensor, out_features: in
     return m, k
 
 
+def _pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int, packs: tuple, kind: str, formats: str,
+          panel_bytes, pack) -> torch.Tensor:
+    """`weight` laid out by the kernels' `pack` into `panel_bytes(N, K)` bytes, for formats `packs`."""
+    if fmt not in packs:
+        raise ValueError(f"{kind} panels are packed from {formats}, not {fmt.name}")
+    k = _panel_weight_k(weight, fmt, out_features, kind)
+    packed = torch.empty(panel_bytes(out_features, k), dtype=torch.uint8)
+    pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
+    return packed
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+                   out: torch.Tensor | None, kind: str, panel_bytes, linear) -> torch.Tensor:
+    """x times a packed weight transposed (+ bias) by the kernels' `linear`, the tensors checked."""
+    m, k = _packed_product_args(x, packed, out_features, kind, panel_bytes)
+    if bias is not None:
+        _check(bias, "bias", torch.float32)
+    out = _product_out(out, m, out_features)
+    linear(x.data_ptr(), m, k, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
+           out.data_ptr(), out_features, _threads())
+    return out
+
+
+def _packed_gated(x: torch.Tensor, packed: torch.Tensor, intermediate: int, kind: str, panel_bytes,
+                  gated) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) over a packed gate/up weight by the kernels' `gated`, the tensors checked."""
+    m, k = _packed_product_args(x, packed, 2 * intermediate, kind, panel_bytes, intermediate)
+    out = torch.empty((m, intermediate), dtype=torch.float32)
+    gated(x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(), _threads())
+    return out
+
+
 def int16_panel_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> torch.Tensor:
     """An 8-bit block weight [N, row_bytes] (Q8_0, Q8_0F) laid out once in the int16 panels' order (uint8:
     per 32 output columns the codes of each pair of inputs side by side, then the blocks' d in float32;
     as many bytes as the stored rows, for whole panels), for `kernels.linear(..., packed=)`: products of
     more than 8 rows then widen each panel with one instruction per 16 pairs instead of transposing the
     stored rows' blocks every call, and those of 2 to 48 rows take its columns in the lanes."""
-    if fmt not in INT16_PANEL_PACKS:
-        raise ValueError(f"int16 panels are packed from 8-bit block formats, not {fmt.name}")
-    k = _panel_weight_k(weight, fmt, out_features, "int16")
-    packed = torch.empty(kernels._ext.int16_panel_bytes(out_features, k), dtype=torch.uint8)
-    kernels._ext.int16_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
-    return packed
+    return _pack(weight, fmt, out_features, INT16_PANEL_PACKS, "int16", "8-bit block formats",
+                 kernels._ext.int16_panel_bytes, kernels._ext.int16_panel_pack)
 
 
 def int14_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> torch.Tensor:
@@ -71,25 +99,16 @@ def int14_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) -> to
     output feature: max |w| / 8191, to nearest even) and laid out in the int16 panels' order (uint8: per
     32 output columns the codes of each pair of inputs side by side as int16, then the columns' scales
     in float32; 2 bytes a weight), for `int14_linear`."""
-    if fmt not in INT14_PACKS:
-        raise ValueError(f"int14 panels are packed from block formats, not {fmt.name}")
-    k = _panel_weight_k(weight, fmt, out_features, "int14")
-    packed = torch.empty(kernels._ext.int14_panel_bytes(out_features, k), dtype=torch.uint8)
-    kernels._ext.int14_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
-    return packed
+    return _pack(weight, fmt, out_features, INT14_PACKS, "int14", "block formats", kernels._ext.int14_panel_bytes,
+                 kernels._ext.int14_panel_pack)
 
 
 def int14_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 times an `int14_pack`ed weight [N, K] transposed (+ bias): [M, N] float32, with x
     rounded to 14-bit codes per block of 32 and exact integer products of the codes on AVX-512 VNNI."""
-    m, k = _packed_product_args(x, packed, out_features, "int14", kernels._ext.int14_panel_bytes)
-    if bias is not None:
-        _check(bias, "bias", torch.float32)
-    out = _product_out(out, m, out_features)
-    kernels._ext.int14_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features,
-                              0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
-    return out
+    return _packed_linear(x, packed, out_features, bias, out, "int14", kernels._ext.int14_panel_bytes,
+                          kernels._ext.int14_linear)
 
 
 def int14_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
@@ -99,10 +118,8 @@ def int14_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int)
     if intermediate % 32:
         raise ValueError(f"the gated int14 panels need a gate/up weight whose intermediate size is a multiple "
                          f"of 32, not {intermediate}")
-    m, k = _packed_product_args(x, packed, 2 * intermediate, "int14", kernels._ext.int14_panel_bytes, intermediate)
-    out = torch.empty((m, intermediate), dtype=torch.float32)
-    kernels._ext.int14_gated_linear(x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(), _threads())
-    return out
+    return _packed_gated(x, packed, intermediate, "int14", kernels._ext.int14_panel_bytes,
+                         kernels._ext.int14_gated_linear)
 
 
 def q4_panels_available() -> bool:
@@ -117,12 +134,8 @@ def q4_panel_pack(weight: torch.Tensor, fmt: WeightFormat, out_features: int) ->
     (uint8: per panel and block of 32 inputs, the 16 columns' codes as 4 x 16 words of 8 nibbles, each
     word 4 pairs of inputs, then the columns' d and m in float32; 0.75 bytes a weight, as the stored
     rows with float constants), for `q4_panel_linear`."""
-    if fmt not in Q4_PANEL_PACKS:
-        raise ValueError(f"4-bit panels are packed from 4-bit block formats, not {fmt.name}")
-    k = _panel_weight_k(weight, fmt, out_features, "4-bit")
-    packed = torch.empty(kernels._ext.q4_panel_bytes(out_features, k), dtype=torch.uint8)
-    kernels._ext.q4_panel_pack(weight.data_ptr(), int(fmt), out_features, k, packed.data_ptr())
-    return packed
+    return _pack(weight, fmt, out_features, Q4_PANEL_PACKS, "4-bit", "4-bit block formats",
+                 kernels._ext.q4_panel_bytes, kernels._ext.q4_panel_pack)
 
 
 def q4_panel_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
@@ -130,13 +143,8 @@ def q4_panel_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bi
     """x [M, K] float32 times a `q4_panel_pack`ed weight [N, K] transposed (+ bias): [M, N] float32, with
     x rounded as the int16 decode products round it (int16 codes per block of 32) and exact integer
     block sums on AVX-512 VNNI: the decode products' arithmetic, for decode-sized M."""
-    m, k = _packed_product_args(x, packed, out_features, "4-bit", kernels._ext.q4_panel_bytes)
-    if bias is not None:
-        _check(bias, "bias", torch.float32)
-    out = _product_out(out, m, out_features)
-    kernels._ext.q4_panel_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features,
-                                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features, _threads())
-    return out
+    return _packed_linear(x, packed, out_features, bias, out, "4-bit", kernels._ext.q4_panel_bytes,
+                          kernels._ext.q4_panel_linear)
 
 
 def q4_panel_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
@@ -144,8 +152,5 @@ def q4_panel_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: i
     whole, I a multiple of 16: the bits of `q4_panel_linear` then `kernels.silu_mul`."""
     if intermediate % 16:
         raise ValueError(f"the gated 4-bit panels need the intermediate size a multiple of 16, not {intermediate}")
-    m, k = _packed_product_args(x, packed, 2 * intermediate, "4-bit", kernels._ext.q4_panel_bytes, intermediate)
-    out = torch.empty((m, intermediate), dtype=torch.float32)
-    kernels._ext.q4_panel_gated_linear(x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(),
-                                       _threads())
-    return out
+    return _packed_gated(x, packed, intermediate, "4-bit", kernels._ext.q4_panel_bytes,
+                         kernels._ext.q4_panel_gated_linear)
