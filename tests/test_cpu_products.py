@@ -287,8 +287,9 @@ def _int14_model(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.
 @needs_int16_panels
 @pytest.mark.parametrize("fmt", [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_1F,
                                  WeightFormat.Q8_0F], ids=lambda f: f.name)
-# 9 = 6 + 3 rows, 100 = 16 x 6 + 4; K of 18 blocks (two slices) and 34 (three); 400 rows of K = 1,088: two chunks
-@pytest.mark.parametrize("rows,k", [(9, 576), (13, 576), (100, 576), (40, 1088), (400, 1088)])
+# groups of 5 rows, 6 to 8 left as two: 9 = 5 + 4, 11 = 5 + 3 + 3, 13 = 5 + 4 + 4, 101 = 19 x 5 + 3 + 3; K of 18
+# blocks (two slices) and 34 (three); 400 rows of K = 1,088: two chunks
+@pytest.mark.parametrize("rows,k", [(9, 576), (11, 576), (13, 576), (101, 576), (40, 1088), (400, 1088)])
 def test_int14_products_compute_their_rounding(fmt, rows, k):
     """Products on a weight rounded once to 14-bit codes per row (int14_pack: 2 bytes a weight, whole
     panels of 32 columns), x to 14 bits per block of 32: the float64 model of that rounding within
@@ -318,7 +319,7 @@ def test_int14_products_compute_their_rounding(fmt, rows, k):
 
 
 @needs_int16_panels
-@pytest.mark.parametrize("rows", [3, 9, 100, 400])
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 100, 400])
 def test_int14_gated_product_is_the_product_then_silu_mul(rows):
     """The MLP's gate/up product on the int14 packing with its activation (what the decoder stack runs
     for steps of more than 8 rows): the product then silu_mul, to the bit; the wrong sizes refused."""
