@@ -336,27 +336,6 @@ def test_int14_gated_product_is_the_product_then_silu_mul(rows):
         panels.int14_pack(torch.zeros(8, k * 2, dtype=torch.uint8), WeightFormat.BF16, 8)
 
 
-@needs_int16_panels
-@pytest.mark.parametrize("rows", [9, 100, 400])
-def test_int14_mlp_hands_the_down_product_its_activation_rounded(rows):
-    """The MLP as the decoder stack runs it on the int14 packings: the gated product writes its
-    activation as the down product's 14-bit codes and scales (never as floats), and the result is the
-    gated product then the down product, to the bit (the same codes); the wrong sizes refused."""
-    torch.manual_seed(7)
-    inter, k = 192, 320
-    gate_up, _ = gguf_weight(torch.randn(2 * inter, k), WeightFormat.Q4_1)
-    down, _ = gguf_weight(torch.randn(k, inter), WeightFormat.Q4_1)
-    gu = panels.int14_pack(gate_up, WeightFormat.Q4_1, 2 * inter)
-    dn = panels.int14_pack(down, WeightFormat.Q4_1, k)
-    x = torch.randn(rows, k) * torch.linspace(0.1, 3, k)
-    x[0] = 0.0  # a row whose activation is all zero: its blocks' scales and codes 0
-    mlp = panels.int14_mlp(x, gu, dn, inter)
-    assert torch.equal(mlp, panels.int14_linear(panels.int14_gated_linear(x, gu, inter), dn, k))
-    assert not mlp[0].any() and mlp[1:].any()
-    with pytest.raises(ValueError, match="bytes are not those of"):
-        panels.int14_mlp(x, gu, gu, inter)
-
-
 @needs_kernels
 def test_int16_panels_fall_back_to_float_panels_without_vnni(isa):
     """Where the int16 panels cannot run (AVX-512 off, or no VNNI), the flag is ignored: the float32

@@ -122,23 +122,6 @@ def int14_gated_linear(x: torch.Tensor, packed: torch.Tensor, intermediate: int)
                          kernels._ext.int14_gated_linear)
 
 
-def int14_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, intermediate: int) -> torch.Tensor:
-    """The MLP (silu(x gate^T) * (x up^T)) down^T [M, K] on the `int14_pack`ings of a gate/up weight [2I, K]
-    and a down weight [K, I], as the decoder stack runs it: the gated product hands the down product its
-    activation already rounded to 14-bit codes, the [M, I] activation never written as floats. The bits
-    of `int14_gated_linear` then `int14_linear`."""
-    if intermediate % 32:
-        raise ValueError(f"the int14 MLP needs an intermediate size that is a multiple of 32, not {intermediate}")
-    m, k = _packed_product_args(x, gate_up, 2 * intermediate, "int14", kernels._ext.int14_panel_bytes, intermediate)
-    _check(down, "down", torch.uint8)
-    if down.numel() != kernels._ext.int14_panel_bytes(k, intermediate):
-        raise ValueError(f"packed panels of {down.numel()} bytes are not those of [{k}, {intermediate}]")
-    out = torch.empty((m, k), dtype=torch.float32)
-    kernels._ext.int14_mlp(x.data_ptr(), m, k, gate_up.data_ptr(), intermediate, down.data_ptr(), out.data_ptr(),
-                           _threads())
-    return out
-
-
 def q4_panels_available() -> bool:
     """Whether decode-sized products of 4-bit weights run on their panels (`q4_panel_linear`): where the
     int16 panels run (AVX-512 VNNI); `PLAIT_DISABLE_CPU_Q4_PANELS=1` turns them off alone (the decode

@@ -107,10 +107,6 @@ void int14_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, i
 // out [M, I] = silu(x gate^T) * (x up^T) on a gate/up weight's int14 packing (I % 32 == 0).
 void int14_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
                         int nthreads);
-// y [M, K] = (silu(x gate^T) * (x up^T)) down^T on the int14 packings of a gate/up weight [2I, K] and a down
-// weight [K, I], the activation handed to the down product rounded (as the decoder stack's MLP runs).
-void int14_mlp(const float* x, int64_t M, int64_t K, const uint8_t* gate_up, int64_t I, const uint8_t* down, float* y,
-               int nthreads);
 
 // y = x w^T (+ bias) on a 4-bit weight's panels (avx512::q4_panel_pack; see q4_panel_linear_team).
 void q4_panel_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
@@ -200,14 +196,10 @@ void int16_gated_panel_team(const float* x, int64_t M, int64_t K, const uint8_t*
 bool int14_packs(int fmt);
 size_t int14_panel_bytes(int64_t N, int64_t K);
 void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* out);
-// `rounded`: x's codes and scales are in `scratch` already (x is not read), as the gated form leaves them.
 void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
-                       float* y, int64_t ldy, int16_t* scratch, bool rounded = false);
-// `next` (int16_panel_scratch(M, I) int16s): the activation goes there rounded for an int14 product of K = I
-// (the codes and scales that product would make of `out`; it then runs with `rounded`), and out is not
-// written.
+                       float* y, int64_t ldy, int16_t* scratch);
 void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
-                             int16_t* scratch, int16_t* next = nullptr);
+                             int16_t* scratch);
 // Decode-sized products on a 4-bit weight (q4_panel_packs(fmt)) laid out once in panels of 16 output
 // columns (q4_panel_pack; q4_panel_bytes(N, K) bytes, as many as the stored rows with float constants):
 // x rounded as the decode kernels round it, exact integer block sums with the columns in the lanes. Any

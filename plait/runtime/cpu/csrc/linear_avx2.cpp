@@ -600,18 +600,6 @@ void int14_gated_linear(const float* x, int64_t M, int64_t K, const uint8_t* pac
     avx512::int14_gated_linear_team(x, M, K, packed, I, out, ts.x16.data());
 }
 
-void int14_mlp(const float* x, int64_t M, int64_t K, const uint8_t* gate_up, int64_t I, const uint8_t* down, float* y,
-               int nthreads) {
-    TeamScratch ts;
-    ts.x16.resize(avx512::int16_panel_scratch(M, K));
-    ts.x16_next.resize(avx512::int16_panel_scratch(M, I));
-#pragma omp parallel num_threads(nthreads)
-    {
-        avx512::int14_gated_linear_team(x, M, K, gate_up, I, nullptr, ts.x16.data(), ts.x16_next.data());
-        avx512::int14_linear_team(nullptr, M, I, down, K, nullptr, y, K, ts.x16_next.data(), true);
-    }
-}
-
 void q4_panel_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias, float* y,
                      int64_t ldy, int nthreads) {
 #pragma omp parallel num_threads(nthreads)

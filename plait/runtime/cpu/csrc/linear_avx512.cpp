@@ -232,17 +232,6 @@ inline void quantize_row(const float* x, int64_t K, int16_t* codes, float* scale
     }
 }
 
-// One block of 32 values (v0, v1) rounded as quantize_row rounds it: the same maximum, quotients and
-// conversions, so the same codes and scale.
-PLAIT_INLINE void round_block(__m512 v0, __m512 v1, int16_t* codes, float* scale, float levels) {
-    const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const __m512 inv = _mm512_set1_ps(max_abs > 0.0f ? levels / max_abs : 0.0f);
-    *scale = max_abs / levels;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 16),
-                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))));
-}
-
 // Block b of a row's codes as 32 int16 in input order.
 template <int FMT>
 PLAIT_INLINE __m512i block_codes(const uint8_t* q) {
@@ -523,27 +512,15 @@ struct Int16Panels {
 
     // `with_sums`: x's block sums too (the int16 panels of formats with an offset; the int14 products
     // have none).
-    // `rounded`: the codes are in scratch already, the scales block by block after them ([nb][M], as
-    // the gated int14 product writes them: a work item's column of scales, not one float in each of
-    // many rows' lines that other threads' items write too); they are put in row order here, in the
-    // place of the sums (x unread; no sums).
     Int16Panels(const float* x, int64_t M_, int64_t K_, int16_t* scratch, float levels = 32767.0f,
-                bool with_sums = true, bool rounded = false)
+                bool with_sums = true)
         : M(M_), K(K_), nb(K_ / kBlock) {
         int16_t* const c = scratch;
-        float* sc = reinterpret_cast<float*>(scratch + M * K);
+        float* const sc = reinterpret_cast<float*>(scratch + M * K);
         float* const su = with_sums ? sc + M * nb : nullptr;
-        if (rounded) {
-            const float* by_block = sc;
-            sc += M * nb;
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < M; ++r)
-                for (int64_t b = 0; b < nb; ++b) sc[r * nb + b] = by_block[b * M + r];
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < M; ++r)
-                quantize_row(x + r * K, K, c + r * K, sc + r * nb, su ? su + r * nb : nullptr, levels);
-        }
+        for (int64_t r = 0; r < M; ++r)
+            quantize_row(x + r * K, K, c + r * K, sc + r * nb, su ? su + r * nb : nullptr, levels);
         codes = c;
         scales = sc;
         sums = su;
@@ -744,8 +721,8 @@ void int14_panel_pack(const uint8_t* w, int fmt, int64_t N, int64_t K, uint8_t* 
 }
 
 void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, const float* bias,
-                       float* y, int64_t ldy, int16_t* scratch, bool rounded) {
-    Int16Panels panels(x, M, K, scratch, kInt14Levels, false, rounded);
+                       float* y, int64_t ldy, int16_t* scratch) {
+    Int16Panels panels(x, M, K, scratch, kInt14Levels, false);
     static thread_local Buffer kept_buffer;
     float* const kept = panels.sliced() ? kept_buffer.get(size_t(panels.chunk_rows * kNR)) : nullptr;
     const int64_t num_panels = (N + kNR - 1) / kNR;
@@ -759,33 +736,11 @@ void int14_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* pack
     }
 }
 
-// Rows r0 .. r1 of panel p's activation silu(gate) * up (rows of 32 floats from r0) into out, or rounded
-// into next and next_scales. A function of its own: inlined, its constants stay live through the
-// products' loops, whose sums then spill to the stack (prefill 512 tokens 1.1x slower).
-PLAIT_NOINLINE void int14_gated_out(const float* gate, const float* up, int64_t r0, int64_t r1, int64_t p, int64_t I,
-                                    int64_t M, float* out, int16_t* next, float* next_scales) {
-    for (int64_t m = r0; m < r1; ++m) {
-        const float* g = gate + (m - r0) * kNR;
-        const float* u = up + (m - r0) * kNR;
-        const __m512 a0 = silu_mul(_mm512_loadu_ps(g), _mm512_loadu_ps(u));
-        const __m512 a1 = silu_mul(_mm512_loadu_ps(g + 16), _mm512_loadu_ps(u + 16));
-        if (next != nullptr) {
-            round_block(a0, a1, next + m * I + p * kNR, next_scales + p * M + m, kInt14Levels);
-        } else {
-            _mm512_storeu_ps(out + m * I + p * kNR, a0);
-            _mm512_storeu_ps(out + m * I + p * kNR + 16, a1);
-        }
-    }
-}
-
 // The gated form (int16_gated_panel_team's) over a gate/up weight packed whole: with I a multiple of 32,
 // the up rows' panels start at panel I / 32.
 void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t I, float* out,
-                             int16_t* scratch, int16_t* next) {
+                             int16_t* scratch) {
     Int16Panels panels(x, M, K, scratch, kInt14Levels, false);
-    // `next`: a work item's 32 columns of a row are one block of the next product's x (its scales by
-    // block, [I / 32][M]: see Int16Panels)
-    float* const next_scales = next != nullptr ? reinterpret_cast<float*>(next + M * I) : nullptr;
     static thread_local Buffer gate_buffer, up_buffer;
     float* const gate = gate_buffer.get(size_t(panels.chunk_rows * kNR));
     float* const up = up_buffer.get(size_t(panels.chunk_rows * kNR));
@@ -797,7 +752,12 @@ void int14_gated_linear_team(const float* x, int64_t M, int64_t K, const uint8_t
         panels.item_at(item, num_panels, r0, r1, p);
         panels.products_int14(packed + p * ps, kNR, r0, r1, nullptr, gate, kNR, gate);
         panels.products_int14(packed + (num_panels + p) * ps, kNR, r0, r1, nullptr, up, kNR, up);
-        int14_gated_out(gate, up, r0, r1, p, I, M, out, next, next_scales);
+        for (int64_t m = r0; m < r1; ++m) {
+            const float* g = gate + (m - r0) * kNR;
+            const float* u = up + (m - r0) * kNR;
+            float* o = out + m * I + p * kNR;
+            for (int j = 0; j < kNR; j += 16) _mm512_storeu_ps(o + j, silu_mul(_mm512_loadu_ps(g + j), _mm512_loadu_ps(u + j)));
+        }
     }
 }
 

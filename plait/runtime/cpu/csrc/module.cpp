@@ -165,21 +165,6 @@ PyObject* py_int14_gated_linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
     Py_END_ALLOW_THREADS return done();
 }
 
-// int14_mlp(x, M, K, gate_up, I, down, y, nthreads); only where vnni() is True, I % 32 == 0
-PyObject* py_int14_mlp(PyObject*, PyObject* const* a, Py_ssize_t n) {
-    if (!check_args("int14_mlp", n, 8)) return nullptr;
-    auto x = ptr<const float>(a[0]);
-    auto M = i64(a[1]), K = i64(a[2]);
-    auto gate_up = ptr<const uint8_t>(a[3]);
-    auto I = i64(a[4]);
-    auto down = ptr<const uint8_t>(a[5]);
-    auto y = ptr<float>(a[6]);
-    int nthreads = int(i64(a[7]));
-    if (PyErr_Occurred()) return nullptr;
-    Py_BEGIN_ALLOW_THREADS plait::avx2::int14_mlp(x, M, K, gate_up, I, down, y, nthreads);
-    Py_END_ALLOW_THREADS return done();
-}
-
 // q4_panel_bytes(N, K): the bytes q4_panel_pack writes for a weight [N, K]
 PyObject* py_q4_panel_bytes(PyObject*, PyObject* const* a, Py_ssize_t n) {
     if (!check_args("q4_panel_bytes", n, 2)) return nullptr;
@@ -512,7 +497,6 @@ PyMethodDef methods[] = {
      nullptr},
     {"int14_gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_int14_gated_linear)),
      METH_FASTCALL, nullptr},
-    {"int14_mlp", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_int14_mlp)), METH_FASTCALL, nullptr},
     {"q4_panel_bytes", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_q4_panel_bytes)), METH_FASTCALL,
      nullptr},
     {"q4_panel_pack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_q4_panel_pack)), METH_FASTCALL,

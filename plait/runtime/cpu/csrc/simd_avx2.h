@@ -15,8 +15,6 @@ namespace plait::avx2 {
 // The block decoders below return their values in arrays of registers; called out of line they go
 // through memory, which doubled the float decode kernel's time when GCC stopped inlining one of them.
 #define PLAIT_INLINE inline __attribute__((always_inline))
-// A function kept out of its callers, where inlined it would hold vectors live through their loops.
-#define PLAIT_NOINLINE __attribute__((noinline))
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);

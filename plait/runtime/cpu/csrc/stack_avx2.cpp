@@ -264,7 +264,6 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
             product(o_in, Hq * D, kOW, kOFmt, kOAmx, kOI8, kOI14, kOQ4, nullptr, H, xo);
             clock.mark(kPhaseO);
             // MLP block
-            bool down_rounded = false;  // the down product's x is in ts.x16_next, rounded by the gated product
             if (small) {
                 small_norm(fptr(kPostNorm), false);
                 if (int8_product(kGateUpI8)) {
@@ -289,16 +288,9 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                     avx512::q4_panel_gated_linear_team(nrm, rows, H, wptr(kGateUpQ4), I, ac);
                     clock.mark(kPhaseGateUp);
                 } else if (!q4 && int14_product(kGateUpI14) && I % 32 == 0) {  // the activation is in it
-                    // where the down product runs on its int14 packing too, the gated one hands it the
-                    // activation rounded (the codes it would make of `ac`), and `ac` is never written
-                    down_rounded = !int8_product(kDownI8) && !q4_product(kDownQ4, kDownAmx) && int14_product(kDownI14);
-                    int16_t* const gate_x = int14_scratch(H);
-                    if (down_rounded) {
-#pragma omp single
-                        ts.x16_next.resize(avx512::int16_panel_scratch(rows, I));
-                    }
-                    avx512::int14_gated_linear_team(nrm, rows, H, wptr(kGateUpI14), I, ac, gate_x,
-                                                    down_rounded ? ts.x16_next.data() : nullptr);
+                    avx512::int14_gated_linear_team(nrm, rows, H,
+                                                    reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(w[kGateUpI14])),
+                                                    I, ac, int14_scratch(H));
                     clock.mark(kPhaseGateUp);
                 } else if (!tiles && !q4 && !int14_product(kGateUpI14) &&
                            gated_panels_team(nrm, rows, H, wptr(kGateUpW), int(w[kGateUpFmt]), I, ac, ts)) {
@@ -311,10 +303,7 @@ void decoder_stack(const int64_t* a, const int64_t* layers, float eps, float sca
                     clock.mark(kPhaseSiluMul);
                 }
             }
-            if (down_rounded)
-                avx512::int14_linear_team(nullptr, rows, I, wptr(kDownI14), H, nullptr, xo, H, ts.x16_next.data(), true);
-            else
-                product(ac, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, kDownQ4, nullptr, H, xo);
+            product(ac, I, kDownW, kDownFmt, kDownAmx, kDownI8, kDownI14, kDownQ4, nullptr, H, xo);
             clock.mark(kPhaseDown);
             if (pruned_layer) {
 #pragma omp for schedule(static)

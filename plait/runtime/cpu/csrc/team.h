@@ -52,7 +52,6 @@ struct TeamScratch {
     std::vector<float> partial_o, partial_m, partial_l;
     AlignedVector<uint16_t> amx_x;  // amx::linear_team: x's two bfloat16 parts
     AlignedVector<int16_t> x16;  // avx512 int16 panels: x's int16 codes, then its scales and sums
-    AlignedVector<int16_t> x16_next;  // the int14 gated product's activation, rounded for the down product
     AlignedVector<int8_t> amx_q;       // amx::int8_linear_team: x's int16 codes as high and low bytes
     AlignedVector<float> amx_q_scales;  // ... and per row and block the codes' scale, then x's sum
     // amx attention: per (sequence, KV head) its keys' and values' bfloat16 parts, at amx_kv_off[seq]
