@@ -248,6 +248,42 @@ def test_stop_token_ids_and_min_new_tokens(hf_model):
         assert stop_at not in held["output_ids"][:6]
 
 
+def _streamed_lengths(sched: Scheduler, rid: str, params: SamplingParams) -> tuple[list[int], list[int]]:
+    """Drive one streamed request to its end: (tokens in each message, all of its tokens)."""
+    outputs = []
+    sched.on_output = outputs.extend
+    sched.submit(GenerateRequest(rid=rid, input_ids=list(range(1, 20)), sampling_params=params, stream=True))
+    while sched.has_work or not sched.inbox.empty():
+        sched.step()
+    mine = [o for o in outputs if o.rid == rid]
+    assert mine[-1].finished and all(not o.finished for o in mine[:-1])
+    return [len(o.new_output_ids) for o in mine], [t for o in mine for t in o.new_output_ids]
+
+
+def test_stream_interval_groups_streamed_tokens(hf_model):
+    """`--stream-interval N`: the first token goes out alone, then N at a time, the rest at the end; a
+    request's own `stream_interval` overrides the server's; the tokens are the same either way."""
+    engine = make_engine(hf_model, stream_interval=4)
+    engine.shutdown()  # drive the scheduler by hand
+    sched = Scheduler(engine.runner, engine.config.scheduler, on_output=None)
+    greedy = dict(max_new_tokens=11, temperature=0, ignore_eos=True)
+    sizes, grouped = _streamed_lengths(sched, "server", SamplingParams(**greedy))
+    assert sizes == [1, 4, 4, 2]
+    sizes, own = _streamed_lengths(sched, "own", SamplingParams(stream_interval=1, **greedy))
+    assert sizes == [1] * 11 and own == grouped
+    sizes, _ = _streamed_lengths(sched, "five", SamplingParams(stream_interval=5, **greedy))
+    assert sizes == [1, 5, 5]
+    # Not streamed: one message at the end whatever the interval.
+    outputs = []
+    sched.on_output = outputs.extend
+    sched.submit(GenerateRequest(rid="whole", input_ids=list(range(1, 20)), sampling_params=SamplingParams(**greedy)))
+    while sched.has_work or not sched.inbox.empty():
+        sched.step()
+    assert [len(o.new_output_ids) for o in outputs] == [11]
+    with pytest.raises(ValueError, match="stream-interval"):
+        make_engine(hf_model, stream_interval=0)
+
+
 def test_abort_frees_everything(hf_model):
     with make_engine(hf_model) as engine:
         stream = engine.generate(input_ids=list(range(1, 30)), sampling_params={"max_new_tokens": 450, "ignore_eos": True}, stream=True)

@@ -168,3 +168,12 @@ class SchedulerConfig:
     shared_prefix_decode_min_tokens: int | None = option(
         None, "group decoding requests by shared prefix when that saves this many KV tokens a step; default: the "
         "backend's own threshold (triton 16384, cpu 64)")
+    # Streaming: a streamed request's tokens go out on its first token, then every this many (and at the
+    # end). Larger values cut the per-token work of the HTTP process and the client (SGLang's flag; a
+    # request's own `stream_interval` sampling parameter takes precedence).
+    stream_interval: int = option(1, "streamed tokens sent together after the first: 1 sends every token as it "
+                                     "comes; more cut the per-token cost of the HTTP process and the client")
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be at least 1, got {self.stream_interval}")

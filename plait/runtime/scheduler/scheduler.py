@@ -502,10 +502,18 @@ class Scheduler:
             if req.finished:
                 self.cache.release(req)
                 outputs.append(take_output(req))
-            elif req.msg.stream and req.pending.output_ids:
+            elif req.msg.stream and self._stream_due(req):
                 outputs.append(take_output(req))
         if outputs:
             self.on_output(outputs)
+
+    def _stream_due(self, req: Req) -> bool:
+        """A streamed request's tokens go out at once the first time, then every `stream_interval`."""
+        held = len(req.pending.output_ids)
+        if not held:
+            return False
+        interval = req.params.stream_interval or self.config.stream_interval
+        return interval <= 1 or held >= interval or held == len(req.output_ids)
 
     # ---- aborts, integrity ---------------------------------------------------------------------------
     def _abort(self, rid: str, *, message: str, status_code: int) -> None:
