@@ -210,6 +210,20 @@ def test_generate_stream_format(server):
     assert outs[-1]["text"] == full["text"] and outs[-1]["output_ids"] == full["output_ids"]
 
 
+def test_generate_stream_interval_groups_tokens(server):
+    """A request's `stream_interval`: the first token alone, then 5 at a time, the rest at the end."""
+    async def read():
+        body = {"text": "Stream me", "sampling_params": dict(GREEDY, stream_interval=5), "stream": True}
+        return [json.loads(d) async for d in sse_events(http_request(server.url + "/generate", body,
+                                                                     headers=server.headers()))]
+
+    outs = asyncio.run(read())
+    counts = [o["meta_info"]["completion_tokens"] for o in outs]
+    assert counts[-1] == 12 and set(counts) <= {1, 6, 11, 12}, counts
+    full = generate(server, {"text": "Stream me", "sampling_params": GREEDY})[1]
+    assert outs[-1]["text"] == full["text"] and outs[-1]["output_ids"] == full["output_ids"]
+
+
 def test_abort_request(server):
     async def run():
         body = {"text": "long one", "rid": "to-abort", "stream": True,
